@@ -1,0 +1,590 @@
+"""Reading and writing 3D images, label maps and Slicer segmentations, with exact geometry.
+
+Everything is a ``SimpleITK.Image`` in ITK's physical space (LPS, millimetres). Sizes, spacings
+and origins are given in ITK order (x, y, z); numpy views of an image are (z, y, x).
+
+Formats: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), Slicer segmentations
+(``.seg.nrrd``: segment names, colours and overlapping layers), MetaImage (``.mha``, ``.mhd``),
+FreeSurfer (``.mgz``, ``.mgh``, through nibabel) and DICOM series (a folder; read only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from TransferSegLib.errors import GeometryError, InputError
+from TransferSegLib.files import atomic_output, full_suffix
+
+FORMATS = {
+    ".nii": "NIfTI",
+    ".nii.gz": "NIfTI",
+    ".nrrd": "NRRD",
+    ".nhdr": "NRRD",
+    ".seg.nrrd": "Slicer segmentation",
+    ".mha": "MetaImage",
+    ".mhd": "MetaImage",
+    ".mgz": "FreeSurfer MGH",
+    ".mgh": "FreeSurfer MGH",
+}
+SUPPORTED_TEXT = (
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), Slicer segmentations (.seg.nrrd), "
+    "MetaImage (.mha, .mhd), FreeSurfer (.mgz, .mgh) and DICOM series folders"
+)
+# Declared sizes are checked before any voxel is read, so a corrupt or hostile header cannot
+# make us allocate terabytes. 2**31 voxels is a 2 GB uint8 volume; override for bigger scans.
+DEFAULT_MAX_VOXELS = 2**31
+# Relative to the voxel size for origins and spacings; absolute for direction cosines.
+GEOMETRY_TOLERANCE = 1e-4
+
+
+def max_voxels() -> int:
+    """The largest volume (voxels x components) a reader accepts; ``TRANSFERSEG_MAX_VOXELS``."""
+    value = os.environ.get("TRANSFERSEG_MAX_VOXELS")
+    return int(value) if value else DEFAULT_MAX_VOXELS
+
+
+# --------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class Geometry:
+    """A voxel grid in physical space: size (voxels), spacing (mm), origin (mm, LPS), direction.
+
+    ``direction`` is the 3x3 matrix of axis cosines, row-major, as ITK stores it.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        return cls(
+            tuple(int(v) for v in image.GetSize()),
+            tuple(float(v) for v in image.GetSpacing()),
+            tuple(float(v) for v in image.GetOrigin()),
+            tuple(float(v) for v in image.GetDirection()),
+        )
+
+    def matches(self, other: Geometry, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+        """True if both grids have the same size and agree within ``tolerance`` of a voxel."""
+        if self.size != other.size:
+            return False
+        voxel = min(self.spacing)
+        return (
+            np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=0)
+            and np.allclose(self.origin, other.origin, rtol=0, atol=tolerance * voxel)
+            and np.allclose(self.direction, other.direction, rtol=0, atol=tolerance)
+        )
+
+    def describe(self) -> str:
+        spacing = " x ".join(f"{v:.4g}" for v in self.spacing)
+        origin = ", ".join(f"{v:.2f}" for v in self.origin)
+        size = " x ".join(str(v) for v in self.size)
+        return f"size {size}, spacing {spacing} mm, origin ({origin}) mm"
+
+    def blank(self, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
+        """An image of zeros on this grid (a reference for resampling)."""
+        image = sitk.Image(list(self.size), pixel_type)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+
+def check_same_grid(
+    image: sitk.Image,
+    label: sitk.Image,
+    image_name: str = "the image",
+    label_name: str = "the label map",
+    tolerance: float = GEOMETRY_TOLERANCE,
+) -> None:
+    """Raise :class:`GeometryError` unless ``label`` lies on the voxel grid of ``image``."""
+    a, b = Geometry.of(image), Geometry.of(label)
+    if not a.matches(b, tolerance):
+        raise GeometryError(
+            f"Label map {label_name} ({b.describe()}) is not on the voxel grid of image "
+            f"{image_name} ({a.describe()}); export the label map on the image's geometry, or "
+            "resample it with nearest-neighbour interpolation (resample_label_to, "
+            "--resample-labels)."
+        )
+
+
+def resample_label_to(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """``label`` resampled onto the grid of ``reference`` by nearest neighbour (values kept)."""
+    return sitk.Resample(
+        label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID()
+    )
+
+
+# --------------------------------------------------------------------------------------- reading
+def image_format(path: str | os.PathLike) -> str:
+    """The format name of ``path`` (``"DICOM"`` for a folder); InputError if unsupported."""
+    path = Path(path)
+    if path.is_dir():
+        return "DICOM"
+    suffix = full_suffix(path).lower()
+    if suffix in FORMATS:
+        return FORMATS[suffix]
+    kind = f"a {suffix} file" if suffix else "a file without an extension"
+    raise InputError(f"{path} is {kind}, which TransferSeg cannot read; use {SUPPORTED_TEXT}.")
+
+
+def _require_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"Image file {path} does not exist; check the path and the spelling.")
+
+
+def _check_declared_size(path: Path, size: tuple[int, ...], components: int) -> None:
+    voxels = int(np.prod([int(s) for s in size], dtype=np.float64)) * max(int(components), 1)
+    if voxels > max_voxels():
+        raise InputError(
+            f"{path} declares {' x '.join(map(str, size))} voxels ({voxels:.3g} values), more than "
+            f"the limit of {max_voxels():.3g}; if the file is genuine, raise "
+            "TRANSFERSEG_MAX_VOXELS, otherwise the header is corrupt."
+        )
+    if any(int(s) <= 0 for s in size):
+        raise InputError(f"{path} declares an empty image ({size}); the file is corrupt.")
+
+
+def _itk_message(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # ITK's last non-empty line is the human part ("... could not be read").
+    useful = [line for line in lines if "Description:" in line] or lines[-1:] or ["unknown"]
+    return useful[0].replace("Description:", "").strip()
+
+
+def _read_itk(path: Path) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(
+            f"Could not read {path}: it is damaged or not a valid {image_format(path)} file "
+            f"({_itk_message(error)})."
+        ) from None
+    _check_declared_size(path, reader.GetSize(), reader.GetNumberOfComponents())
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(
+            f"Could not read {path}: the file is truncated or damaged ({_itk_message(error)})."
+        ) from None
+
+
+def _read_mgh(path: Path) -> sitk.Image:
+    import nibabel
+
+    try:
+        mgh = nibabel.load(str(path))
+        _check_declared_size(path, tuple(mgh.shape[:3]), int(np.prod(mgh.shape[3:] or (1,))))
+        data = np.asanyarray(mgh.dataobj)
+    except (OSError, ValueError, EOFError) as error:
+        raise InputError(
+            f"Could not read {path}: it is damaged or not a valid MGH file ({error})."
+        ) from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path} has {data.ndim} dimensions; TransferSeg needs a 3D volume.")
+    # nibabel: voxel (i, j, k) -> RAS through the affine; ITK: LPS, array order (k, j, i).
+    affine = np.asarray(mgh.affine, dtype=np.float64)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    axes = ras_to_lps @ affine[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((axes / spacing).flatten().tolist())
+    image.SetOrigin((ras_to_lps @ affine[:3, 3]).tolist())
+    return image
+
+
+def _dicom_series_files(folder: Path, series_uid: str | None) -> list[str]:
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        series = ()
+    if not series:
+        raise InputError(
+            f"Folder {folder} holds no DICOM image series; give a folder of DICOM slices or an "
+            f"image file ({SUPPORTED_TEXT})."
+        )
+    if series_uid is None:
+        if len(series) > 1:
+            raise InputError(
+                f"Folder {folder} holds {len(series)} DICOM series ({', '.join(series)}); move "
+                "the one to use into its own folder or name its series UID."
+            )
+        series_uid = series[0]
+    elif series_uid not in series:
+        raise InputError(f"Folder {folder} has no DICOM series {series_uid}; it has {series}.")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+
+
+def _check_slice_positions(folder: Path, files: list[str]) -> None:
+    """Refuse series with missing or duplicate slices, which ITK would stack silently."""
+    if len(files) < 2:
+        raise InputError(f"DICOM series in {folder} has {len(files)} slice; a 3D volume needs 2+.")
+    positions, normal = [], None
+    reader = sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        position = reader.GetMetaData("0020|0032") if reader.HasMetaDataKey("0020|0032") else ""
+        orient = reader.GetMetaData("0020|0037") if reader.HasMetaDataKey("0020|0037") else ""
+        try:
+            position = np.array([float(v) for v in position.split("\\")])
+            if normal is None:
+                cosines = np.array([float(v) for v in orient.split("\\")])
+                normal = np.cross(cosines[:3], cosines[3:])
+        except ValueError:
+            return  # no usable position tags: ITK falls back to instance order, as it must
+        positions.append(float(position @ normal))
+    steps = np.diff(np.sort(positions))
+    if np.any(steps < 1e-3):
+        raise InputError(
+            f"DICOM series in {folder} has duplicate slices (two files at the same position); "
+            "remove the duplicates or export the series again."
+        )
+    typical = float(np.median(steps))
+    if np.any(steps > 1.5 * typical):
+        gap = float(steps.max())
+        raise InputError(
+            f"DICOM series in {folder} has missing slices (a gap of {gap:.2f} mm where slices are "
+            f"{typical:.2f} mm apart); export the complete series."
+        )
+
+
+def _read_dicom(folder: Path, series_uid: str | None = None) -> sitk.Image:
+    files = _dicom_series_files(folder, series_uid)
+    _check_slice_positions(folder, files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    first.ReadImageInformation()
+    _check_declared_size(folder, (*first.GetSize()[:2], len(files)), first.GetNumberOfComponents())
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(
+            f"Could not read the DICOM series in {folder}: {_itk_message(error)}."
+        ) from None
+
+
+def _as_volume(image: sitk.Image, path: Path) -> sitk.Image:
+    """Reject 2D images and true 4D series; drop a trailing 4th axis of length one."""
+    dimension = image.GetDimension()
+    if dimension == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dimension = 3
+    if dimension == 2:
+        raise InputError(
+            f"{path} is a 2D image; TransferSeg segments 3D volumes, so give the whole series."
+        )
+    if dimension != 3:
+        raise InputError(
+            f"{path} has {dimension} dimensions ({image.GetSize()}); TransferSeg needs one 3D "
+            "volume: split the time points or channels into separate files."
+        )
+    return image
+
+
+def read_volume(
+    path: str | os.PathLike, *, allow_nonfinite: bool = False, series_uid: str | None = None
+) -> sitk.Image:
+    """Read a 3D scalar image (a scan): any supported format, original pixel type kept.
+
+    Raises :class:`InputError` for missing or unsupported files, 2D/4D or multi-component
+    images, volumes over the size limit and (unless ``allow_nonfinite``) NaN/Inf voxels.
+    """
+    path = Path(path)
+    _require_exists(path)
+    kind = image_format(path)
+    if kind == "DICOM":
+        image = _read_dicom(path, series_uid)
+    elif kind == "FreeSurfer MGH":
+        image = _read_mgh(path)
+    else:
+        image = _read_itk(path)
+    image = _as_volume(image, path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{path} has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or "
+            "multi-channel); give one scalar volume per file."
+        )
+    if not allow_nonfinite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
+        if bad:
+            raise InputError(
+                f"{path} has {bad} NaN or infinite voxels; replace them (for example with the "
+                "minimum intensity) before using the image."
+            )
+    return image
+
+
+def _as_label_pixels(image: sitk.Image, path: Path) -> sitk.Image:
+    """Integer label values >= 0 in the smallest unsigned type that holds them."""
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise InputError(
+                f"Label map {path} holds non-integer values; a label map must hold whole label "
+                "numbers (0 = background); was an image given instead of its labels?"
+            )
+    elif array.dtype.kind not in "iub":
+        raise InputError(f"Label map {path} has pixel type {array.dtype}; it must be integer.")
+    if array.size and array.min() < 0:
+        raise InputError(
+            f"Label map {path} holds negative values ({int(array.min())}); labels must be 0 "
+            "(background) or positive."
+        )
+    top = int(array.max()) if array.size else 0
+    pixel = sitk.sitkUInt8 if top < 256 else sitk.sitkUInt16 if top < 65536 else sitk.sitkUInt32
+    return image if image.GetPixelID() == pixel else sitk.Cast(image, pixel)
+
+
+def read_label(path: str | os.PathLike) -> sitk.Image:
+    """Read a label map (0 = background); a ``.seg.nrrd`` is flattened (overlaps refused)."""
+    path = Path(path)
+    _require_exists(path)
+    if image_format(path) == "Slicer segmentation":
+        return read_segmentation(path).to_label_map()[0]
+    image = read_volume(path)
+    return _as_label_pixels(image, path)
+
+
+def label_values(label: sitk.Image) -> list[int]:
+    """The non-zero values present in a label map, sorted."""
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    return [int(v) for v in values if v != 0]
+
+
+# ---------------------------------------------------------------------------------- segmentations
+@dataclass
+class Segment:
+    """One segment of a segmentation: a name, the value it has in its layer, an RGB colour."""
+
+    name: str
+    value: int
+    color: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    layer: int = 0
+    id: str = ""
+
+
+@dataclass
+class Segmentation:
+    """Segments stored in one or more label-map layers on a shared grid (layers may overlap).
+
+    ``layers[i]`` is a 3D unsigned-integer image; a segment is the voxels of its layer equal to
+    its value. One layer suffices unless segments overlap.
+    """
+
+    layers: list[sitk.Image]
+    segments: list[Segment] = field(default_factory=list)
+
+    @classmethod
+    def from_label_map(
+        cls, label: sitk.Image, names: Mapping[int, str] | None = None
+    ) -> Segmentation:
+        """A one-layer segmentation from a label map; unnamed values become ``Segment_<v>``."""
+        names = dict(names or {})
+        segments = [
+            Segment(names.get(v, f"Segment_{v}"), v, default_color(v), 0, f"Segment_{v}")
+            for v in label_values(label)
+        ]
+        return cls([label], segments)
+
+    def mask(self, name: str) -> np.ndarray:
+        """Boolean (z, y, x) array of the segment called ``name``."""
+        for segment in self.segments:
+            if segment.name == name:
+                return sitk.GetArrayViewFromImage(self.layers[segment.layer]) == segment.value
+        raise KeyError(f"no segment named {name!r}; segments: {[s.name for s in self.segments]}")
+
+    def to_label_map(self) -> tuple[sitk.Image, dict[int, str]]:
+        """One label map and its table {value: name}; values are kept where they are unique.
+
+        Raises InputError if segments overlap, since a label map holds one label per voxel.
+        """
+        if len(self.layers) == 1:
+            return self.layers[0], {s.value: s.name for s in self.segments}
+        reference = self.layers[0]
+        out = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.uint16)
+        table: dict[int, str] = {}
+        next_free = max((s.value for s in self.segments), default=0) + 1
+        for segment in self.segments:
+            mask = sitk.GetArrayViewFromImage(self.layers[segment.layer]) == segment.value
+            taken = out[mask] != 0
+            if np.any(taken):
+                other = table[int(out[mask][taken][0])]
+                raise InputError(
+                    f"Segments {other!r} and {segment.name!r} overlap in {int(taken.sum())} "
+                    "voxels, so they cannot share one label map; remove the overlap in Segment "
+                    "Editor or choose the segments to use."
+                )
+            value = segment.value if segment.value not in table else next_free
+            next_free = max(next_free, value + 1)
+            out[mask] = value
+            table[value] = segment.name
+        image = sitk.GetImageFromArray(out)
+        image.CopyInformation(reference)
+        return _as_label_pixels(image, Path("segmentation")), table
+
+
+def default_color(value: int) -> tuple[float, float, float]:
+    """A stable, distinct colour for label ``value`` (golden-angle hues)."""
+    import colorsys
+
+    hue = (value * 0.61803398875) % 1.0
+    return tuple(round(c, 6) for c in colorsys.hsv_to_rgb(hue, 0.65, 0.95))
+
+
+def _floats(text: str, count: int, path: Path, key: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split())
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise InputError(f"Segmentation {path} has a malformed {key} ({text!r}); save it again.")
+    return values
+
+
+def read_segmentation(path: str | os.PathLike) -> Segmentation:
+    """Read a segmentation: a ``.seg.nrrd`` with its segment metadata, or any label map."""
+    path = Path(path)
+    _require_exists(path)
+    if image_format(path) != "Slicer segmentation":
+        return Segmentation.from_label_map(read_label(path))
+    image = _read_itk(path)
+    image = _as_volume(image, path)
+    components = image.GetNumberOfComponentsPerPixel()
+    layers = [
+        _as_label_pixels(sitk.VectorIndexSelectionCast(image, i) if components > 1 else image, path)
+        for i in range(components)
+    ]
+    segments = []
+    index = 0
+    while image.HasMetaDataKey(f"Segment{index}_ID") or image.HasMetaDataKey(
+        f"Segment{index}_Name"
+    ):
+        def meta(key: str, default: str = "", index: int = index) -> str:
+            full = f"Segment{index}_{key}"
+            return image.GetMetaData(full) if image.HasMetaDataKey(full) else default
+
+        name = meta("Name", meta("ID", f"Segment_{index + 1}"))
+        value = int(_floats(meta("LabelValue", str(index + 1)), 1, path,
+                            f"Segment{index}_LabelValue")[0])
+        layer = int(_floats(meta("Layer", "0"), 1, path, f"Segment{index}_Layer")[0])
+        if not 0 <= layer < len(layers):
+            raise InputError(
+                f"Segmentation {path}: segment {name!r} is in layer {layer}, but the file has "
+                f"{len(layers)} layer(s); the file is inconsistent, save it again from Slicer."
+            )
+        color = _floats(meta("Color", " ".join(map(str, default_color(value)))), 3, path,
+                        f"Segment{index}_Color")
+        segments.append(Segment(name, value, color, layer, meta("ID", f"Segment_{index + 1}")))
+        index += 1
+    if not segments:  # a plain label map saved as .seg.nrrd
+        return Segmentation.from_label_map(layers[0]) if len(layers) == 1 else Segmentation(layers)
+    return Segmentation(layers, segments)
+
+
+def write_segmentation(
+    segmentation: Segmentation, path: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write ``segmentation``: ``.seg.nrrd`` keeps names, colours and layers; others a label map."""
+    path = Path(path)
+    if image_format(path) != "Slicer segmentation":
+        label, _ = segmentation.to_label_map()
+        return write_image(label, path, overwrite=overwrite)
+    layers = [sitk.Cast(layer, sitk.sitkUInt8 if _fits_uint8(layer) else sitk.sitkUInt16)
+              for layer in segmentation.layers]
+    if len({layer.GetPixelID() for layer in layers}) > 1:
+        layers = [sitk.Cast(layer, sitk.sitkUInt16) for layer in layers]
+    image = sitk.Compose(layers) if len(layers) > 1 else layers[0]
+    image.CopyInformation(segmentation.layers[0])
+    for key in image.GetMetaDataKeys():
+        image.EraseMetaData(key)
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    for i, segment in enumerate(segmentation.segments):
+        array = sitk.GetArrayViewFromImage(segmentation.layers[segment.layer]) == segment.value
+        image.SetMetaData(f"Segment{i}_ID", segment.id or f"Segment_{i + 1}")
+        image.SetMetaData(f"Segment{i}_Name", segment.name)
+        image.SetMetaData(f"Segment{i}_NameAutoGenerated", "0")
+        image.SetMetaData(f"Segment{i}_Color", " ".join(f"{c:.6g}" for c in segment.color))
+        image.SetMetaData(f"Segment{i}_ColorAutoGenerated", "0")
+        image.SetMetaData(f"Segment{i}_LabelValue", str(segment.value))
+        image.SetMetaData(f"Segment{i}_Layer", str(segment.layer))
+        image.SetMetaData(f"Segment{i}_Extent", _extent(array))
+        image.SetMetaData(f"Segment{i}_Tags", "Segmentation.Status:inprogress|")
+    with atomic_output(path, overwrite) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    return path
+
+
+def _fits_uint8(layer: sitk.Image) -> bool:
+    array = sitk.GetArrayViewFromImage(layer)
+    return array.size == 0 or int(array.max()) < 256
+
+
+def _extent(mask: np.ndarray) -> str:
+    """Slicer's segment extent: 'x0 x1 y0 y1 z0 z1' voxel bounds (inclusive), or an empty one."""
+    if not mask.any():
+        return "0 -1 0 -1 0 -1"
+    bounds = []
+    for axis in (2, 1, 0):  # numpy (z, y, x) -> Slicer (x, y, z)
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        bounds += [int(present[0]), int(present[-1])]
+    return " ".join(map(str, bounds))
+
+
+# --------------------------------------------------------------------------------------- writing
+def write_image(
+    image: sitk.Image, path: str | os.PathLike, overwrite: bool = False, compress: bool = True
+) -> Path:
+    """Write ``image`` atomically to ``path`` (format from the suffix); returns the path.
+
+    An existing file is refused unless ``overwrite``; a failed write leaves no partial file.
+    """
+    path = Path(path)
+    kind = image_format(path) if not path.is_dir() else "DICOM"
+    if kind == "DICOM":
+        raise InputError(
+            f"Cannot write {path}: writing DICOM series is not supported; use .nii.gz or .nrrd."
+        )
+    if kind == "Slicer segmentation":
+        return write_segmentation(Segmentation.from_label_map(image), path, overwrite)
+    with atomic_output(path, overwrite) as tmp:
+        if kind == "FreeSurfer MGH":
+            _write_mgh(image, tmp)
+        else:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return path
+
+
+def _write_mgh(image: sitk.Image, path: Path) -> None:
+    import nibabel
+
+    ras_from_lps = np.diag([-1.0, -1.0, 1.0])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = ras_from_lps @ direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = ras_from_lps @ np.array(image.GetOrigin())
+    data = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
+    if data.dtype not in (np.uint8, np.int16, np.int32, np.float32):
+        data = data.astype(np.float32 if data.dtype.kind == "f" else np.int32)
+    nibabel.save(nibabel.MGHImage(data, affine), str(path))
