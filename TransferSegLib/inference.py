@@ -1,0 +1,217 @@
+"""Segmenting a whole volume with a TransferSeg model, back in the input's exact geometry.
+
+The scan is taken to model space (orientation, spacing, normalisation from the model card),
+cut into overlapping patches of the model's patch size, each patch run through the network
+(on the GPU when there is one), and the patch outputs blended with Gaussian weights into one
+probability volume (MONAI's ``sliding_window_inference``). When the stitched volume would not
+fit in GPU memory it is stitched in CPU memory while the patches still run on the GPU. The
+probabilities are then resampled onto the input grid and the most likely label taken per voxel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from TransferSegLib import preprocess, volumes
+from TransferSegLib.errors import InputError, TransferSegError
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; or a torch device string."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device {name!r} was asked for, but no CUDA GPU is available; use cpu.")
+    return device
+
+
+@dataclass
+class SegmentationResult:
+    """A label map on the input grid, its table {value: name}, optional probabilities.
+
+    ``probabilities`` is (C, Z, Y, X) float32 on the input grid, channel order of the model.
+    """
+
+    label: sitk.Image
+    labels: dict[int, str]
+    probabilities: np.ndarray | None = None
+
+
+def _stitch_device(device: torch.device, channels: int, shape: Sequence[int]) -> torch.device:
+    """Stitch on the GPU when the output and its weight map take < half its free memory."""
+    if device.type != "cuda":
+        return device
+    need = (channels + 1) * int(np.prod(shape)) * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < free // 2 else torch.device("cpu")
+
+
+def predict_probabilities(
+    model: torch.nn.Module,
+    array: np.ndarray,
+    patch_size: Sequence[int],
+    *,
+    device: torch.device,
+    overlap: float = 0.25,
+    batch_size: int = 2,
+    progress: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities (C, Z, Y, X) float32 for a model-space array (in_C, Z, Y, X).
+
+    ``patch_size`` is in array order (Z, Y, X); volumes smaller than a patch are padded.
+    """
+    from monai.inferers import sliding_window_inference
+
+    inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        probe = model(torch.zeros((1, inputs.shape[1], *patch_size), device=device))
+        channels = int(probe.shape[1])
+        stitch = _stitch_device(device, channels, inputs.shape[2:])
+        autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = sliding_window_inference(
+                inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size, predictor=model,
+                overlap=overlap, mode="gaussian", sw_device=device, device=stitch,
+                progress=progress,
+            )
+        probabilities = torch.softmax(logits.float(), dim=1)[0]
+    return probabilities.cpu().numpy()
+
+
+def segment(
+    model: torch.nn.Module,
+    card,
+    images: sitk.Image | Sequence[sitk.Image],
+    *,
+    device: str | torch.device = "auto",
+    overlap: float = 0.25,
+    batch_size: int = 2,
+    keep_probabilities: bool = False,
+    progress: bool = False,
+) -> SegmentationResult:
+    """Segment ``images`` (one scan, or one per input channel on a shared grid) with a model.
+
+    ``card`` is the model's :class:`~TransferSegLib.checkpoint.ModelCard`. The label map has
+    the input's size, spacing, origin and direction, and values from ``card.label_values``.
+    """
+    images = [images] if isinstance(images, sitk.Image) else list(images)
+    if len(images) != card.in_channels:
+        raise InputError(
+            f"Model {card.title or card.architecture} takes {card.in_channels} input channel(s) "
+            f"but {len(images)} image(s) were given; give one image per channel."
+        )
+    device = select_device(device) if isinstance(device, str) else device
+    reference = images[0]
+    channels, grid = [], None
+    for image in images:
+        array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
+                                                card.orientation)
+        channels.append(array)
+    patch = tuple(int(v) for v in reversed(card.patch_size))  # card: (x, y, z)
+    try:
+        probabilities = predict_probabilities(
+            model, np.stack(channels), patch, device=device, overlap=overlap,
+            batch_size=batch_size, progress=progress,
+        )
+    except torch.cuda.OutOfMemoryError:
+        raise TransferSegError(
+            f"The GPU ran out of memory segmenting a {' x '.join(map(str, grid.size))} volume "
+            f"with patches of {card.patch_size}; use --batch-size 1 or --device cpu."
+        ) from None
+    label_of_channel = np.array(
+        [int(card.label_values.get(card.labels[c], c)) for c in range(probabilities.shape[0])]
+    )
+    if grid.matches(volumes.Geometry.of(reference), tolerance=0):
+        best = probabilities.argmax(0)
+        on_input = probabilities if keep_probabilities else None
+    else:
+        best, on_input = _argmax_on_input(probabilities, grid, reference, keep_probabilities)
+    values = label_of_channel[best]
+    dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
+    label = sitk.GetImageFromArray(values.astype(dtype))
+    label.CopyInformation(reference)
+    table = {int(label_of_channel[c]): card.labels[c] for c in range(len(label_of_channel))
+             if label_of_channel[c] != 0}
+    return SegmentationResult(label, table, on_input)
+
+
+def _argmax_on_input(
+    probabilities: np.ndarray, grid: volumes.Geometry, reference: sitk.Image, keep: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Argmax of the probabilities resampled onto the input grid, one channel at a time."""
+    best = best_value = None
+    kept = []
+    for index, channel in enumerate(probabilities):
+        on_input = preprocess.probabilities_to_input(channel[None], grid, reference)[0]
+        if keep:
+            kept.append(on_input)
+        if best is None:
+            best, best_value = np.zeros(on_input.shape, np.int32), on_input
+        else:
+            better = on_input > best_value
+            best[better] = index
+            best_value = np.where(better, on_input, best_value)
+    return best, (np.stack(kept) if keep else None)
+
+
+def segment_file(
+    model_path: str | Path,
+    image_paths: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    probabilities_output: str | Path | None = None,
+    device: str = "auto",
+    overlap: float = 0.25,
+    batch_size: int = 2,
+    progress: bool = False,
+) -> SegmentationResult:
+    """Segment image file(s) with the model file and write the label map (atomically).
+
+    A ``.seg.nrrd`` output keeps the model's label names and colours; other formats write a
+    label map. Existing outputs are refused unless ``overwrite`` (checked before any work).
+    """
+    from TransferSegLib.checkpoint import load_model
+
+    paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
+    outputs = [Path(output)] + ([Path(probabilities_output)] if probabilities_output else [])
+    for path in outputs:
+        volumes.image_format(path)
+        if not overwrite and path.exists():
+            from TransferSegLib.files import refuse_existing
+
+            refuse_existing(path, overwrite)
+        if any(Path(path).resolve() == Path(p).resolve() for p in paths):
+            raise InputError(f"Output {path} is also an input; choose another output name.")
+    images = [volumes.read_volume(path) for path in paths]
+    for path, image in zip(paths[1:], images[1:], strict=True):
+        volumes.check_same_grid(images[0], image, str(paths[0]), str(path))
+    model, card = load_model(model_path, device="cpu")
+    result = segment(model, card, images, device=device, overlap=overlap, batch_size=batch_size,
+                     keep_probabilities=probabilities_output is not None, progress=progress)
+    segmentation = volumes.Segmentation.from_label_map(result.label, result.labels)
+    volumes.write_segmentation(segmentation, output, overwrite=overwrite)
+    if probabilities_output is not None:
+        probabilities = sitk.GetImageFromArray(
+            np.moveaxis(result.probabilities, 0, -1), isVector=True
+        )
+        probabilities.CopyInformation(images[0])
+        volumes.write_image(probabilities, probabilities_output, overwrite=overwrite)
+    return result

@@ -1,0 +1,188 @@
+"""From a scan as it was acquired to what a network sees, and back again exactly.
+
+The forward path (:func:`to_model_space`) reorients a volume to the model's axis order
+(``orientation``, DICOM convention: ``"LPS"`` means the axes point left, posterior, superior,
+which is ITK's identity direction), resamples it to the model's voxel spacing (mm, x y z order)
+and normalises intensities per modality. The inverse (:func:`label_to_input`,
+:func:`probabilities_to_input`) resamples model-space outputs onto the input's exact voxel grid
+(size, spacing, origin, direction), so a segmentation overlays its scan voxel for voxel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from TransferSegLib.errors import InputError
+from TransferSegLib.volumes import Geometry
+
+# Defaults per modality. CT: Hounsfield units clipped to a soft-tissue-and-bone window, scaled
+# to [0, 1]. MR: arbitrary units, so clip to robust percentiles and z-score.
+CT_WINDOW = (-1000.0, 1000.0)
+MR_PERCENTILES = (0.5, 99.5)
+
+
+def default_normalisation(modality: str) -> dict:
+    """The normalisation recipe (a JSON-able dict) used for ``modality`` unless told otherwise."""
+    if modality.upper() == "CT":
+        return {"kind": "ct", "window": list(CT_WINDOW)}
+    if modality.upper() in ("MR", "MRI"):
+        return {"kind": "mr", "percentiles": list(MR_PERCENTILES)}
+    return {"kind": "zscore"}
+
+
+def normalise(array: np.ndarray, recipe: Mapping) -> np.ndarray:
+    """Intensities of ``array`` (any shape) normalised by ``recipe``; returns float32.
+
+    Recipes: ``{"kind": "ct", "window": [lo, hi]}`` (HU clipped, mapped to [0, 1]);
+    ``{"kind": "mr", "percentiles": [p_lo, p_hi]}`` (clipped to the volume's percentiles, then
+    zero mean and unit variance); ``{"kind": "zscore"}``; ``{"kind": "none"}``.
+    """
+    kind = recipe.get("kind")
+    data = np.asarray(array, dtype=np.float32)
+    if kind == "ct":
+        lo, hi = (float(v) for v in recipe.get("window", CT_WINDOW))
+        if not hi > lo:
+            raise InputError(f"CT window {lo}..{hi} is empty; the upper bound must be larger.")
+        return (np.clip(data, lo, hi) - lo) / (hi - lo)
+    if kind == "mr":
+        p_lo, p_hi = recipe.get("percentiles", MR_PERCENTILES)
+        lo, hi = np.percentile(data, [float(p_lo), float(p_hi)])
+        data = np.clip(data, lo, hi)
+        return _zscore(data)
+    if kind == "zscore":
+        return _zscore(data)
+    if kind == "none":
+        return data
+    raise InputError(
+        f"Unknown intensity normalisation {kind!r}; use 'ct', 'mr', 'zscore' or 'none'."
+    )
+
+
+def _zscore(data: np.ndarray) -> np.ndarray:
+    std = float(data.std())
+    return ((data - float(data.mean())) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+
+
+def model_grid(image: sitk.Image, spacing: Sequence[float], orientation: str = "LPS") -> Geometry:
+    """The model-space grid covering ``image``: axes in ``orientation``, voxels of ``spacing``.
+
+    The first voxel centre stays where it was and the grid covers the same physical extent
+    (rounded to whole voxels), as nnU-Net does.
+    """
+    oriented = _orient_information(image, orientation)
+    old_spacing = np.array(oriented.GetSpacing())
+    new_spacing = np.array([float(s) for s in spacing])
+    if new_spacing.shape != (3,) or np.any(new_spacing <= 0):
+        raise InputError(f"Model spacing {list(spacing)} must be three positive numbers (mm).")
+    size = np.maximum(1, np.round(np.array(oriented.GetSize()) * old_spacing / new_spacing))
+    return Geometry(
+        tuple(int(v) for v in size),
+        tuple(float(v) for v in new_spacing),
+        tuple(float(v) for v in oriented.GetOrigin()),
+        tuple(float(v) for v in oriented.GetDirection()),
+    )
+
+
+def _orient_information(image: sitk.Image, orientation: str) -> sitk.Image:
+    """A voxel-free stand-in for ``image`` reoriented (only its geometry is needed)."""
+    stand_in = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
+    stand_in.CopyInformation(image)
+    try:
+        return sitk.DICOMOrient(stand_in, orientation)
+    except RuntimeError:
+        raise InputError(
+            f"Orientation {orientation!r} is not a three-letter code such as 'LPS' or 'RAS'."
+        ) from None
+
+
+def resample(
+    image: sitk.Image, grid: Geometry, interpolator: int = sitk.sitkLinear, default: float = 0.0
+) -> sitk.Image:
+    """``image`` resampled onto ``grid`` (physical space unchanged; identity transform)."""
+    reference = grid.blank()
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, default,
+                         image.GetPixelID())
+
+
+def to_model_space(
+    image: sitk.Image,
+    spacing: Sequence[float],
+    normalisation: Mapping | None = None,
+    orientation: str = "LPS",
+) -> tuple[np.ndarray, Geometry]:
+    """A scan as the network sees it: ``(array (Z, Y, X) float32, model-space grid)``.
+
+    Linear interpolation for intensities; values outside the scan take its minimum.
+    """
+    grid = model_grid(image, spacing, orientation)
+    scan = sitk.Cast(image, sitk.sitkFloat32)
+    background = float(np.min(sitk.GetArrayViewFromImage(scan)))
+    resampled = resample(scan, grid, sitk.sitkLinear, background)
+    array = sitk.GetArrayFromImage(resampled)
+    if normalisation is not None:
+        array = normalise(array, normalisation)
+    return array, grid
+
+
+def label_to_model_space(label: sitk.Image, grid: Geometry) -> np.ndarray:
+    """A label map on the model-space ``grid`` by nearest neighbour: (Z, Y, X), values kept."""
+    return sitk.GetArrayFromImage(resample(label, grid, sitk.sitkNearestNeighbor, 0))
+
+
+def label_fractions(label: sitk.Image, grid: Geometry, values: Sequence[int]) -> np.ndarray:
+    """Per-label voxel fractions on the model grid: (len(values), Z, Y, X) float32 in [0, 1].
+
+    Each label's mask is resampled linearly (after a Gaussian of half the spacing increase
+    where the grid is coarser, so thin structures are averaged rather than skipped). Unlike
+    nearest neighbour this keeps sub-voxel boundary positions, so :func:`probabilities_to_input`
+    followed by argmax restores the label map (Dice >= 0.99 at 1 mm model spacing on the samples).
+    """
+    array = sitk.GetArrayViewFromImage(label)
+    sigma = [max(new - old, 0.0) / 2 for old, new in zip(label.GetSpacing(), grid.spacing,
+                                                             strict=True)]
+    out = []
+    for value in values:
+        mask = sitk.GetImageFromArray((array == value).astype(np.float32))
+        mask.CopyInformation(label)
+        if max(sigma) > 0:
+            mask = sitk.SmoothingRecursiveGaussian(mask, [max(s, 1e-3) for s in sigma])
+        out.append(sitk.GetArrayFromImage(resample(mask, grid, sitk.sitkLinear, 0.0)))
+    return np.stack(out)
+
+
+def label_to_input(label: np.ndarray, grid: Geometry, reference: sitk.Image) -> sitk.Image:
+    """A model-space label array (Z, Y, X) put back on the exact grid of ``reference``."""
+    image = _on_grid(label, grid)
+    back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                         image.GetPixelID())
+    return back
+
+
+def probabilities_to_input(
+    probabilities: np.ndarray, grid: Geometry, reference: sitk.Image
+) -> np.ndarray:
+    """Model-space class probabilities (C, Z, Y, X) linearly resampled onto ``reference``'s grid.
+
+    Returns (C, Z', Y', X') float32 on the input grid; argmax of it is the segmentation. Done
+    one channel at a time so memory stays at two volumes beyond the input.
+    """
+    channels = []
+    for channel in probabilities:
+        image = _on_grid(np.ascontiguousarray(channel, dtype=np.float32), grid)
+        back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                             sitk.sitkFloat32)
+        channels.append(sitk.GetArrayFromImage(back))
+    return np.stack(channels)
+
+
+def _on_grid(array: np.ndarray, grid: Geometry) -> sitk.Image:
+    if tuple(array.shape[::-1]) != grid.size:
+        raise ValueError(f"array of shape {array.shape} does not fit grid of size {grid.size}")
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image
