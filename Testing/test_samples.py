@@ -29,7 +29,8 @@ def test_every_sample_is_a_labelled_volume_on_one_grid(name, modality, min_label
     volumes.check_same_grid(image, label, str(case.image), str(case.label))
     assert set(volumes.label_values(label)) == set(case.labels)
     assert list(case.spacing) == pytest.approx(image.GetSpacing())
-    assert case.source["package"] == samples.PACKAGES[samples.SPEC_BY_NAME[name].package].requirement
+    package = samples.PACKAGES[samples.SPEC_BY_NAME[name].package]
+    assert case.source["package"] == package.requirement
     assert case.licence
 
 

@@ -60,9 +60,15 @@ class LabelTable:
                 table[int(key)] = str(item)
             else:
                 try:
-                    table[int(item)] = str(key)
+                    value = int(item)
                 except (TypeError, ValueError):
                     raise InputError(f"Label {key!r} has a non-integer value {item!r}.") from None
+                if value in table:  # {name: value} would otherwise drop a name silently
+                    raise InputError(
+                        f"Labels {table[value]!r} and {key!r} both have value {value}; give each "
+                        "label its own value."
+                    )
+                table[value] = str(key)
         return cls(table)
 
     @property
@@ -107,8 +113,13 @@ class Case:
     def image(self) -> Path:
         return self.images[0]
 
-    def load(self, table: LabelTable | None = None) -> tuple[list[sitk.Image], sitk.Image | None]:
-        """Read the channel images and the label map; geometry and label values checked."""
+    def load(
+        self, table: LabelTable | None = None, allow_empty: bool = False
+    ) -> tuple[list[sitk.Image], sitk.Image | None]:
+        """Read the channel images and the label map; geometry and label values checked.
+
+        An all-background label map is refused unless ``allow_empty`` (a negative case).
+        """
         images = [volumes.read_volume(path) for path in self.images]
         for path, image in zip(self.images[1:], images[1:], strict=True):
             volumes.check_same_grid(images[0], image, str(self.images[0]), str(path))
@@ -116,8 +127,14 @@ class Case:
             return images, None
         label = volumes.read_label(self.label)
         volumes.check_same_grid(images[0], label, str(self.image), str(self.label))
+        values = volumes.label_values(label)
+        if not values and not allow_empty:
+            raise InputError(
+                f"Label map {self.label} is empty (all background); label the case, or drop it "
+                "from the training set."
+            )
         if table is not None:
-            table.check(volumes.label_values(label), str(self.label))
+            table.check(values, str(self.label))
         return images, label
 
 
@@ -131,6 +148,23 @@ class Dataset:
     kind: str = ""
     source: Path | None = None
     channels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        where = self.source or "the dataset"
+        seen: set[str] = set()
+        for case in self.cases:
+            if case.name in seen:
+                raise InputError(
+                    f"{where} has two cases named {case.name!r}; give each case its own name."
+                )
+            seen.add(case.name)
+            unknown = sorted((case.annotated or set()) - set(self.labels.names.values()))
+            if unknown:
+                raise InputError(
+                    f"{where}: case {case.name!r} is annotated for {unknown}, which the label "
+                    f"table ({', '.join(self.labels.names.values())}) does not name; fix the "
+                    "spelling or add them to labels.json."
+                )
 
     def labelled(self) -> list[Case]:
         return [case for case in self.cases if case.label is not None]
@@ -201,12 +235,16 @@ def from_msd(folder: Path, data: dict) -> Dataset:
     modality = data.get("modality", {})
     channels = [modality[k] for k in sorted(modality, key=int)] if modality else ["CT"]
     cases = []
+    # abspath, not resolve: a symlinked file keeps its own name (the case name) and folder.
     for entry in data.get("training", []):
-        image = (folder / entry["image"]).resolve()
-        label = (folder / entry["label"]).resolve() if entry.get("label") else None
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise InputError(f"{folder / 'dataset.json'}: a 'training' entry has no 'image'.")
+        image = Path(os.path.abspath(folder / entry["image"]))
+        label = Path(os.path.abspath(folder / entry["label"])) if entry.get("label") else None
         cases.append(Case(_stem(image), (image,), label, modality=channels[0]))
     for entry in data.get("test", []):
-        image = (folder / (entry if isinstance(entry, str) else entry["image"])).resolve()
+        entry = entry if isinstance(entry, str) else entry["image"]
+        image = Path(os.path.abspath(folder / entry))
         cases.append(Case(_stem(image), (image,), None, modality=channels[0]))
     for case in cases:
         for file in (*case.images, case.label):
@@ -223,16 +261,20 @@ def from_csv(path: Path) -> Dataset:
         raise InputError(f"{path} needs a header row with at least an 'image' column.")
     cases, values = [], set()
     for number, row in enumerate(rows, start=2):
-        image = path.parent / row["image"].strip()
-        label = path.parent / row["label"].strip() if row.get("label", "").strip() else None
+        # A short row gives None for its missing cells; an empty image would be the folder.
+        row = {key: (text or "").strip() for key, text in row.items() if key is not None}
+        if not row["image"]:
+            raise InputError(f"{path} line {number}: the 'image' cell is empty.")
+        image = path.parent / row["image"]
+        label = path.parent / row["label"] if row.get("label") else None
         for file in (image, label):
             if file is not None and not file.exists():
                 raise InputError(f"{path} line {number}: {file} does not exist.")
-        annotated = row.get("annotated", "").strip()
+        annotated = row.get("annotated", "")
         cases.append(Case(
-            row.get("name", "").strip() or _stem(image), (image,), label,
+            row.get("name", "") or _stem(image), (image,), label,
             frozenset(n.strip() for n in annotated.split(";") if n.strip()) or None,
-            row.get("modality", "").strip(),
+            row.get("modality", ""),
         ))
     table = _table_beside(path.parent)
     if table is None:
@@ -246,7 +288,7 @@ def from_csv(path: Path) -> Dataset:
 def from_pairs(folder: Path) -> Dataset:
     """Image/label pairs in one folder, matched by the label file's suffix."""
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and _readable(p)]
-    cases, used = [], set()
+    cases = []
     for label in files:
         suffix = full_suffix(label)
         stem = label.name[: len(label.name) - len(suffix)]
@@ -254,16 +296,12 @@ def from_pairs(folder: Path) -> Dataset:
         if marker is None:
             continue
         base = stem[: len(stem) - len(marker)]
-        image = next(
-            (folder / f"{base}{tail}{ext}" for tail in IMAGE_SUFFIXES
-             for ext in (suffix, ".nii.gz", ".nrrd", ".nii", ".mha")
-             if (folder / f"{base}{tail}{ext}").exists() and folder / f"{base}{tail}{ext}" != label),
-            None,
-        )
+        candidates = (folder / f"{base}{tail}{ext}" for tail in IMAGE_SUFFIXES
+                      for ext in (suffix, ".nii.gz", ".nrrd", ".nii", ".mha"))
+        image = next((c for c in candidates if c.exists() and c != label), None)
         if image is None:
             continue
         cases.append(Case(base, (image,), label))
-        used.update({image, label})
     if not cases:
         raise InputError(
             f"Found no image/label pairs in {folder}; name label maps like <case>_label.nii.gz "
