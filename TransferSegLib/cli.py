@@ -80,12 +80,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     prediction, prediction_names = read_labelled(args.prediction)
     reference, reference_names = read_labelled(args.reference)
+    from TransferSegLib.volumes import label_values
+
+    if not label_values(reference):
+        raise InputError(
+            f"Reference {args.reference} is empty (all background), so there is nothing to "
+            "score against; choose the reference segmentation."
+        )
     labels = _label_table(args.labels) or reference_names or prediction_names
     if prediction_names and reference_names:
         prediction = _match_by_name(prediction, prediction_names, reference_names, args)
     scores = metrics.evaluate(
         prediction, reference, labels, prediction_name=args.prediction,
         reference_name=args.reference, lesion_wise=args.lesion_wise,
+        ignore_unknown=args.ignore_unknown,
     )
     print(metrics.scores_table(scores))
     for path in (args.csv, args.json):
@@ -172,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prediction", required=True, help="label map or .seg.nrrd to score")
     ev.add_argument("--reference", required=True, help="reference label map or .seg.nrrd")
     ev.add_argument("--labels", help="label table JSON ({value: name} or {name: value})")
+    ev.add_argument("--ignore-unknown", action="store_true",
+                    help="skip label values that the label table does not name")
     ev.add_argument("--lesion-wise", action="store_true",
                     help="also lesion detection recall/precision/F1 (connected components)")
     ev.add_argument("--csv", help="write the table as CSV")

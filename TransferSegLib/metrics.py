@@ -445,7 +445,7 @@ def evaluate(
         if unknown and not ignore_unknown:
             raise InputError(
                 "; ".join(unknown) + "; pass a label table that contains them "
-                "(or ignore unknown labels to skip them)."
+                "(or --ignore-unknown to skip them)."
             )
 
     spacing = np.asarray(reference.GetSpacing(), dtype=np.float64)[::-1]  # array order

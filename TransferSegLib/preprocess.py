@@ -103,8 +103,10 @@ def resample(
 ) -> sitk.Image:
     """``image`` resampled onto ``grid`` (physical space unchanged; identity transform)."""
     reference = grid.blank()
+    # The grids cover the same extent up to half a voxel; voxels just outside the source take
+    # the nearest edge value rather than ``default``.
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, default,
-                         image.GetPixelID())
+                         image.GetPixelID(), True)
 
 
 def to_model_space(
@@ -157,7 +159,7 @@ def label_to_input(label: np.ndarray, grid: Geometry, reference: sitk.Image) -> 
     """A model-space label array (Z, Y, X) put back on the exact grid of ``reference``."""
     image = _on_grid(label, grid)
     back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                         image.GetPixelID())
+                         image.GetPixelID(), True)
     return back
 
 
@@ -173,7 +175,7 @@ def probabilities_to_input(
     for channel in probabilities:
         image = _on_grid(np.ascontiguousarray(channel, dtype=np.float32), grid)
         back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                             sitk.sitkFloat32)
+                             sitk.sitkFloat32, True)
         channels.append(sitk.GetArrayFromImage(back))
     return np.stack(channels)
 
