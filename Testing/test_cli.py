@@ -176,6 +176,24 @@ def test_bad_input_gives_one_clear_sentence(tmp_path, capsys, model_file, proble
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+def test_evaluate_resamples_only_when_asked(tmp_path, capsys):
+    case = real_sample("totalseg_dicom")  # the label map on the DICOM grid
+    label = volumes.read_label(case.label)
+    flipped = sitk.Flip(label, [False, True, False], flipAboutOrigin=False)
+    flipped.SetDirection(np.array(label.GetDirection()) * [1, -1, 1, 1, -1, 1, 1, -1, 1])
+    flipped.SetOrigin(label.TransformIndexToPhysicalPoint([0, label.GetSize()[1] - 1, 0]))
+    volumes.write_image(flipped, tmp_path / "flipped.nrrd")
+    argv = ["evaluate", "--prediction", str(tmp_path / "flipped.nrrd"), "--reference",
+            str(case.label), "--json", str(tmp_path / "s.json")]
+    code, _, err = run(capsys, *argv)
+    assert code == EXIT_USER_ERROR and "--resample" in err
+    code, _, err = run(capsys, *argv, "--resample")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "s.json").read_text())
+    rows = rows["labels"] if isinstance(rows, dict) else rows
+    assert rows and all(r["dice"] == 1.0 for r in rows)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         main(["--debug", "evaluate", "--prediction", str(tmp_path / "a.nii.gz"),

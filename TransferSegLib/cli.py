@@ -90,6 +90,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     labels = _label_table(args.labels) or reference_names or prediction_names
     if prediction_names and reference_names:
         prediction = _match_by_name(prediction, prediction_names, reference_names, args)
+    if args.resample:
+        from TransferSegLib.volumes import resample_label_to
+
+        prediction = resample_label_to(prediction, reference)
     scores = metrics.evaluate(
         prediction, reference, labels, prediction_name=args.prediction,
         reference_name=args.reference, lesion_wise=args.lesion_wise,
@@ -180,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prediction", required=True, help="label map or .seg.nrrd to score")
     ev.add_argument("--reference", required=True, help="reference label map or .seg.nrrd")
     ev.add_argument("--labels", help="label table JSON ({value: name} or {name: value})")
+    ev.add_argument("--resample", action="store_true",
+                    help="put the prediction on the reference's voxel grid (nearest neighbour)")
     ev.add_argument("--ignore-unknown", action="store_true",
                     help="skip label values that the label table does not name")
     ev.add_argument("--lesion-wise", action="store_true",

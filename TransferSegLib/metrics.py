@@ -348,7 +348,7 @@ def _check_same_grid(
         raise GeometryError(
             f"{prediction_name} and {reference_name} are not on the same voxel grid "
             f"({'; '.join(problems)}); resample the prediction onto the reference grid "
-            "(nearest neighbour) before evaluating."
+            "(nearest neighbour: transferseg evaluate --resample) before evaluating."
         )
 
 

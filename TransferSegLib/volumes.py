@@ -114,8 +114,7 @@ def check_same_grid(
         raise GeometryError(
             f"Label map {label_name} ({b.describe()}) is not on the voxel grid of image "
             f"{image_name} ({a.describe()}); export the label map on the image's geometry, or "
-            "resample it with nearest-neighbour interpolation (resample_label_to, "
-            "--resample-labels)."
+            "resample it with nearest-neighbour interpolation (volumes.resample_label_to)."
         )
 
 
