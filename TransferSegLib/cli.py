@@ -16,6 +16,7 @@ from TransferSegLib import __version__
 from TransferSegLib.errors import InputError, TransferSegError
 
 EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 3
 
 
 def _samples(args: argparse.Namespace) -> int:
@@ -150,6 +151,117 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class EventPrinter:
+    """Training events as JSON lines (``--events jsonl``) or a progress bar with messages."""
+
+    def __init__(self, mode: str):
+        self.mode, self.bar = mode, None
+
+    def __call__(self, event: dict) -> None:
+        if self.mode == "jsonl":
+            print(json.dumps(event), flush=True)
+            return
+        kind = event["event"]
+        if kind == "step":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=event["steps"], unit="step", dynamic_ncols=True)
+            self.bar.n = event["step"]
+            self.bar.set_postfix(loss=f"{event['loss']:.4f}")
+            self.bar.refresh()
+        elif kind == "start":
+            print(event["report"])
+            print(f"training on {event['device']} ({event['world']} process(es)), "
+                  f"{event['cases']} case(s), {event['validation_cases']} for validation")
+        elif kind == "validation":
+            self._write(f"step {event['step']}: validation Dice {event['dice']:.4f}"
+                        + (" (best)" if event["improved"] else ""))
+        elif kind in ("message", "stage"):
+            self._write(event["message"])
+        elif kind in ("done", "cancelled"):
+            if self.bar is not None:
+                self.bar.close()
+            print(f"{event['status']} after {event['step']} steps in {event['seconds']} s; "
+                  f"model: {event['model']}")
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text)
+
+
+def _train_config(args: argparse.Namespace):
+    from TransferSegLib.training import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_every=args.val_every,
+        patience=args.patience, seed=args.seed, device=args.device,
+        checkpoint_every=args.checkpoint_every, augment=not args.no_augment,
+        head_lr_factor=getattr(args, "head_lr_factor", 10.0),
+        freeze_depth=getattr(args, "freeze_depth", None), optimizer=args.optimizer,
+    )
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from TransferSegLib import distributed, training
+
+    distributed.init()
+    try:
+        result = training.finetune(
+            Path(args.base) if args.base else None, Path(args.data), Path(args.out),
+            args.strategy, _train_config(args), val_data=Path(args.val) if args.val else None,
+            labels=args.labels.split(",") if args.labels else None,
+            architecture=args.architecture, events=EventPrinter(args.events),
+            resume=args.resume, overwrite=args.overwrite,
+            cancel_file=Path(args.cancel_file) if args.cancel_file else None,
+        )
+    finally:
+        distributed.shutdown()
+    return 0 if result.status != "cancelled" else EXIT_CANCELLED
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from TransferSegLib import distributed, training
+
+    distributed.init()
+    try:
+        result = training.pretrain(
+            [Path(p) for p in args.data], Path(args.out), _train_config(args),
+            architecture=args.architecture, spacing=args.spacing, patch_size=args.patch,
+            modality=args.modality, events=EventPrinter(args.events), resume=args.resume,
+            overwrite=args.overwrite,
+            cancel_file=Path(args.cancel_file) if args.cancel_file else None,
+        )
+    finally:
+        distributed.shutdown()
+    return 0 if result.status != "cancelled" else EXIT_CANCELLED
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (model.safetensors, ...)")
+    parser.add_argument("--steps", type=int, default=500, help="optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=2, help="patches per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--val-every", type=int, default=50, help="steps between validations")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="validations without improvement before stopping (0: never)")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="steps between resumable checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda")
+    parser.add_argument("--no-augment", action="store_true", help="no data augmentation")
+    parser.add_argument("--events", choices=["bar", "jsonl"], default="bar",
+                        help="progress bar, or JSON lines on stdout for programs")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run")
+    parser.add_argument("--cancel-file", help="stop cleanly (saving) when this file appears")
+    parser.add_argument("--architecture", default="unet",
+                        help="network for scratch/pretrain (unet, dynunet, segresnet, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transferseg",
@@ -194,6 +306,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the table as JSON")
     ev.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     ev.set_defaults(run=_evaluate)
+
+    fine = commands.add_parser("finetune", help="adapt a base model to your labelled data")
+    fine.add_argument("--base", help="base model file (not needed for --strategy scratch)")
+    fine.add_argument("--data", required=True,
+                      help="dataset: nnU-Net/MSD folder, image/label pairs folder or CSV")
+    fine.add_argument("--val", help="separate validation dataset (default: 20%% held out, or "
+                      "the training cases when there are fewer than 3)")
+    fine.add_argument("--strategy", default="finetune",
+                      choices=["scratch", "vanilla", "finetune", "discriminative", "two-stage"])
+    fine.add_argument("--labels", help="comma-separated label names to learn (default: all)")
+    fine.add_argument("--freeze-depth", type=int,
+                      help="finetune: freeze this many encoder blocks instead of all but the "
+                      "last decoder block and the head")
+    fine.add_argument("--head-lr-factor", type=float, default=10.0,
+                      help="discriminative: learning-rate factor for new layers")
+    _training_arguments(fine)
+    fine.set_defaults(run=_finetune)
+
+    pre = commands.add_parser("pretrain", help="train a base model (partial labels allowed)")
+    pre.add_argument("--data", required=True, action="append",
+                     help="dataset; repeat for several datasets with different labels")
+    pre.add_argument("--spacing", type=float, nargs=3, help="voxel size, mm (default: median)")
+    pre.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="patch, voxels")
+    pre.add_argument("--modality", help="CT or MR (default: from the dataset)")
+    _training_arguments(pre)
+    pre.set_defaults(run=_pretrain)
 
     demo = commands.add_parser("demo", help="fetch the samples and score a segmentation")
     demo.add_argument("--out", default="transferseg-demo", help="output folder")

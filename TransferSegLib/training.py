@@ -1,0 +1,750 @@
+"""The training loop: patches from cached cases, augmentation, validation, checkpoints, events.
+
+Read :func:`train` top to bottom: it is the whole loop. Everything random at step ``s`` is
+drawn from generators seeded by ``(seed, s, rank)``, so a run resumed from a checkpoint at step
+``s`` continues exactly as the uninterrupted run would (on CPU, bit for bit), with no generator
+state to save. The learning rate is a function of the step (polynomial decay), for the same
+reason. A training state file (one safetensors file: weights, optimiser tensors, JSON metadata)
+is written atomically every ``checkpoint_every`` steps and when cancelled.
+
+Events are dicts handed to ``events`` (the CLI prints them as JSON lines or drives a progress
+bar): ``start``, ``step``, ``validation``, ``stage``, ``checkpoint``, ``done``, ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from TransferSegLib import preprocess
+from TransferSegLib.checkpoint import ModelCard, save_model
+from TransferSegLib.datasets import Case, LabelTable
+from TransferSegLib.errors import InputError, ModelFileError, TransferSegError
+from TransferSegLib.files import atomic_output
+
+IGNORE = -1  # target value of voxels outside the scan (padding): not part of the loss
+Events = Callable[[dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Steps count optimiser updates; one step sees ``batch_size`` patches."""
+
+    steps: int = 500
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.99, nesterov, as nnU-Net)
+    val_every: int = 50
+    patience: int = 0  # validation rounds without improvement before stopping; 0 = never
+    checkpoint_every: int = 50
+    foreground_ratio: float = 0.67  # share of patches centred on an annotated foreground voxel
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision, CUDA only
+    cache_gb: float = 8.0  # RAM for preprocessed cases; the rest are re-read when needed
+    val_overlap: float = 0.25
+    head_lr_factor: float = 10.0
+    freeze_depth: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
+            raise InputError("steps, batch size and validation interval must be at least 1.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise InputError(f"Unknown optimiser {self.optimizer!r}; use adamw or sgd.")
+        if not 0 <= self.foreground_ratio <= 1:
+            raise InputError("The foreground ratio must lie between 0 and 1.")
+
+
+# ------------------------------------------------------------------------------------- the data
+@dataclass
+class PreparedCase:
+    """A case in model space: image (C, Z, Y, X) float32, target (Z, Y, X) int16 of channel
+    indices, the channels annotated in it (bool, (out_channels,)), and its foreground voxels."""
+
+    name: str
+    image: np.ndarray
+    target: np.ndarray
+    annotated: np.ndarray
+    foreground: np.ndarray  # flat indices of voxels holding an annotated foreground class
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.target.nbytes + self.foreground.nbytes
+
+
+def channel_map(card: ModelCard, table: LabelTable, source: str) -> dict[int, int]:
+    """Dataset label value -> model output channel, matched by label name."""
+    channel_of = {name: channel for channel, name in card.labels.items()}
+    mapping = {}
+    for value, name in table.names.items():
+        if name not in channel_of:
+            raise InputError(
+                f"Label {name!r} (value {value}) of {source} is not among the model's labels "
+                f"({', '.join(card.labels.values())}); add it with --labels or rename it."
+            )
+        mapping[value] = channel_of[name]
+    return mapping
+
+
+def prepare_case(case: Case, table: LabelTable, card: ModelCard) -> PreparedCase:
+    """Read ``case``, take it to the model's space and map its labels to output channels."""
+    images, label = case.load(table)
+    if len(images) != card.in_channels:
+        raise InputError(
+            f"Case {case.name} has {len(images)} image channel(s); the model takes "
+            f"{card.in_channels}."
+        )
+    arrays, grid = [], None
+    for image in images:
+        array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
+                                                card.orientation)
+        arrays.append(array)
+    values = preprocess.label_to_model_space(label, grid)
+    mapping = channel_map(card, table, str(case.label))
+    lookup = np.zeros(int(values.max()) + 1, np.int16)
+    for value, channel in mapping.items():
+        if value < lookup.size:
+            lookup[value] = channel
+    target = lookup[values]
+    annotated_names = case.annotated if case.annotated is not None else set(table.names.values())
+    annotated = np.zeros(card.out_channels, bool)
+    annotated[0] = True
+    for name in annotated_names:
+        annotated[mapping[table.value(name)]] = True
+    drawn = annotated[target] & (target > 0)
+    return PreparedCase(case.name, np.stack(arrays), target, annotated,
+                        np.flatnonzero(drawn).astype(np.int64))
+
+
+class CaseCache:
+    """Prepared cases kept in memory up to ``budget`` bytes (least recently used go first)."""
+
+    def __init__(self, loader: Callable[[int], PreparedCase], count: int, budget: float):
+        self.loader, self.count, self.budget = loader, count, budget
+        self._cases: OrderedDict[int, PreparedCase] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> PreparedCase:
+        if index in self._cases:
+            self._cases.move_to_end(index)
+            return self._cases[index]
+        case = self.loader(index)
+        self._cases[index] = case
+        while len(self._cases) > 1 and sum(c.nbytes for c in self._cases.values()) > self.budget:
+            self._cases.popitem(last=False)
+        return case
+
+
+def sample_patch(
+    case: PreparedCase, patch: Sequence[int], rng: np.random.Generator, foreground: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A patch (C, *patch) and its target (*patch) from ``case``; ``patch`` is (Z, Y, X).
+
+    Centred on a random annotated foreground voxel when ``foreground`` (and there is one),
+    else anywhere. Parts outside the volume are padded: image with its minimum, target IGNORE.
+    """
+    shape = np.array(case.target.shape)
+    size = np.array(patch)
+    if foreground and case.foreground.size:
+        centre = np.array(np.unravel_index(case.foreground[rng.integers(case.foreground.size)],
+                                           case.target.shape))
+        start = centre - size // 2 + rng.integers(-(size // 4), size // 4 + 1)
+    else:
+        start = np.array([rng.integers(min(0, s - p), max(0, s - p) + 1)
+                          for s, p in zip(shape, size, strict=True)])
+    start = np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
+    image = np.full((case.image.shape[0], *size), case.image.min(), np.float32)
+    target = np.full(tuple(size), IGNORE, np.int16)
+    src = tuple(slice(max(a, 0), min(a + p, s)) for a, p, s in zip(start, size, shape,
+                                                                   strict=True))
+    dst = tuple(slice(max(a, 0) - a, min(a + p, s) - a) for a, p, s in zip(start, size, shape,
+                                                                            strict=True))
+    image[(slice(None), *dst)] = case.image[(slice(None), *src)]
+    target[dst] = case.target[src]
+    return image, target
+
+
+def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
+    """Random flips on each axis, intensity scale and shift, Gaussian noise (MONAI transforms)."""
+    from monai.transforms import (
+        Compose,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    transforms = Compose([
+        RandFlipd(["image", "target"], prob=0.5, spatial_axis=0),
+        RandFlipd(["image", "target"], prob=0.5, spatial_axis=1),
+        RandFlipd(["image", "target"], prob=0.5, spatial_axis=2),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandGaussianNoised("image", prob=0.2, std=0.02),
+    ])
+    transforms.set_random_state(seed=int(rng.integers(2**31)))
+    out = transforms({"image": image, "target": target[None]})
+    return np.asarray(out["image"], np.float32), np.asarray(out["target"][0], np.int16)
+
+
+# ------------------------------------------------------------------------------ state on disk
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               meta: dict) -> None:
+    """One file holding weights, optimiser tensors and JSON metadata; written atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone()
+               for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous().clone()
+    meta = dict(meta, param_groups=opt["param_groups"])
+    with atomic_output(path, overwrite=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"transferseg.state": json.dumps(meta)})
+
+
+def read_state_meta(path: Path) -> dict:
+    """The JSON metadata of a training state file, without its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return json.loads(handle.metadata()["transferseg.state"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+        raise ModelFileError(
+            f"Training state {path} is unreadable ({error}); start again without --resume."
+        ) from None
+
+
+def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what :func:`save_state` wrote; returns its metadata."""
+    meta = read_state_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(
+            f"Training state {path} is unreadable ({error}); start again without --resume."
+        ) from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+# ---------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    """What a training run produced: model file, status, steps, best validation Dice, curve."""
+
+    model: Path
+    status: str  # "done", "stopped early", "cancelled"
+    steps: int
+    best_dice: float | None
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Cancellation:
+    """Cancel on SIGTERM/SIGINT or when ``cancel_file`` appears; checked once per step."""
+
+    def __init__(self, cancel_file: Path | None = None):
+        self.cancel_file = cancel_file
+        self.flag = False
+        self._previous = {}
+
+    def __enter__(self) -> Cancellation:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._set)
+            except ValueError:  # not the main thread: rely on the cancel file
+                pass
+        return self
+
+    def _set(self, *_: object) -> None:
+        self.flag = True
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.flag or bool(self.cancel_file and self.cancel_file.exists())
+
+
+def poly_lr(base: float, step: int, steps: int) -> float:
+    """nnU-Net's polynomial decay: base * (1 - step / steps) ** 0.9."""
+    return base * (1 - step / steps) ** 0.9
+
+
+def make_optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [dict(g, initial_lr=g.get("lr", config.lr)) for g in param_groups]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.99, nesterov=True,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelCard,
+             device: torch.device, overlap: float) -> dict[str, float]:
+    """Mean Dice per label name over ``cases`` (each label only where it is annotated)."""
+    from TransferSegLib.inference import predict_probabilities
+
+    patch = tuple(int(v) for v in reversed(card.patch_size))
+    sums: dict[int, list[float]] = {}
+    for case in cases:
+        probabilities = predict_probabilities(model, case.image, patch, device=device,
+                                              overlap=overlap)
+        prediction = probabilities.argmax(0)
+        for channel in range(1, card.out_channels):
+            if not case.annotated[channel]:
+                continue
+            ref, out = case.target == channel, prediction == channel
+            if ref.any() or out.any():
+                dice = 2 * np.logical_and(ref, out).sum() / (ref.sum() + out.sum())
+                sums.setdefault(channel, []).append(float(dice))
+    return {card.labels[c]: float(np.mean(v)) for c, v in sorted(sums.items())}
+
+
+def train(
+    plan,
+    card: ModelCard,
+    train_cases: CaseCache | Sequence[PreparedCase],
+    val_cases: Sequence[PreparedCase],
+    config: TrainConfig,
+    out_dir: Path,
+    events: Events = lambda event: None,
+    resume: bool = False,
+    cancel_file: Path | None = None,
+) -> TrainResult:
+    """Train ``plan.model`` (a :class:`~TransferSegLib.transfer.TransferPlan`) and write it.
+
+    Writes into ``out_dir``: ``model.safetensors`` (best validation Dice, or last when there is
+    no validation), ``last.safetensors``, ``state.safetensors`` (for ``resume``) and
+    ``progress.jsonl`` (every event).
+    """
+    from TransferSegLib import distributed, transfer
+    from TransferSegLib.inference import select_device
+    from TransferSegLib.losses import SegmentationLoss
+
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.device(select_device(config.device))
+    model = plan.model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = make_optimizer(plan.param_groups, config)
+    loss_fn = SegmentationLoss()
+    state_path, log_path = out_dir / "state.safetensors", out_dir / "progress.jsonl"
+    patch = tuple(int(v) for v in reversed(card.patch_size))
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    meta = {"step": 0, "best": None, "bad_rounds": 0, "stage": 1, "history": []}
+    if resume:
+        if not state_path.exists():
+            raise InputError(f"Nothing to resume in {out_dir}: it has no state.safetensors.")
+        if read_state_meta(state_path).get("stage") == 2:
+            transfer.unfreeze_all(model, plan)  # the optimiser must see the second stage's
+            optimizer = make_optimizer(plan.param_groups, config)
+        meta = load_state(state_path, model, optimizer)
+    wrapped = distributed.wrap(model, device)
+
+    def emit(event: dict) -> None:
+        if rank != 0:
+            return
+        event = {"event": event.pop("event"), "time": round(time.time(), 3), **event}
+        with open(log_path, "a") as log:
+            log.write(json.dumps(event) + "\n")
+        events(event)
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    emit({"event": "start", "strategy": plan.strategy, "device": str(device), "world": world,
+          "steps": config.steps, "from_step": meta["step"], "cases": len(train_cases),
+          "validation_cases": len(val_cases), "report": plan.report})
+
+    start_time, status = time.perf_counter(), "done"
+    first_step = meta["step"]
+    with Cancellation(cancel_file) as cancel:
+        for step in range(first_step, config.steps):
+            rng = np.random.default_rng([config.seed, step, rank])
+            torch.manual_seed(int(rng.integers(2**62)))
+            images, targets, annotated = [], [], []
+            for _ in range(config.batch_size):
+                case = train_cases[int(rng.integers(len(train_cases)))]
+                image, target = sample_patch(case, patch, rng,
+                                             rng.random() < config.foreground_ratio)
+                if config.augment:
+                    image, target = augment(image, target, rng)
+                images.append(image)
+                targets.append(target)
+                annotated.append(case.annotated)
+            x = torch.from_numpy(np.stack(images)).to(device)
+            y = torch.from_numpy(np.stack(targets).astype(np.int64))[:, None].to(device)
+            mask = torch.from_numpy(np.stack(annotated)).to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(group["initial_lr"], step, config.steps)
+            transfer.set_train_mode(model, plan)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(wrapped(x), y, mask)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            meta["step"] = step + 1
+
+            elapsed = time.perf_counter() - start_time
+            done = step + 1 - first_step
+            if rank == 0 and (step % 10 == 0 or step + 1 == config.steps):
+                emit({"event": "step", "step": step + 1, "steps": config.steps,
+                      "loss": round(float(loss), 5), "lr": optimizer.param_groups[0]["lr"],
+                      "patches_per_s": round(done * config.batch_size * world / elapsed, 2),
+                      "eta_s": round(elapsed / done * (config.steps - step - 1), 1)})
+
+            decision = CONTINUE
+            if val_cases and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
+                if rank == 0:
+                    decision = _validation_round(model, val_cases, card, device, config, meta,
+                                                 plan, emit, out_dir)
+                decision = distributed.broadcast_int(decision, device)
+                if decision == UNFREEZE:
+                    transfer.unfreeze_all(model, plan)
+                    meta.update(stage=2, bad_rounds=0)
+                    optimizer = make_optimizer(plan.param_groups, config)
+                    wrapped = distributed.wrap(model, device)
+                    emit({"event": "stage", "step": step + 1, "stage": 2,
+                          "message": "validation Dice stopped improving: all layers unfrozen"})
+            stop = decision == STOP
+            cancelled = distributed.any_rank(cancel.requested, device)
+            if rank == 0 and (cancelled or stop or (step + 1) % config.checkpoint_every == 0):
+                save_state(state_path, model, optimizer, meta)
+                emit({"event": "checkpoint", "step": step + 1, "path": str(state_path)})
+            if cancelled:
+                status = "cancelled"
+                break
+            if stop:
+                status = "stopped early"
+                break
+
+    last = out_dir / "last.safetensors"
+    best = out_dir / "model.safetensors"
+    if rank == 0:
+        final_card = _card_with(card, meta, config)
+        save_model(last, model.cpu(), final_card, overwrite=True)
+        if meta["best"] is None or not best.exists():
+            save_model(best, model, final_card, overwrite=True)
+        seconds = time.perf_counter() - start_time
+        emit({"event": "cancelled" if status == "cancelled" else "done", "status": status,
+              "model": str(best), "last": str(last), "step": meta["step"],
+              "best_dice": meta["best"], "seconds": round(seconds, 1)})
+    distributed.barrier()
+    return TrainResult(best, status, meta["step"], meta["best"], meta["history"],
+                       time.perf_counter() - start_time)
+
+
+CONTINUE, STOP, UNFREEZE = 0, 1, 2
+
+
+def _validation_round(model, val_cases, card, device, config, meta, plan, emit,
+                      out_dir) -> int:
+    """Score, keep the best model, and decide: CONTINUE, STOP early, or UNFREEZE (two-stage)."""
+    scores = validate(model, val_cases, card, device, config.val_overlap)
+    mean = float(np.mean(list(scores.values()))) if scores else 0.0
+    improved = meta["best"] is None or mean > meta["best"] + 1e-4
+    meta["history"].append({"step": meta["step"], "dice": mean, "labels": scores})
+    if improved:
+        meta["best"], meta["bad_rounds"] = mean, 0
+        save_model(out_dir / "model.safetensors", model, _card_with(card, meta, config),
+                   overwrite=True)
+    else:
+        meta["bad_rounds"] += 1
+    emit({"event": "validation", "step": meta["step"], "dice": round(mean, 5),
+          "labels": {k: round(v, 5) for k, v in scores.items()}, "best": meta["best"],
+          "improved": improved})
+    if config.patience and meta["bad_rounds"] >= config.patience:
+        return UNFREEZE if plan.strategy == "two-stage" and meta["stage"] == 1 else STOP
+    return CONTINUE
+
+
+def _card_with(card: ModelCard, meta: dict, config: TrainConfig) -> ModelCard:
+    data = asdict(card)
+    data["metrics"] = dict(card.metrics, validation_dice=meta["best"], steps=meta["step"],
+                           history=meta["history"][-20:])
+    data["lineage"] = list(card.lineage)
+    return ModelCard(**data)
+
+
+# ---------------------------------------------------------------------------- whole training jobs
+@dataclass
+class LabelledCase:
+    """A case with the label table of the dataset it came from (datasets differ in labels)."""
+
+    case: Case
+    table: LabelTable
+
+
+def split_cases(cases: list, seed: int, fraction: float = 0.2) -> tuple[list, list, bool]:
+    """Training and validation cases; with fewer than 3 cases validation reuses training.
+
+    Returns (train, validation, held_out) where ``held_out`` says whether validation cases
+    are separate from training ones.
+    """
+    if len(cases) < 3:
+        return cases, cases, False
+    order = np.random.default_rng(seed).permutation(len(cases))
+    count = max(1, round(len(cases) * fraction))
+    val = [cases[i] for i in sorted(order[:count])]
+    train = [cases[i] for i in sorted(order[count:])]
+    return train, val, True
+
+
+class OutputLock:
+    """An exclusive claim on an output folder, so two jobs never write into the same one."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".transferseg.lock"
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise TransferSegError(
+                f"Another TransferSeg job is writing to {self.path.parent} (or one crashed: "
+                f"then delete {self.path.name} there); choose another output folder."
+            ) from None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _check_output(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume or overwrite:
+        return
+    if (out_dir / "model.safetensors").exists() or (out_dir / "state.safetensors").exists():
+        raise TransferSegError(
+            f"{out_dir} already holds a trained model; pass --resume to continue it, "
+            "--overwrite to start again, or choose another --out folder."
+        )
+
+
+def run_job(
+    plan,
+    card: ModelCard,
+    cases: list[LabelledCase],
+    val_cases: list[LabelledCase],
+    config: TrainConfig,
+    out_dir: Path,
+    events: Events,
+    resume: bool = False,
+    overwrite: bool = False,
+    cancel_file: Path | None = None,
+) -> TrainResult:
+    """Prepare cases (cached within the RAM budget) and train, holding the output folder."""
+    from TransferSegLib import distributed
+
+    out_dir = Path(out_dir)
+    if distributed.rank() == 0:
+        _check_output(out_dir, resume, overwrite)
+    lock = OutputLock(out_dir) if distributed.rank() == 0 else None
+    if lock:
+        lock.__enter__()
+    try:
+        if overwrite and not resume and distributed.rank() == 0:
+            for name in ("state.safetensors", "progress.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
+        cache = CaseCache(lambda i: prepare_case(cases[i].case, cases[i].table, card),
+                          len(cases), config.cache_gb * 2**30)
+        validation = [prepare_case(c.case, c.table, card) for c in val_cases]
+        return train(plan, card, cache, validation, config, out_dir, events, resume,
+                     cancel_file)
+    finally:
+        if lock:
+            lock.__exit__()
+
+
+def _labelled(dataset, source: str) -> list[LabelledCase]:
+    cases = [LabelledCase(case, dataset.labels) for case in dataset.labelled()]
+    if not cases:
+        raise InputError(
+            f"Dataset {source} has no labelled case; training needs at least one image with "
+            "its label map."
+        )
+    return cases
+
+
+def _median_spacing(cases: list[LabelledCase]) -> list[float]:
+    spacings = []
+    for item in cases:
+        from TransferSegLib.volumes import read_volume
+
+        spacings.append(read_volume(item.case.image).GetSpacing())
+    return [float(v) for v in np.median(np.array(spacings), axis=0)]
+
+
+def finetune(
+    base: Path | None,
+    data: Path,
+    out_dir: Path,
+    strategy: str = "finetune",
+    config: TrainConfig | None = None,
+    *,
+    val_data: Path | None = None,
+    labels: Sequence[str] | None = None,
+    architecture: str | None = None,
+    arguments: dict | None = None,
+    events: Events = lambda event: None,
+    resume: bool = False,
+    overwrite: bool = False,
+    cancel_file: Path | None = None,
+) -> TrainResult:
+    """Make a model for the labels of ``data`` from the base model file ``base``.
+
+    ``strategy`` is one of :data:`TransferSegLib.transfer.STRATEGIES`; ``scratch`` uses only
+    the base model's architecture and settings (or ``architecture``/``arguments`` without a
+    base). The new model's labels are the dataset's (or ``labels``, a subset, in that order).
+    """
+    from TransferSegLib import datasets, transfer
+    from TransferSegLib.checkpoint import load_model
+
+    config = config or TrainConfig()
+    dataset = datasets.discover(data)
+    cases = _labelled(dataset, str(data))
+    if val_data is not None:
+        val_cases = _labelled(datasets.discover(val_data), str(val_data))
+    else:
+        cases, val_cases, _ = split_cases(cases, config.seed)
+    names = list(labels) if labels else list(dataset.labels.foreground.values())
+    unknown = [n for n in names if n not in dataset.labels.names.values()]
+    if unknown:
+        raise InputError(f"Labels {unknown} are not in dataset {data}; it has "
+                         f"{list(dataset.labels.foreground.values())}.")
+    target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+    if base is not None:
+        base_model, base_card = load_model(base)
+    elif strategy == "scratch" and architecture:
+        base_model, base_card = None, None
+    else:
+        raise InputError(f"Strategy {strategy!r} needs a base model (--base MODEL).")
+    in_channels = len(dataset.channels) or len(cases[0].case.images)
+    card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
+                        cases, strategy, base, config)
+    spacing = _median_spacing(cases[:5])
+    ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
+    if ratio > 2 or ratio < 0.5:
+        events({"event": "message", "message": (
+            f"the data's voxels ({' x '.join(f'{s:.2g}' for s in spacing)} mm) differ from "
+            f"the model's ({' x '.join(f'{s:.2g}' for s in card.spacing)} mm): cases are "
+            "resampled to the model's spacing")})
+    plan = transfer.prepare(
+        strategy, card.architecture, card.arguments, base_model, base_card, target,
+        in_channels, lr=config.lr, head_lr_factor=config.head_lr_factor,
+        freeze_depth=config.freeze_depth,
+    )
+    if val_data is None and len(val_cases) and val_cases[0] is cases[0]:
+        events({"event": "message", "message": "fewer than 3 labelled cases: validation "
+                "uses the training cases"})
+    return run_job(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
+                   cancel_file)
+
+
+def _target_card(base_card, target, dataset, in_channels, architecture, arguments, cases,
+                 strategy, base, config) -> ModelCard:
+    from TransferSegLib import networks
+    from TransferSegLib.preprocess import default_normalisation
+
+    value_of = {name: value for value, name in dataset.labels.names.items()}
+    label_values = {name: value_of.get(name, channel) for channel, name in target.items()}
+    if base_card is not None:
+        data = asdict(base_card)
+        data.update(labels=target, out_channels=len(target), label_values=label_values,
+                    in_channels=in_channels, metrics={}, created=ModelCard.__dataclass_fields__[
+                        "created"].default_factory())
+        lineage = list(base_card.lineage)
+    else:
+        modality = dataset.modality or "CT"
+        arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
+        data = dict(architecture=architecture, arguments=arguments, in_channels=in_channels,
+                    out_channels=len(target), labels=target, label_values=label_values,
+                    spacing=_median_spacing(cases[:5]), patch_size=[64, 64, 64],
+                    normalisation=default_normalisation(modality), modality=modality)
+        lineage = []
+    lineage.append({"strategy": strategy, "base": str(base) if base else None,
+                    "steps": config.steps, "data": str(dataset.source),
+                    "freeze_depth": config.freeze_depth})
+    data.update(lineage=lineage, training_cases=[c.case.name for c in cases])
+    return ModelCard(**data)
+
+
+def pretrain(
+    data: Sequence[Path],
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    architecture: str = "unet",
+    arguments: dict | None = None,
+    spacing: Sequence[float] | None = None,
+    patch_size: Sequence[int] = (64, 64, 64),
+    modality: str | None = None,
+    events: Events = lambda event: None,
+    resume: bool = False,
+    overwrite: bool = False,
+    cancel_file: Path | None = None,
+) -> TrainResult:
+    """Train a base model on one or several datasets whose label sets differ (partial labels).
+
+    The model's labels are the union of the datasets' label names; each case is annotated only
+    for its own dataset's labels (or the CSV's ``annotated`` column), so an organ one dataset
+    does not draw is never taught as background.
+    """
+    from TransferSegLib import datasets, networks, transfer
+    from TransferSegLib.preprocess import default_normalisation
+
+    config = config or TrainConfig()
+    cases: list[LabelledCase] = []
+    names: list[str] = []
+    for path in data:
+        dataset = datasets.discover(path)
+        cases += _labelled(dataset, str(path))
+        names += [n for n in dataset.labels.foreground.values() if n not in names]
+        modality = modality or dataset.modality
+    cases, val_cases, _ = split_cases(cases, config.seed)
+    target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+    arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
+    modality = modality or "CT"
+    card = ModelCard(
+        architecture=architecture, arguments=arguments, in_channels=1,
+        out_channels=len(target), labels=target,
+        spacing=list(spacing) if spacing else _median_spacing(cases[:5]),
+        patch_size=list(patch_size), normalisation=default_normalisation(modality),
+        modality=modality, training_cases=[c.case.name for c in cases],
+        lineage=[{"strategy": "pretrain", "data": [str(p) for p in data],
+                  "steps": config.steps}],
+    )
+    plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
+                            lr=config.lr)
+    return run_job(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
+                   cancel_file)
