@@ -32,8 +32,8 @@ from TransferSegLib.checkpoint import ModelCard, save_model
 from TransferSegLib.datasets import Case, LabelTable
 from TransferSegLib.errors import InputError, ModelFileError, TransferSegError
 from TransferSegLib.files import atomic_output
+from TransferSegLib.losses import IGNORE  # target of padding voxels: not in the loss
 
-IGNORE = -1  # target value of voxels outside the scan (padding): not part of the loss
 Events = Callable[[dict], None]
 
 
