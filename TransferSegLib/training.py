@@ -417,7 +417,7 @@ def train(
             done = step + 1 - first_step
             if rank == 0 and (step % 10 == 0 or step + 1 == config.steps):
                 emit({"event": "step", "step": step + 1, "steps": config.steps,
-                      "loss": round(float(loss), 5), "lr": optimizer.param_groups[0]["lr"],
+                      "loss": round(loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
                       "patches_per_s": round(done * config.batch_size * world / elapsed, 2),
                       "eta_s": round(elapsed / done * (config.steps - step - 1), 1)})
 
@@ -631,6 +631,7 @@ def finetune(
     from TransferSegLib.checkpoint import load_model
 
     config = config or TrainConfig()
+    events = _rank_zero(events)
     dataset = datasets.discover(data)
     cases = _labelled(dataset, str(data))
     if val_data is not None:
@@ -662,13 +663,21 @@ def finetune(
     plan = transfer.prepare(
         strategy, card.architecture, card.arguments, base_model, base_card, target,
         in_channels, lr=config.lr, head_lr_factor=config.head_lr_factor,
-        freeze_depth=config.freeze_depth,
+        freeze_depth=config.freeze_depth if strategy in ("finetune", "two-stage") else None,
+        seed=config.seed,
     )
     if val_data is None and len(val_cases) and val_cases[0] is cases[0]:
         events({"event": "message", "message": "fewer than 3 labelled cases: validation "
                 "uses the training cases"})
     return run_job(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
                    cancel_file)
+
+
+def _rank_zero(events: Events) -> Events:
+    """``events`` for rank 0 only: other ranks of a torchrun job stay silent."""
+    from TransferSegLib import distributed
+
+    return events if distributed.rank() == 0 else (lambda event: None)
 
 
 def _target_card(base_card, target, dataset, in_channels, architecture, arguments, cases,
@@ -745,6 +754,6 @@ def pretrain(
                   "steps": config.steps}],
     )
     plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
-                            lr=config.lr)
+                            lr=config.lr, seed=config.seed)
     return run_job(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
                    cancel_file)

@@ -1,0 +1,220 @@
+"""The trainer: resume equals uninterrupted, cancel leaves a model, real Dice gains, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import real_sample
+from safetensors.torch import load_file
+
+from TransferSegLib import checkpoint, datasets, networks, training, volumes
+from TransferSegLib.cli import main
+from TransferSegLib.errors import InputError, TransferSegError
+
+ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}
+TINY = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
+
+
+def organ_dataset(folder: Path, sample: str = "totalseg_ct", keep=ORGANS) -> Path:
+    """A one-case CSV dataset from a real TotalSegmentator sample, reduced to a few organs."""
+    case = real_sample(sample)
+    folder.mkdir(parents=True, exist_ok=True)
+    label = volumes.read_label(case.label)
+    array = sitk.GetArrayFromImage(label)
+    array[~np.isin(array, list(keep))] = 0
+    reduced = sitk.GetImageFromArray(array)
+    reduced.CopyInformation(label)
+    volumes.write_image(reduced, folder / "label.nii.gz", overwrite=True)
+    (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in keep.items()}))
+    (folder / "cases.csv").write_text(f"image,label,name\n{case.image},label.nii.gz,{sample}\n")
+    return folder / "cases.csv"
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """An untrained tiny CT UNet model file with the organ labels, 6 mm voxels, 32^3 patches."""
+    torch.manual_seed(1)
+    arguments = networks.resolve_kwargs("unet", **TINY)
+    labels = {0: "background", **{i + 1: n for i, n in enumerate(ORGANS.values())}}
+    model = networks.build_network("unet", 1, len(labels), **arguments)
+    card = checkpoint.ModelCard(
+        architecture="unet", in_channels=1, out_channels=len(labels), arguments=arguments,
+        labels=labels, spacing=[6.0, 6.0, 6.0], patch_size=[32, 32, 32],
+        normalisation={"kind": "ct", "window": [-500.0, 400.0]}, modality="CT")
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    return checkpoint.save_model(path, model, card)
+
+
+def quick(**overrides) -> training.TrainConfig:
+    settings = dict(steps=6, batch_size=1, val_every=3, checkpoint_every=3, lr=3e-3, seed=7,
+                    device="cpu")
+    settings.update(overrides)
+    return training.TrainConfig(**settings)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, base_model):
+    data = organ_dataset(tmp_path / "data")
+    whole = training.finetune(base_model, data, tmp_path / "whole", "vanilla", quick())
+    assert whole.status == "done" and whole.steps == 6
+
+    cancel = tmp_path / "cancel"
+
+    def stop_after_first_checkpoint(event):
+        if event["event"] == "checkpoint" and event["step"] == 3:
+            cancel.touch()
+
+    cut = training.finetune(base_model, data, tmp_path / "cut", "vanilla", quick(),
+                            events=stop_after_first_checkpoint, cancel_file=cancel)
+    assert cut.status == "cancelled" and cut.steps == 4
+    cancel.unlink()
+    resumed = training.finetune(base_model, data, tmp_path / "cut", "vanilla", quick(),
+                                resume=True)
+    assert resumed.status == "done" and resumed.steps == 6
+    a, b = weights(tmp_path / "whole" / "last.safetensors"), weights(
+        tmp_path / "cut" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_cancel_leaves_a_loadable_model_and_progress_log(tmp_path, base_model):
+    data = organ_dataset(tmp_path / "data")
+    cancel = tmp_path / "cancel"
+    cancel.touch()
+    result = training.finetune(base_model, data, tmp_path / "run", "finetune", quick(),
+                               cancel_file=cancel)
+    assert result.status == "cancelled" and result.steps == 1
+    model, card = checkpoint.load_model(result.model)
+    assert card.labels[4] == "liver" and card.lineage[-1]["strategy"] == "finetune"
+    events = [json.loads(line) for line in open(tmp_path / "run" / "progress.jsonl")]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "cancelled"
+
+
+def test_short_training_beats_the_untrained_model_on_a_held_out_volume(tmp_path, base_model):
+    """Liver and spleen learnt on one real CT, scored on another real CT (the DICOM case)."""
+    from TransferSegLib import inference, metrics
+
+    data = organ_dataset(tmp_path / "data", keep={1: "spleen", 5: "liver"})
+    config = quick(steps=80, batch_size=2, val_every=80, checkpoint_every=80, lr=3e-3,
+                   foreground_ratio=0.8)
+    result = training.finetune(base_model, data, tmp_path / "run", "vanilla", config)
+    held_out = real_sample("totalseg_dicom")
+    image, truth = volumes.read_volume(held_out.image), volumes.read_label(held_out.label)
+
+    def liver_dice(path):
+        model, card = checkpoint.load_model(path)
+        label = inference.segment(model, card, image, device="cpu").label
+        return metrics.dice(sitk.GetArrayViewFromImage(label) == 5,
+                            sitk.GetArrayViewFromImage(truth) == 5)
+
+    untrained, trained = liver_dice(base_model), liver_dice(result.model)
+    assert trained > untrained + 0.3, (untrained, trained)
+
+
+def test_pretrain_with_partial_labels_marks_unannotated_classes(tmp_path):
+    spleen = organ_dataset(tmp_path / "a", keep={1: "spleen"})
+    liver = organ_dataset(tmp_path / "b", "totalseg_mr", keep={5: "liver"})
+    result = training.pretrain([spleen, liver], tmp_path / "base", quick(steps=2),
+                               architecture="unet", arguments=TINY, spacing=[6, 6, 6],
+                               patch_size=[32, 32, 32], modality="CT")
+    model, card = checkpoint.load_model(result.model)
+    assert card.labels == {0: "background", 1: "spleen", 2: "liver"}
+    a = datasets.discover(spleen)
+    prepared = training.prepare_case(a.cases[0], a.labels, card)
+    assert prepared.annotated.tolist() == [True, True, False]
+    assert set(np.unique(prepared.target)) <= {0, 1}
+
+
+def test_volume_smaller_than_the_patch_is_padded(tmp_path):
+    case = real_sample("pyradiomics_breast1")  # 45 x 120 x 21 voxels
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "labels.json").write_text(json.dumps({"1": "lesion"}))
+    (folder / "cases.csv").write_text(f"image,label\n{case.image},{case.label}\n")
+    result = training.finetune(None, folder / "cases.csv", tmp_path / "run", "scratch",
+                               quick(steps=2), architecture="unet")
+    model, card = checkpoint.load_model(result.model)
+    assert card.patch_size == [64, 64, 64] and card.labels[1] == "lesion"
+
+
+def test_bad_input_is_refused_clearly(tmp_path, base_model):
+    case = real_sample("pyradiomics_brain1")
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text(f"image\n{case.image}\n")
+    with pytest.raises(InputError, match="no labelled case"):
+        training.finetune(base_model, unlabelled, tmp_path / "run", "finetune", quick())
+    data = organ_dataset(tmp_path / "data")
+    with pytest.raises(InputError, match="needs a base model"):
+        training.finetune(None, data, tmp_path / "run", "finetune", quick())
+    with pytest.raises(InputError, match="not in dataset"):
+        training.finetune(base_model, data, tmp_path / "run", "finetune", quick(),
+                          labels=["pancreas"])
+    training.finetune(base_model, data, tmp_path / "done", "finetune", quick(steps=1))
+    with pytest.raises(TransferSegError, match="--resume"):
+        training.finetune(base_model, data, tmp_path / "done", "finetune", quick(steps=1))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / ".transferseg.lock").write_text("1")
+    with pytest.raises(TransferSegError, match="Another TransferSeg job"):
+        training.finetune(base_model, data, tmp_path / "busy", "finetune", quick(steps=1))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, base_model, monkeypatch):
+    data = organ_dataset(tmp_path / "data")
+    training.finetune(base_model, data, tmp_path / "run", "vanilla", quick(steps=3))
+    state = tmp_path / "run" / "state.safetensors"
+    before = state.read_bytes()
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "save_file", disk_full)
+    with pytest.raises(TransferSegError, match="No space left"):
+        training.finetune(base_model, data, tmp_path / "run", "vanilla", quick(steps=6),
+                          resume=True)
+    assert state.read_bytes() == before
+    assert not [p for p in (tmp_path / "run").iterdir() if ".partial-" in p.name]
+
+
+def test_cli_events_are_json_lines(tmp_path, base_model, capsys):
+    data = organ_dataset(tmp_path / "data")
+    code = main(["finetune", "--base", str(base_model), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--steps", "3", "--val-every", "3", "--batch-size", "1",
+                 "--events", "jsonl", "--device", "cpu"])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [e["event"] for e in events if e["event"] != "message"]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert any("validation uses the training cases" in e.get("message", "") for e in events)
+    assert "validation" in kinds and "step" in kinds
+    step = next(e for e in events if e["event"] == "step")
+    assert {"loss", "lr", "eta_s", "step", "steps"} <= set(step)
+
+
+def test_torchrun_with_two_gloo_processes_writes_one_model(tmp_path, base_model):
+    data = organ_dataset(tmp_path / "data")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_port=29533", "-m", "TransferSegLib", "finetune", "--base",
+               str(base_model), "--data", str(data), "--out", str(tmp_path / "ddp"),
+               "--steps", "4", "--val-every", "2", "--batch-size", "1", "--events", "jsonl",
+               "--device", "cpu", "--strategy", "vanilla"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events].count("start") == 1  # rank 0 only
+    assert next(e for e in events if e["event"] == "start")["world"] == 2
+    model, card = checkpoint.load_model(tmp_path / "ddp" / "model.safetensors")
+    assert card.labels[4] == "liver"
