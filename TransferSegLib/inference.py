@@ -11,7 +11,7 @@ probabilities are then resampled onto the input grid and the most likely label t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,17 +61,18 @@ def _stitch_device(device: torch.device, channels: int, shape: Sequence[int]) ->
     return device if need < free // 2 else torch.device("cpu")
 
 
-def predict_probabilities(
+def predict_logits(
     model: torch.nn.Module,
     array: np.ndarray,
     patch_size: Sequence[int],
     *,
     device: torch.device,
+    out_channels: int,
     overlap: float = 0.25,
     batch_size: int = 2,
     progress: bool = False,
-) -> np.ndarray:
-    """Softmax probabilities (C, Z, Y, X) float32 for a model-space array (in_C, Z, Y, X).
+) -> torch.Tensor:
+    """Blended network outputs (C, Z, Y, X) float32 on the CPU for an array (in_C, Z, Y, X).
 
     ``patch_size`` is in array order (Z, Y, X); volumes smaller than a patch are padded.
     """
@@ -79,20 +80,58 @@ def predict_probabilities(
 
     inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
     model = model.to(device).eval()
-    with torch.inference_mode():
-        probe = model(torch.zeros((1, inputs.shape[1], *patch_size), device=device))
-        channels = int(probe.shape[1])
-        stitch = _stitch_device(device, channels, inputs.shape[2:])
-        autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
-                    else contextlib.nullcontext())
-        with autocast:
-            logits = sliding_window_inference(
-                inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size, predictor=model,
-                overlap=overlap, mode="gaussian", sw_device=device, device=stitch,
-                progress=progress,
-            )
-        probabilities = torch.softmax(logits.float(), dim=1)[0]
-    return probabilities.cpu().numpy()
+    stitch = _stitch_device(device, out_channels, inputs.shape[2:])
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    # no_grad, not inference_mode: callers update the result in place (softmax_).
+    with torch.no_grad(), autocast:
+        logits = sliding_window_inference(
+            inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size, predictor=model,
+            overlap=overlap, mode="gaussian", sw_device=device, device=stitch,
+            progress=progress,
+        )
+    return logits[0].float().cpu()
+
+
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the channel axis (dim 0) computed in place: no second volume."""
+    logits -= logits.amax(dim=0, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim=0, keepdim=True)
+    return logits
+
+
+def predict_probabilities(
+    model: torch.nn.Module,
+    array: np.ndarray,
+    patch_size: Sequence[int],
+    *,
+    device: torch.device,
+    out_channels: int,
+    overlap: float = 0.25,
+    batch_size: int = 2,
+    progress: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities (C, Z, Y, X) float32 for a model-space array (in_C, Z, Y, X)."""
+    logits = predict_logits(model, array, patch_size, device=device, out_channels=out_channels,
+                            overlap=overlap, batch_size=batch_size, progress=progress)
+    return softmax_(logits).numpy()
+
+
+def argmax_channels(scores: Iterable[np.ndarray], count: int) -> np.ndarray:
+    """Index of the largest of ``count`` score volumes per voxel, as uint8 (uint16 past 255).
+
+    A running maximum over channels given one at a time (a generator may compute each on
+    demand): two volumes of memory instead of an int64 argmax over a stacked array.
+    """
+    scores = iter(scores)
+    best_value = np.array(next(scores), dtype=np.float32, copy=True)
+    best = np.zeros(best_value.shape, np.uint8 if count < 256 else np.uint16)
+    for index, score in enumerate(scores, start=1):
+        better = score > best_value
+        best[better] = index
+        np.maximum(best_value, score, out=best_value)
+    return best
 
 
 def segment(
@@ -124,51 +163,43 @@ def segment(
         array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
                                                 card.orientation)
         channels.append(array)
+    inputs = channels[0][None] if len(channels) == 1 else np.stack(channels)
+    del channels
     patch = tuple(int(v) for v in reversed(card.patch_size))  # card: (x, y, z)
     try:
-        probabilities = predict_probabilities(
-            model, np.stack(channels), patch, device=device, overlap=overlap,
-            batch_size=batch_size, progress=progress,
-        )
+        logits = predict_logits(model, inputs, patch, device=device,
+                                out_channels=card.out_channels, overlap=overlap,
+                                batch_size=batch_size, progress=progress)
     except torch.cuda.OutOfMemoryError:
         raise TransferSegError(
             f"The GPU ran out of memory segmenting a {' x '.join(map(str, grid.size))} volume "
             f"with patches of {card.patch_size}; use --batch-size 1 or --device cpu."
         ) from None
-    label_of_channel = np.array(
-        [int(card.label_values.get(card.labels[c], c)) for c in range(probabilities.shape[0])]
-    )
-    if grid.matches(volumes.Geometry.of(reference), tolerance=0):
-        best = probabilities.argmax(0)
-        on_input = probabilities if keep_probabilities else None
+    del inputs
+    same_grid = grid.matches(volumes.Geometry.of(reference), tolerance=0)
+    count, on_input = card.out_channels, None
+    if same_grid and not keep_probabilities:
+        best = argmax_channels(logits.numpy(), count)  # softmax keeps the order: skip it
     else:
-        best, on_input = _argmax_on_input(probabilities, grid, reference, keep_probabilities)
-    values = label_of_channel[best]
-    dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
-    label = sitk.GetImageFromArray(values.astype(dtype))
+        probabilities = softmax_(logits).numpy()
+        if not same_grid:
+            # Interpolate probabilities, not labels: boundaries keep sub-voxel positions.
+            back = (preprocess.probabilities_to_input(c[None], grid, reference)[0]
+                    for c in probabilities)
+            probabilities = np.stack(list(back)) if keep_probabilities else back
+        best = argmax_channels(probabilities, count)
+        on_input = probabilities if keep_probabilities else None
+        del probabilities
+    del logits
+    label_of_channel = np.array(
+        [int(card.label_values.get(card.labels[c], c)) for c in range(card.out_channels)]
+    )
+    dtype = np.uint8 if label_of_channel.max(initial=0) < 256 else np.uint16
+    label = sitk.GetImageFromArray(label_of_channel.astype(dtype)[best])
     label.CopyInformation(reference)
     table = {int(label_of_channel[c]): card.labels[c] for c in range(len(label_of_channel))
              if label_of_channel[c] != 0}
     return SegmentationResult(label, table, on_input)
-
-
-def _argmax_on_input(
-    probabilities: np.ndarray, grid: volumes.Geometry, reference: sitk.Image, keep: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Argmax of the probabilities resampled onto the input grid, one channel at a time."""
-    best = best_value = None
-    kept = []
-    for index, channel in enumerate(probabilities):
-        on_input = preprocess.probabilities_to_input(channel[None], grid, reference)[0]
-        if keep:
-            kept.append(on_input)
-        if best is None:
-            best, best_value = np.zeros(on_input.shape, np.int32), on_input
-        else:
-            better = on_input > best_value
-            best[better] = index
-            best_value = np.where(better, on_input, best_value)
-    return best, (np.stack(kept) if keep else None)
 
 
 def segment_file(

@@ -33,24 +33,30 @@ def default_normalisation(modality: str) -> dict:
     return {"kind": "zscore"}
 
 
-def normalise(array: np.ndarray, recipe: Mapping) -> np.ndarray:
+def normalise(array: np.ndarray, recipe: Mapping, in_place: bool = False) -> np.ndarray:
     """Intensities of ``array`` (any shape) normalised by ``recipe``; returns float32.
 
     Recipes: ``{"kind": "ct", "window": [lo, hi]}`` (HU clipped, mapped to [0, 1]);
     ``{"kind": "mr", "percentiles": [p_lo, p_hi]}`` (clipped to the volume's percentiles, then
-    zero mean and unit variance); ``{"kind": "zscore"}``; ``{"kind": "none"}``.
+    zero mean and unit variance); ``{"kind": "zscore"}``; ``{"kind": "none"}``. With
+    ``in_place`` a float32 ``array`` is overwritten instead of copied (saves memory).
     """
     kind = recipe.get("kind")
     data = np.asarray(array, dtype=np.float32)
+    if not (in_place and data is array):
+        data = data.copy()
     if kind == "ct":
         lo, hi = (float(v) for v in recipe.get("window", CT_WINDOW))
         if not hi > lo:
             raise InputError(f"CT window {lo}..{hi} is empty; the upper bound must be larger.")
-        return (np.clip(data, lo, hi) - lo) / (hi - lo)
+        np.clip(data, lo, hi, out=data)
+        data -= lo
+        data /= hi - lo
+        return data
     if kind == "mr":
         p_lo, p_hi = recipe.get("percentiles", MR_PERCENTILES)
         lo, hi = np.percentile(data, [float(p_lo), float(p_hi)])
-        data = np.clip(data, lo, hi)
+        np.clip(data, lo, hi, out=data)
         return _zscore(data)
     if kind == "zscore":
         return _zscore(data)
@@ -62,8 +68,11 @@ def normalise(array: np.ndarray, recipe: Mapping) -> np.ndarray:
 
 
 def _zscore(data: np.ndarray) -> np.ndarray:
-    std = float(data.std())
-    return ((data - float(data.mean())) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+    """``data`` (float32, owned by the caller) standardised in place."""
+    mean, std = float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
+    data -= mean
+    data /= std if std > 1e-8 else 1.0
+    return data
 
 
 def model_grid(image: sitk.Image, spacing: Sequence[float], orientation: str = "LPS") -> Geometry:
@@ -77,6 +86,10 @@ def model_grid(image: sitk.Image, spacing: Sequence[float], orientation: str = "
     new_spacing = np.array([float(s) for s in spacing])
     if new_spacing.shape != (3,) or np.any(new_spacing <= 0):
         raise InputError(f"Model spacing {list(spacing)} must be three positive numbers (mm).")
+    # A spacing equal but for float32 storage (NIfTI keeps 0.8 as 0.800000011920929) is the
+    # scan's own: keeping it exactly spares a resampling there and back.
+    same = np.isclose(new_spacing, old_spacing, rtol=1e-6, atol=0)
+    new_spacing = np.where(same, old_spacing, new_spacing)
     size = np.maximum(1, np.round(np.array(oriented.GetSize()) * old_spacing / new_spacing))
     return Geometry(
         tuple(int(v) for v in size),
@@ -120,12 +133,14 @@ def to_model_space(
     Linear interpolation for intensities; values outside the scan take its minimum.
     """
     grid = model_grid(image, spacing, orientation)
-    scan = sitk.Cast(image, sitk.sitkFloat32)
-    background = float(np.min(sitk.GetArrayViewFromImage(scan)))
-    resampled = resample(scan, grid, sitk.sitkLinear, background)
-    array = sitk.GetArrayFromImage(resampled)
+    if grid == Geometry.of(image):  # already in model space: no resampling, one copy
+        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    else:
+        scan = sitk.Cast(image, sitk.sitkFloat32)
+        background = float(np.min(sitk.GetArrayViewFromImage(scan)))
+        array = sitk.GetArrayFromImage(resample(scan, grid, sitk.sitkLinear, background))
     if normalisation is not None:
-        array = normalise(array, normalisation)
+        array = normalise(array, normalisation, in_place=True)
     return array, grid
 
 

@@ -306,14 +306,14 @@ def make_optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim
 def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelCard,
              device: torch.device, overlap: float) -> dict[str, float]:
     """Mean Dice per label name over ``cases`` (each label only where it is annotated)."""
-    from TransferSegLib.inference import predict_probabilities
+    from TransferSegLib.inference import argmax_channels, predict_logits
 
     patch = tuple(int(v) for v in reversed(card.patch_size))
     sums: dict[int, list[float]] = {}
     for case in cases:
-        probabilities = predict_probabilities(model, case.image, patch, device=device,
-                                              overlap=overlap)
-        prediction = probabilities.argmax(0)
+        logits = predict_logits(model, case.image, patch, device=device,
+                                out_channels=card.out_channels, overlap=overlap)
+        prediction = argmax_channels(logits.numpy(), card.out_channels)
         for channel in range(1, card.out_channels):
             if not case.annotated[channel]:
                 continue

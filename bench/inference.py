@@ -106,6 +106,7 @@ def run_worker(kind: str, spec: Path, run_name: str = "") -> dict:
     peak RSS. The child is reaped with ``os.wait4`` so its resource usage can be read."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec),
                "--run-name", run_name]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     output = child.stdout.read()
@@ -119,6 +120,8 @@ def run_worker(kind: str, spec: Path, run_name: str = "") -> dict:
         raise SystemExit(f"worker {kind} failed with exit status {child.returncode}")
     report = json.loads(lines[-1][len(RESULT_PREFIX):])
     report["process_wall_s"] = wall
+    report["cpu_s"] = usage.ru_utime + usage.ru_stime
+    report["load_before"] = load
     # Linux reports KiB, macOS bytes.
     report["peak_rss_mib"] = usage.ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
     return report
@@ -170,6 +173,7 @@ def summarise(runs: list[dict]) -> dict:
     summary = {
         "time_s": median("process_wall_s"),
         "work_s": median("work_s"),
+        "cpu_s": median("cpu_s"),
         "peak_rss_mib": round(max(run["peak_rss_mib"] for run in runs), 1),
         "vm_hwm_mib": round(max(run["vm_hwm_mib"] for run in runs), 1)
         if all(run.get("vm_hwm_mib") is not None for run in runs) else None,
@@ -193,12 +197,12 @@ def summarise(runs: list[dict]) -> dict:
 def print_table(result: dict) -> None:
     paths = result["paths"]
     gpu = paths["transferseg"]["gpu_peak_allocated_mib"] is not None
-    header = f"{'path':<12} {'wall s':>8} {'work s':>8} {'peak RSS MiB':>13}"
+    header = f"{'path':<12} {'wall s':>8} {'work s':>8} {'CPU s':>8} {'peak RSS MiB':>13}"
     header += f" {'GPU peak MiB':>13}" if gpu else ""
     print(header)
     for name in PATHS:
         row = paths[name]
-        line = (f"{name:<12} {row['time_s']:>8.1f} {row['work_s']:>8.1f} "
+        line = (f"{name:<12} {row['time_s']:>8.1f} {row['work_s']:>8.1f} {row['cpu_s']:>8.1f} "
                 f"{row['peak_rss_mib']:>13.0f}")
         line += f" {row['gpu_peak_allocated_mib']:>13.0f}" if gpu else ""
         print(line)
@@ -214,7 +218,7 @@ def print_table(result: dict) -> None:
 def write_atomically(path: Path, write) -> None:
     """Call ``write(temporary_path)``, then move the file into place in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # *.tmp: git-ignored
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -230,7 +234,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     paths = result["paths"]
-    panels = [("wall time (s)", "time_s"), ("peak RSS (MiB)", "peak_rss_mib")]
+    repeats = result["settings"]["repeats"]
+    panels = [(f"wall time (s), median of {repeats}" if repeats > 1 else "wall time (s)",
+               "time_s"), ("peak RSS (MiB)", "peak_rss_mib")]
     if paths["transferseg"]["gpu_peak_allocated_mib"] is not None:
         panels.append(("peak GPU memory allocated (MiB)", "gpu_peak_allocated_mib"))
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
@@ -266,8 +272,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         for name in PATHS if repeat % 2 == 0 else PATHS[::-1]:
             report = run_worker(name, spec, run_name=f"{name}-{repeat}")
             runs[name].append(report)
-            print(f"{name:<12} run {repeat + 1}: {report['process_wall_s']:.1f} s, "
-                  f"peak RSS {report['peak_rss_mib']:.0f} MiB", flush=True)
+            print(f"{name:<12} run {repeat + 1}: {report['process_wall_s']:.1f} s wall, "
+                  f"{report['cpu_s']:.1f} s CPU, peak RSS {report['peak_rss_mib']:.0f} MiB",
+                  flush=True)
     orchestrator_rss = max(orchestrator_rss, own_peak_rss_mib())
     if args.profile:  # separate runs: the profiler's overhead must not reach the timings
         for name in PATHS:
@@ -324,6 +331,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         "ratios": {
             "time_ratio": ratio(ts["time_s"], mo["time_s"]),
             "work_time_ratio": ratio(ts["work_s"], mo["work_s"]),
+            "cpu_time_ratio": ratio(ts["cpu_s"], mo["cpu_s"]),
             "peak_rss_ratio": ratio(ts["peak_rss_mib"], mo["peak_rss_mib"]),
             "gpu_peak_ratio": ratio(ts["gpu_peak_allocated_mib"], mo["gpu_peak_allocated_mib"]),
         },
@@ -332,7 +340,11 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         "definitions": {
             "time_s": "wall time of the child process, start to exit (interpreter, imports, "
                       "reading, inference, writing)",
-            "work_s": "the same without interpreter start and imports",
+            "work_s": "the same from the start of the timed call (imports made inside it "
+                      "count; the interpreter start and this file's own set-up do not)",
+            "cpu_s": "user + system CPU time of the child (os.wait4); steadier than wall time "
+                     "on a machine shared with other work",
+            "load_before": "1-minute load average just before the child started",
             "peak_rss_mib": "ru_maxrss of the child from os.wait4 (floor: the parent's peak, "
                             "orchestrator_peak_rss_mib)",
             "vm_hwm_mib": "VmHWM of the child's own address space, read by the child at its end",
@@ -375,7 +387,7 @@ def worker(args: argparse.Namespace) -> int:
         if args.run_name.endswith("-profile"):
             profile_to = Path(spec["profile_dir"]) / f"profile-{args.worker}.txt"
         report = measured(run, spec, workdir, args.run_name, profile_to)
-        report["startup_s"] = report.pop("work_start") - start
+        report["imports_s"] = report.pop("work_start") - start  # this file's own set-up
     print(RESULT_PREFIX + json.dumps(report), flush=True)
     return 0
 
@@ -488,7 +500,8 @@ def measured(run, spec: dict, workdir: Path, run_name: str, profile_to: Path | N
         profiler = cProfile.Profile()
         stages = profiler.runcall(run, spec, workdir, output)
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
         profile_to.parent.mkdir(parents=True, exist_ok=True)
         profile_to.write_text(text.getvalue())
     if cuda:
