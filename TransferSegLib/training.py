@@ -85,22 +85,34 @@ class PreparedCase:
         return self.image.nbytes + self.target.nbytes + self.foreground.nbytes
 
 
-def channel_map(card: ModelCard, table: LabelTable, source: str) -> dict[int, int]:
-    """Dataset label value -> model output channel, matched by label name."""
+def channel_map(card: ModelCard, table: LabelTable, source: str,
+                others_background: bool = False) -> dict[int, int]:
+    """Dataset label value -> model output channel, matched by label name.
+
+    Labels the model lacks are an error, or background with ``others_background`` (when the
+    user chose to learn a subset of the dataset's labels).
+    """
     channel_of = {name: channel for channel, name in card.labels.items()}
     mapping = {}
     for value, name in table.names.items():
-        if name not in channel_of:
+        if name not in channel_of and others_background:
+            mapping[value] = 0
+        elif name not in channel_of:
             raise InputError(
                 f"Label {name!r} (value {value}) of {source} is not among the model's labels "
                 f"({', '.join(card.labels.values())}); add it with --labels or rename it."
             )
-        mapping[value] = channel_of[name]
+        else:
+            mapping[value] = channel_of[name]
     return mapping
 
 
-def prepare_case(case: Case, table: LabelTable, card: ModelCard) -> PreparedCase:
-    """Read ``case``, take it to the model's space and map its labels to output channels."""
+def prepare_case(case: Case, table: LabelTable, card: ModelCard,
+                 others_background: bool = False) -> PreparedCase:
+    """Read ``case``, take it to the model's space and map its labels to output channels.
+
+    ``others_background``: labels the model does not have count as background.
+    """
     images, label = case.load(table)
     if len(images) != card.in_channels:
         raise InputError(
@@ -113,7 +125,7 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard) -> PreparedCase
                                                 card.orientation)
         arrays.append(array)
     values = preprocess.label_to_model_space(label, grid)
-    mapping = channel_map(card, table, str(case.label))
+    mapping = channel_map(card, table, str(case.label), others_background)
     lookup = np.zeros(int(values.max()) + 1, np.int16)
     for value, channel in mapping.items():
         if value < lookup.size:
@@ -124,6 +136,7 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard) -> PreparedCase
     annotated[0] = True
     for name in annotated_names:
         annotated[mapping[table.value(name)]] = True
+    annotated[0] = True
     drawn = annotated[target] & (target > 0)
     return PreparedCase(case.name, np.stack(arrays), target, annotated,
                         np.flatnonzero(drawn).astype(np.int64))
@@ -501,6 +514,7 @@ class LabelledCase:
 
     case: Case
     table: LabelTable
+    others_background: bool = False  # labels the model lacks are background (a chosen subset)
 
 
 def split_cases(cases: list, seed: int, fraction: float = 0.2) -> tuple[list, list, bool]:
@@ -576,9 +590,11 @@ def run_job(
         if overwrite and not resume and distributed.rank() == 0:
             for name in ("state.safetensors", "progress.jsonl"):
                 (out_dir / name).unlink(missing_ok=True)
-        cache = CaseCache(lambda i: prepare_case(cases[i].case, cases[i].table, card),
+        cache = CaseCache(lambda i: prepare_case(cases[i].case, cases[i].table, card,
+                                                 cases[i].others_background),
                           len(cases), config.cache_gb * 2**30)
-        validation = [prepare_case(c.case, c.table, card) for c in val_cases]
+        validation = [prepare_case(c.case, c.table, card, c.others_background)
+                      for c in val_cases]
         return train(plan, card, cache, validation, config, out_dir, events, resume,
                      cancel_file)
     finally:
@@ -644,6 +660,9 @@ def finetune(
         raise InputError(f"Labels {unknown} are not in dataset {data}; it has "
                          f"{list(dataset.labels.foreground.values())}.")
     target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+    if labels:  # a chosen subset: the dataset's other labels become background
+        for item in (*cases, *val_cases):
+            item.others_background = True
     if base is not None:
         base_model, base_card = load_model(base)
     elif strategy == "scratch" and architecture:
