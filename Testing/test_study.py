@@ -1,0 +1,59 @@
+"""Study bookkeeping: steps-to-Dice, the summary table and its plots, from known curves."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from TransferSegLib import study
+from TransferSegLib.errors import InputError
+
+
+def curve(*pairs):
+    return [{"step": s, "dice": d} for s, d in pairs]
+
+
+def test_steps_to_dice_finds_the_first_step_reaching_the_target():
+    history = curve((10, 0.2), (20, 0.5), (30, 0.45), (40, 0.7))
+    assert study.steps_to_dice(history, 0.5) == 20
+    assert study.steps_to_dice(history, 0.7) == 40
+    assert study.steps_to_dice(history, 0.9) is None
+
+
+def test_steps_ratio_compares_with_the_scratch_twin(tmp_path):
+    rows = [
+        {"strategy": "scratch", "n": 1, "seed": 0, "test_dice": 0.4, "steps": 40,
+         "seconds": 1.0, "cases": ["a"], "labels": {},
+         "history": curve((10, 0.1), (20, 0.3), (30, 0.5), (40, 0.6))},
+        {"strategy": "finetune", "n": 1, "seed": 0, "test_dice": 0.6, "steps": 40,
+         "seconds": 1.0, "cases": ["a"], "labels": {},
+         "history": curve((10, 0.6), (20, 0.7), (30, 0.7), (40, 0.8))},
+        {"strategy": "vanilla", "n": 1, "seed": 0, "test_dice": 0.3, "steps": 40,
+         "seconds": 1.0, "cases": ["a"], "labels": {},
+         "history": curve((10, 0.1), (20, 0.2), (30, 0.3), (40, 0.4))},
+    ]
+    study._add_steps_to_dice(rows)
+    assert [r["steps_to_scratch_dice"] for r in rows] == [40, 10, None]
+    assert [r["steps_ratio"] for r in rows] == [1.0, 4.0, None]
+    study.write_outputs(rows, tmp_path, ["scratch", "finetune", "vanilla"], [1])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| finetune | 1 | 0.6000 ± 0.0000 | +0.2000 | 4.00 |" in summary
+    assert "| vanilla | 1 | 0.3000 ± 0.0000 | -0.1000 | not reached |" in summary
+    assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 3
+    assert (tmp_path / "dice_vs_n.png").stat().st_size > 1000
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+
+
+def test_study_refuses_sizes_the_pool_cannot_give(tmp_path):
+    from conftest import real_sample
+
+    case = real_sample("pyradiomics_brain1")
+    (tmp_path / "labels.json").write_text('{"1": "tumour"}')
+    (tmp_path / "pool.csv").write_text(f"image,label\n{case.image},{case.label}\n")
+    with pytest.raises(InputError, match=r"sizes \[2\]"):
+        study.run_study(tmp_path / "pool.csv", tmp_path / "pool.csv", tmp_path / "out", None,
+                        ["scratch"], [1, 2])
+    with pytest.raises(InputError, match="scratch"):
+        study.run_study(tmp_path / "pool.csv", tmp_path / "pool.csv", tmp_path / "out", None,
+                        ["finetune"], [1])
