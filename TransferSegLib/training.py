@@ -13,6 +13,7 @@ bar): ``start``, ``step``, ``validation``, ``stage``, ``checkpoint``, ``done``, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -192,8 +193,8 @@ def sample_patch(
     return image, target
 
 
-def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
-    """Random flips on each axis, intensity scale and shift, Gaussian noise (MONAI transforms)."""
+@functools.lru_cache(maxsize=1)
+def _augmentations():
     from monai.transforms import (
         Compose,
         RandFlipd,
@@ -202,7 +203,7 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
         RandShiftIntensityd,
     )
 
-    transforms = Compose([
+    return Compose([
         RandFlipd(["image", "target"], prob=0.5, spatial_axis=0),
         RandFlipd(["image", "target"], prob=0.5, spatial_axis=1),
         RandFlipd(["image", "target"], prob=0.5, spatial_axis=2),
@@ -210,6 +211,15 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandGaussianNoised("image", prob=0.2, std=0.02),
     ])
+
+
+def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
+    """Random flips on each axis, intensity scale and shift, Gaussian noise (MONAI transforms).
+
+    The transforms are reseeded from ``rng`` on every call, so a step's augmentation depends
+    only on the step's seed (what makes resuming exact).
+    """
+    transforms = _augmentations()
     transforms.set_random_state(seed=int(rng.integers(2**31)))
     out = transforms({"image": image, "target": target[None]})
     return np.asarray(out["image"], np.float32), np.asarray(out["target"][0], np.int16)
