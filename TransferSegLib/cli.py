@@ -183,7 +183,7 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_every=args.val_every,
         patience=args.patience, seed=args.seed, device=args.device,
-        checkpoint_every=args.checkpoint_every, augment=not args.no_augment,
+        checkpoint_every=args.checkpoint_every, augment=not args.no_augment, mirror=args.mirror,
         head_lr_factor=getattr(args, "head_lr_factor", 10.0),
         freeze_depth=getattr(args, "freeze_depth", None), optimizer=args.optimizer,
     )
@@ -252,6 +252,8 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda")
     parser.add_argument("--no-augment", action="store_true", help="no data augmentation")
+    parser.add_argument("--mirror", action="store_true",
+                        help="also random flips (off by default: they swap left and right)")
     parser.add_argument("--events", choices=["bar", "jsonl"], default="bar",
                         help="progress bar, or JSON lines on stdout for programs")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")

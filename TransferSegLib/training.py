@@ -52,6 +52,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     foreground_ratio: float = 0.67  # share of patches centred on an annotated foreground voxel
     augment: bool = True
+    # Mirroring swaps left and right: with few cases it teaches the spleen where the liver is.
+    mirror: bool = False
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # mixed precision, CUDA only
@@ -73,17 +75,19 @@ class TrainConfig:
 @dataclass
 class PreparedCase:
     """A case in model space: image (C, Z, Y, X) float32, target (Z, Y, X) int16 of channel
-    indices, the channels annotated in it (bool, (out_channels,)), and its foreground voxels."""
+    indices, the channels annotated in it (bool, (out_channels,)), and its foreground voxels
+    per channel (flat indices), for class-balanced patch sampling."""
 
     name: str
     image: np.ndarray
     target: np.ndarray
     annotated: np.ndarray
-    foreground: np.ndarray  # flat indices of voxels holding an annotated foreground class
+    foreground: dict[int, np.ndarray]  # annotated channel -> flat indices of its voxels
 
     @property
     def nbytes(self) -> int:
-        return self.image.nbytes + self.target.nbytes + self.foreground.nbytes
+        return (self.image.nbytes + self.target.nbytes
+                + sum(v.nbytes for v in self.foreground.values()))
 
 
 def channel_map(card: ModelCard, table: LabelTable, source: str,
@@ -138,9 +142,9 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
     for name in annotated_names:
         annotated[mapping[table.value(name)]] = True
     annotated[0] = True
-    drawn = annotated[target] & (target > 0)
-    return PreparedCase(case.name, np.stack(arrays), target, annotated,
-                        np.flatnonzero(drawn).astype(np.int64))
+    foreground = {int(c): np.flatnonzero(target == c) for c in np.unique(target)
+                  if c > 0 and annotated[c]}
+    return PreparedCase(case.name, np.stack(arrays), target, annotated, foreground)
 
 
 class CaseCache:
@@ -169,13 +173,15 @@ def sample_patch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A patch (C, *patch) and its target (*patch) from ``case``; ``patch`` is (Z, Y, X).
 
-    Centred on a random annotated foreground voxel when ``foreground`` (and there is one),
-    else anywhere. Parts outside the volume are padded: image with its minimum, target IGNORE.
+    Centred near a voxel of a random annotated foreground class when ``foreground`` (classes
+    drawn with equal chance, so small organs are seen as often as large ones), else anywhere.
+    Parts outside the volume are padded: image with its minimum, target IGNORE.
     """
     shape = np.array(case.target.shape)
     size = np.array(patch)
-    if foreground and case.foreground.size:
-        centre = np.array(np.unravel_index(case.foreground[rng.integers(case.foreground.size)],
+    if foreground and case.foreground:
+        voxels = case.foreground[sorted(case.foreground)[rng.integers(len(case.foreground))]]
+        centre = np.array(np.unravel_index(voxels[rng.integers(voxels.size)],
                                            case.target.shape))
         start = centre - size // 2 + rng.integers(-(size // 4), size // 4 + 1)
     else:
@@ -416,7 +422,7 @@ def train(
                 image, target = sample_patch(case, patch, rng,
                                              rng.random() < config.foreground_ratio)
                 if config.augment:
-                    image, target = augment(image, target, rng)
+                    image, target = augment(image, target, rng, config.mirror)
                 images.append(image)
                 targets.append(target)
                 annotated.append(case.annotated)
