@@ -199,8 +199,8 @@ def sample_patch(
     return image, target
 
 
-@functools.lru_cache(maxsize=1)
-def _augmentations():
+@functools.lru_cache(maxsize=2)
+def _augmentations(mirror: bool):
     from monai.transforms import (
         Compose,
         RandFlipd,
@@ -209,23 +209,24 @@ def _augmentations():
         RandShiftIntensityd,
     )
 
+    flips = [RandFlipd(["image", "target"], prob=0.5, spatial_axis=axis) for axis in range(3)]
     return Compose([
-        RandFlipd(["image", "target"], prob=0.5, spatial_axis=0),
-        RandFlipd(["image", "target"], prob=0.5, spatial_axis=1),
-        RandFlipd(["image", "target"], prob=0.5, spatial_axis=2),
+        *(flips if mirror else []),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandGaussianNoised("image", prob=0.2, std=0.02),
     ])
 
 
-def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
-    """Random flips on each axis, intensity scale and shift, Gaussian noise (MONAI transforms).
+def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+            mirror: bool = False):
+    """Intensity scale and shift, Gaussian noise and, with ``mirror``, random flips on each
+    axis (MONAI transforms).
 
     The transforms are reseeded from ``rng`` on every call, so a step's augmentation depends
     only on the step's seed (what makes resuming exact).
     """
-    transforms = _augmentations()
+    transforms = _augmentations(mirror)
     transforms.set_random_state(seed=int(rng.integers(2**31)))
     out = transforms({"image": image, "target": target[None]})
     return np.asarray(out["image"], np.float32), np.asarray(out["target"][0], np.int16)
