@@ -218,3 +218,35 @@ def test_torchrun_with_two_gloo_processes_writes_one_model(tmp_path, base_model)
     assert next(e for e in events if e["event"] == "start")["world"] == 2
     model, card = checkpoint.load_model(tmp_path / "ddp" / "model.safetensors")
     assert card.labels[4] == "liver"
+
+
+def test_gpu_out_of_memory_advice_names_the_setting_to_change(base_model):
+    card = checkpoint.read_card(base_model)
+    text = training._out_of_memory(torch.device("cuda", 0), quick(batch_size=4), card)
+    assert "--batch-size 2" in text and "32 x 32 x 32" in text
+    text = training._out_of_memory(torch.device("cuda", 0), quick(batch_size=1), card)
+    assert "--patch 16 16 16" in text and "--device cpu" in text
+
+
+def test_base_with_one_input_channel_is_adapted_to_two(tmp_path, base_model):
+    case = real_sample("totalseg_ct")
+    folder = tmp_path / "Dataset001"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    label = volumes.read_label(case.label)
+    array = sitk.GetArrayFromImage(label)
+    array[array != 5] = 0
+    kept = sitk.GetImageFromArray((array > 0).astype(np.uint8))
+    kept.CopyInformation(label)
+    volumes.write_image(kept, folder / "labelsTr" / "ct.nii.gz")
+    for channel in (0, 1):
+        (folder / "imagesTr" / f"ct_{channel:04d}.nii.gz").symlink_to(case.image)
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT", "1": "CT"}, "labels": {"background": 0, "liver": 1},
+        "numTraining": 1, "file_ending": ".nii.gz"}))
+    reports = []
+    result = training.finetune(base_model, folder, tmp_path / "run", "vanilla", quick(steps=2),
+                               events=lambda e: reports.append(e.get("report", "")))
+    model, card = checkpoint.load_model(result.model)
+    assert card.in_channels == 2 and card.labels == {0: "background", 1: "liver"}
+    assert any("input channels" in text for text in reports), reports

@@ -435,10 +435,13 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(group["initial_lr"], step, config.steps)
             transfer.set_train_mode(model, plan)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(wrapped(x), y, mask)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            try:
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    loss = loss_fn(wrapped(x), y, mask)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            except torch.cuda.OutOfMemoryError:
+                raise TransferSegError(_out_of_memory(device, config, card)) from None
             scaler.step(optimizer)
             scaler.update()
             meta["step"] = step + 1
@@ -490,6 +493,18 @@ def train(
     distributed.barrier()
     return TrainResult(best, status, meta["step"], meta["best"], meta["history"],
                        time.perf_counter() - start_time)
+
+
+def _out_of_memory(device: torch.device, config: TrainConfig, card: ModelCard) -> str:
+    """What to change when a training step does not fit in GPU memory."""
+    patch = " x ".join(map(str, card.patch_size))
+    if config.batch_size > 1:
+        advice = f"use --batch-size {config.batch_size // 2}"
+    else:
+        smaller = " ".join(str(max(16, p // 2 // 16 * 16)) for p in card.patch_size)
+        advice = f"use a smaller patch (e.g. --patch {smaller} for a new model) or --device cpu"
+    return (f"The GPU ({device}) ran out of memory training on batches of {config.batch_size} "
+            f"patches of {patch} voxels; {advice}.")
 
 
 CONTINUE, STOP, UNFREEZE = 0, 1, 2
