@@ -2,12 +2,13 @@
 
 1. Fetch the pinned sample scans (once).
 2. Score TotalSegmentator's fast model against its reference labels (the metrics at work).
-3. Obtain a CT base model: pretrained on the DICOM sample CT's organs with partial labels
-   (liver, spleen and stomach left unannotated, so the base never learns them, not even as
-   background); cached in the data folder after the first run.
-4. Transfer it to a new target, those three organs, from ONE annotated volume (that CT), with
-   ``scratch``, ``finetune`` and ``vanilla`` at the same step budget, and score every run on a
-   held-out CT of another patient (the 3 mm abdominal sample) that no model has seen.
+3. Obtain a CT base model: pretrained on the organ-labelled sample CT (3 mm abdomen, 38
+   organs) with partial labels: liver, spleen and stomach are left unannotated, so the base
+   never learns them, not even as background. Cached in the data folder after the first run.
+4. Transfer it to a new target, those three organs, from ONE annotated volume (that CT, now
+   with the three organs drawn), with ``scratch``, ``finetune`` and ``vanilla`` at the same
+   step budget, and score every run on a held-out CT of another patient that no model has
+   seen (the DICOM sample, 0.98 x 0.98 x 2 mm).
 5. Print the Dice table, write the plots, and segment the held-out CT with the fine-tuned model
    as a Slicer segmentation.
 """
@@ -26,7 +27,7 @@ from TransferSegLib.training import TrainConfig
 
 TARGET = ("liver", "spleen", "stomach")
 BASE_ARGUMENTS = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1}
-BASE_FILE = "demo-ct-base-v1-{steps}steps.safetensors"  # bump v1 when the recipe changes
+BASE_FILE = "demo-ct-base-v2-{steps}steps.safetensors"  # bump v1 when the recipe changes
 
 
 def sample_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
@@ -64,7 +65,7 @@ def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
         log(f"base model: {path} (cached)")
         return path
     work = samples.data_dir() / "models" / "demo-base-training"
-    data = sample_dataset("totalseg_dicom", work / "data", hide=TARGET)
+    data = sample_dataset("totalseg_ct", work / "data", hide=TARGET)
     log(f"pretraining the CT base model ({steps} steps, once) ...")
     result = training.pretrain(
         [data], work / "run", TrainConfig(steps=steps, batch_size=2, val_every=steps,
@@ -102,8 +103,8 @@ def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
     base = base_model(base_steps, log)
 
     log("\n== 4. transfer to liver, spleen and stomach from one annotated CT")
-    pool = sample_dataset("totalseg_dicom", out / "data" / "train", keep=TARGET)
-    test = sample_dataset("totalseg_ct", out / "data" / "held_out", keep=TARGET)
+    pool = sample_dataset("totalseg_ct", out / "data" / "train", keep=TARGET)
+    test = sample_dataset("totalseg_dicom", out / "data" / "held_out", keep=TARGET)
     config = TrainConfig(steps=steps, batch_size=2, val_every=max(steps // 8, 1),
                          checkpoint_every=steps, lr=3e-3)
     rows = study.run_study(pool, test, out / "study", base, ("scratch", "finetune", "vanilla"),
@@ -115,7 +116,7 @@ def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
         log(f"{row['strategy']:<10} {row['test_dice']:7.4f} "
             + " ".join(f"{row['labels'].get(n, float('nan')):8.4f}" for n in TARGET))
     model, card = load_model(out / "study" / "runs" / "finetune_n1_s0" / "last.safetensors")
-    image = volumes.read_volume(samples.require_sample("totalseg_ct").image)
+    image = volumes.read_volume(samples.require_sample("totalseg_dicom").image)
     result = inference.segment(model, card, image)
     segmentation = volumes.Segmentation.from_label_map(result.label, result.labels)
     volumes.write_segmentation(segmentation, out / "held_out_finetune.seg.nrrd", overwrite=True)
