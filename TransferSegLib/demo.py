@@ -56,6 +56,26 @@ def sample_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
     return folder / "cases.csv"
 
 
+class ProgressBar:
+    """A terminal progress bar fed by training events (one bar per training run)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        from tqdm import tqdm
+
+        if event["event"] == "start":
+            self.bar = tqdm(total=event["steps"], unit="step", leave=False, dynamic_ncols=True)
+        elif event["event"] == "step" and self.bar is not None:
+            self.bar.n = event["step"]
+            self.bar.set_postfix(loss=f"{event['loss']:.3f}")
+            self.bar.refresh()
+        elif event["event"] in ("done", "cancelled") and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
     """The demo's CT base model, trained once and cached in the data folder."""
     from TransferSegLib import training
@@ -71,7 +91,7 @@ def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
         [data], work / "run", TrainConfig(steps=steps, batch_size=2, val_every=steps,
                                           checkpoint_every=steps, lr=3e-3),
         arguments=BASE_ARGUMENTS, spacing=[4.0, 4.0, 4.0], patch_size=[48, 48, 48],
-        modality="CT", overwrite=True,
+        modality="CT", overwrite=True, events=ProgressBar(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     Path(result.model).replace(path)
@@ -108,7 +128,7 @@ def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
     config = TrainConfig(steps=steps, batch_size=2, val_every=max(steps // 8, 1),
                          checkpoint_every=steps, lr=3e-3)
     rows = study.run_study(pool, test, out / "study", base, ("scratch", "finetune", "vanilla"),
-                           (1,), (0,), config, log=log)
+                           (1,), (0,), config, log=log, events=ProgressBar())
 
     log("\n== 5. results (Dice on the held-out CT, final model of each run)")
     log(f"{'strategy':<10} {'mean':>7} " + " ".join(f"{n:>8}" for n in TARGET))

@@ -86,8 +86,12 @@ def run_study(
     labels: Sequence[str] | None = None,
     architecture: str = "unet",
     log: Callable[[str], None] = print,
+    events: Callable[[dict], None] = lambda event: None,
 ) -> list[dict]:
-    """Train every (strategy, size, seed) and score it on ``test``; write the study folder."""
+    """Train every (strategy, size, seed) and score it on ``test``; write the study folder.
+
+    ``events`` receives every run's training events (for a progress bar).
+    """
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     pool_set, test_set = datasets.discover(pool), datasets.discover(test)
@@ -117,7 +121,7 @@ def run_study(
                 result = finetune(
                     base if strategy != "scratch" or base else None, train_csv, run_dir,
                     strategy, replace(config, seed=seed, patience=0), val_data=test_csv,
-                    labels=names, architecture=architecture, overwrite=True,
+                    labels=names, architecture=architecture, overwrite=True, events=events,
                 )
                 last = run_dir / "last.safetensors"
                 scores = test_dice(last, test_set.labelled(), test_set.labels, names,
