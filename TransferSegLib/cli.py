@@ -151,7 +151,8 @@ class EventPrinter:
             from tqdm import tqdm
 
             if self.bar is None:
-                self.bar = tqdm(total=event["steps"], unit="step", dynamic_ncols=True)
+                self.bar = tqdm(total=event["steps"], unit="step", dynamic_ncols=True,
+                                disable=not sys.stderr.isatty())
             self.bar.n = event["step"]
             self.bar.set_postfix(loss=f"{event['loss']:.4f}")
             self.bar.refresh()

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -67,7 +68,8 @@ class ProgressBar:
         from tqdm import tqdm
 
         if event["event"] == "start":
-            self.bar = tqdm(total=event["steps"], unit="step", leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=event["steps"], unit="step", leave=False, dynamic_ncols=True,
+                            disable=not sys.stderr.isatty())  # no bar in logs
         elif event["event"] == "step" and self.bar is not None:
             self.bar.n = event["step"]
             self.bar.set_postfix(loss=f"{event['loss']:.3f}")
