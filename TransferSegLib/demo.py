@@ -3,7 +3,7 @@
 1. Fetch the pinned sample scans (once).
 2. Score TotalSegmentator's fast model against its reference labels (the metrics at work).
 3. Obtain a CT base model: pretrained on the organ-labelled sample CT (3 mm abdomen, its
-   structures of 20 mL or more) with partial labels: liver, spleen and stomach are left
+   structures of 50 mL or more) with partial labels: liver, spleen and stomach are left
    unannotated, so the base never learns them, not even as background. Cached in the data
    folder after the first run.
 4. Transfer it to a new target, those three organs, from ONE annotated volume (that CT, now
@@ -29,7 +29,7 @@ from TransferSegLib.training import TrainConfig
 
 TARGET = ("liver", "spleen", "stomach")
 BASE_ARGUMENTS = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1}
-BASE_FILE = "demo-ct-base-v2-{steps}steps.safetensors"  # bump v1 when the recipe changes
+BASE_FILE = "demo-ct-base-v3-{steps}steps.safetensors"  # bump v1 when the recipe changes
 
 
 def sample_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
@@ -88,11 +88,12 @@ def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
         log(f"base model: {path} (cached)")
         return path
     work = samples.data_dir() / "models" / "demo-base-training"
-    # The sample's structures of 20 mL or more: fewer output channels keep the CPU run short.
+    # The sample's structures of 50 mL or more: MONAI's UNet runs its last layers at the
+    # width of the output channels and full resolution, so fewer labels keep the CPU run short.
     case = samples.require_sample("totalseg_ct")
     sizes = np.bincount(sitk.GetArrayFromImage(volumes.read_label(case.label)).ravel())
     voxel_ml = float(np.prod(case.spacing)) / 1000
-    keep = [n for v, n in case.labels.items() if sizes[v] * voxel_ml >= 20 or n in TARGET]
+    keep = [n for v, n in case.labels.items() if sizes[v] * voxel_ml >= 50 or n in TARGET]
     data = sample_dataset("totalseg_ct", work / "data", keep=keep, hide=TARGET)
     log(f"pretraining the CT base model ({steps} steps, once) ...")
     result = training.pretrain(
