@@ -250,3 +250,18 @@ def test_base_with_one_input_channel_is_adapted_to_two(tmp_path, base_model):
     model, card = checkpoint.load_model(result.model)
     assert card.in_channels == 2 and card.labels == {0: "background", 1: "liver"}
     assert any("input channels" in text for text in reports), reports
+
+
+def test_cross_modality_transfer_takes_the_data_normalisation(tmp_path, base_model):
+    case = real_sample("pyradiomics_brain1")
+    (tmp_path / "labels.json").write_text(json.dumps({"1": "tumour"}))
+    (tmp_path / "cases.csv").write_text(
+        f"image,label,modality\n{case.image},{case.label},MR\n")
+    messages = []
+    result = training.finetune(base_model, tmp_path / "cases.csv", tmp_path / "run", "vanilla",
+                               quick(steps=2), events=lambda e: messages.append(
+                                   e.get("message", "")))
+    card = checkpoint.read_card(result.model)
+    assert card.modality == "MR" and card.normalisation["kind"] == "mr"
+    assert any("cross-modality" in m for m in messages)
+    assert card.labels == {0: "background", 1: "tumour"}

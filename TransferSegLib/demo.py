@@ -54,7 +54,8 @@ def sample_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
     (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in table.items()}))
     annotated = ";".join(n for n in table.values() if n not in hide)
     (folder / "cases.csv").write_text(
-        f"image,label,name,annotated\n{case.image},label.nii.gz,{name},{annotated}\n")
+        "image,label,name,annotated,modality\n"
+        f"{case.image},label.nii.gz,{name},{annotated},{case.modality}\n")
     return folder / "cases.csv"
 
 

@@ -706,6 +706,10 @@ def finetune(
                         cases, strategy, base, config)
     spacing = _median_spacing(cases[:5])
     ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
+    if card.modality != (base_card.modality if base_card else card.modality):
+        events({"event": "message", "message": (
+            f"cross-modality transfer ({base_card.modality} base, {card.modality} data): "
+            f"intensities normalised as {card.normalisation['kind']}")})
     if ratio > 2 or ratio < 0.5:
         events({"event": "message", "message": (
             f"the data's voxels ({' x '.join(f'{s:.2g}' for s in spacing)} mm) differ from "
@@ -731,6 +735,13 @@ def _rank_zero(events: Events) -> Events:
     return events if distributed.rank() == 0 else (lambda event: None)
 
 
+def _modality(name: str) -> str:
+    """'CT', 'MR' or '' (unknown), from the many spellings datasets use."""
+    name = (name or "").strip().upper()
+    return "MR" if name.startswith("MR") or name in ("T1", "T2", "FLAIR", "T1W", "T2W") \
+        else "CT" if name.startswith("CT") else name
+
+
 def _target_card(base_card, target, dataset, in_channels, architecture, arguments, cases,
                  strategy, base, config) -> ModelCard:
     from TransferSegLib import networks
@@ -743,6 +754,11 @@ def _target_card(base_card, target, dataset, in_channels, architecture, argument
         data.update(labels=target, out_channels=len(target), label_values=label_values,
                     in_channels=in_channels, metrics={}, created=ModelCard.__dataclass_fields__[
                         "created"].default_factory())
+        if _modality(dataset.modality) and _modality(dataset.modality) != _modality(
+                base_card.modality):
+            # Cross-modality transfer: the data's intensities follow their own recipe.
+            data.update(modality=_modality(dataset.modality),
+                        normalisation=default_normalisation(_modality(dataset.modality)))
         lineage = list(base_card.lineage)
     else:
         modality = dataset.modality or "CT"
