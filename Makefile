@@ -33,6 +33,8 @@ test: data
 
 bench: data
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/training.py
+	$(BIN)/python bench/transfer.py
 
 lint: setup
 	$(BIN)/ruff check TransferSegLib Testing bench
