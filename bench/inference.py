@@ -31,15 +31,24 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
+
+from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    cpu_model,
+    memory_gib,
+    own_peak_rss_mib,
+    ratio,
+    resolved_device,
+    version,
+    vm_hwm_mib,
+    write_atomically,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("transferseg", "monai")
@@ -127,44 +136,6 @@ def run_worker(kind: str, spec: Path, run_name: str = "") -> dict:
     return report
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def own_peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (MIB if sys.platform == "darwin" else 1024)
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return round(numerator / denominator, 3)
-
-
 def summarise(runs: list[dict]) -> dict:
     """Median times and the largest peaks over the repeats of one path."""
     def median(key: str) -> float:
@@ -213,18 +184,6 @@ def print_table(result: dict) -> None:
           + ", ".join(f"{k} {v}" for k, v in result["ratios"].items() if v is not None))
     if result.get("agreement") is not None:
         print(f"label maps agree on {100 * result['agreement']:.4f} % of voxels")
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then move the file into place in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # *.tmp: git-ignored
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def plot(result: dict, path: Path) -> None:
@@ -392,14 +351,6 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolved_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def prepare(spec: dict, workdir: Path) -> dict:
     """Write the synthetic scan and a fixed-seed random UNet as a TransferSeg model file."""
     import SimpleITK as sitk
@@ -517,16 +468,6 @@ def measured(run, spec: dict, workdir: Path, run_name: str, profile_to: Path | N
         report["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
         report["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
     return report
-
-
-def vm_hwm_mib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:

@@ -37,15 +37,24 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
+
+from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    cpu_model,
+    memory_gib,
+    own_peak_rss_mib,
+    ratio,
+    resolved_device,
+    version,
+    vm_hwm_mib,
+    write_atomically,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("transferseg", "monai")
@@ -68,7 +77,7 @@ DEFAULT_REPEATS, QUICK_REPEATS = 3, 1
 BATCH_SIZE = 2
 LR, WEIGHT_DECAY = 1e-3, 1e-5
 CT_WINDOW = (-1000.0, 1000.0)
-MONAI_WORKERS = 2  # the tutorials use 4 or 8 loader workers; this machine class has 2 cores
+MONAI_WORKERS = 2  # MONAI's tutorials use 4 to 8 loader workers; 2 suits a 2-core machine
 SEED = 0
 # A run during which other processes kept more than this many cores busy on average is marked
 # disturbed: torch's threads then wait for each other and step times grow many fold.
@@ -169,42 +178,12 @@ def busy_cpu_s() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def own_peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (MIB if sys.platform == "darwin" else 1024)
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return round(numerator / denominator, 3)
+def cores_busy(seconds: float) -> float | None:
+    """How many cores all processes kept busy, on average, over the next ``seconds``."""
+    before = busy_cpu_s()
+    time.sleep(seconds)
+    after = busy_cpu_s()
+    return None if before is None or after is None else round((after - before) / seconds, 2)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -263,24 +242,13 @@ def print_table(result: dict) -> None:
               f"({', '.join(disturbed)}); run again on a quiet machine for numbers to quote")
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then move the file into place in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # *.tmp: git-ignored
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def plot(result: dict, path: Path) -> None:
     """Bars of throughput, wall time and memory; then each run's step times."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     paths = result["paths"]
     settings = result["settings"]
@@ -306,6 +274,9 @@ def plot(result: dict, path: Path) -> None:
                        label=name if number == 0 else None)
     trace.axvspan(0.5, settings["warmup"] + 0.5, color="0.9", label="warm-up (not timed)")
     trace.set_yscale("log")  # a disturbed run's steps can be many times slower
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    trace.yaxis.set_major_formatter(plain)
+    trace.yaxis.set_minor_formatter(plain)
     trace.set_xlabel("step")
     trace.set_ylabel("seconds")
     trace.set_title("time per optimiser step (dashed: disturbed run)", fontsize=9)
@@ -348,11 +319,11 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
         "workdir": str(workdir), "profile_dir": str(args.results) if args.profile else None,
         "profile_stem": f"profile-{stem}",
     }))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    if load is not None and load > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: the machine is busy (load average {load:.1f} on {os.cpu_count()} "
-              "cores); with torch's threads competing for cores, step times can grow many "
-              "fold", flush=True)
+    busy_at_start = cores_busy(1.0)
+    if busy_at_start is not None and busy_at_start > DISTURBED_CORES:
+        print(f"warning: other work keeps {busy_at_start:.1f} of {os.cpu_count()} cores busy; "
+              "with torch's threads competing for cores, step times can grow many fold",
+              flush=True)
     print(f"preparing the {SAMPLE} dataset in {workdir}", flush=True)
     prepared = run_worker("prepare", spec)
     orchestrator_rss = own_peak_rss_mib()
@@ -430,9 +401,10 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
             "differences": [
                 "learning rate: transferseg decays it (poly 0.9), the MONAI loop keeps it",
                 augmentation_difference(config),
-                "patch centres: transferseg centres 2/3 of its patches near a voxel of an organ "
-                "drawn with equal chance per organ, the rest anywhere; RandCropByPosNegLabeld "
-                "(pos 2, neg 1) near any organ voxel or any voxel above -1000 HU",
+                f"patch centres: transferseg centres {config['foreground_ratio']:.0%} of its "
+                "patches near a voxel of an organ (organs drawn with equal chance), the rest "
+                "anywhere; RandCropByPosNegLabeld (pos 2, neg 1) near any organ voxel or any "
+                "voxel above -1000 HU",
                 "padding: transferseg pads patches beyond the scan with an ignored target, "
                 "the MONAI loop (SpatialPadd) with background",
                 "after the last step transferseg validates (sliding window over the case) and "
@@ -453,7 +425,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
             "gpu_peak_ratio": ratio(ts["gpu_peak_allocated_mib"], mo["gpu_peak_allocated_mib"]),
         },
         "orchestrator_peak_rss_mib": round(orchestrator_rss, 1),
-        "load_at_start": load,
+        "other_cores_at_start": busy_at_start,
         "disturbed_runs": [run["run"] for name in PATHS for run in runs[name]
                            if run.get("disturbed")],
         "definitions": {
@@ -477,7 +449,9 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
             "time_s": "wall time of the child process, start to exit",
             "cpu_s": "user + system CPU time of the child and its loader workers (os.wait4)",
             "load_before": "1-minute load average just before the child started (the "
-                           "previous child's work counts in it; load_at_start does not)",
+                           "previous child's work counts in it)",
+            "other_cores_at_start": "cores kept busy by other work in the second before the "
+                                    "first child",
             "other_cores": "cores kept busy by other processes while the child ran, on "
                            "average (/proc/stat minus the child's CPU time)",
             "disturbed": f"other_cores > {DISTURBED_CORES}: the timings of that run are not "
@@ -487,6 +461,8 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
             "peak_rss_mib": "ru_maxrss of the child from os.wait4: the largest single process "
                             "(loader workers included), floor: orchestrator_peak_rss_mib",
             "vm_hwm_mib": "VmHWM of the child's own address space, read by the child at its end",
+            "vm_hwm_steps_mib": "the same, read at the end of the last step (before "
+                                "transferseg's validation and model files)",
             "gpu_peak_allocated_mib": "torch.cuda.max_memory_allocated() in the child",
             "loss_first, loss_last": "the loss at the first and the last step (a check that "
                                      "both paths learn the same task)",
@@ -530,14 +506,6 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolved_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def prepare(spec: dict, workdir: Path) -> dict:
     """Write the dataset both paths read: the sample's scan, its label map reduced to
     ``ORGANS`` (values = output channels), ``labels.json`` and ``cases.csv``; and, for a patch
@@ -567,6 +535,9 @@ def prepare(spec: dict, workdir: Path) -> dict:
     (workdir / "cases.csv").write_text(f"image,label,name\n{sample.image},label.nii.gz,{SAMPLE}\n")
     spacing = [float(v) for v in label.GetSpacing()]
 
+    if networks.resolve_kwargs("unet", **ARGUMENTS) != NETWORK:
+        raise SystemExit("NETWORK no longer matches TransferSeg's UNet defaults: "
+                         f"{networks.resolve_kwargs('unet', **ARGUMENTS)}")
     torch.manual_seed(SEED)
     model = networks.build_network("unet", 1, len(ORGANS) + 1, **ARGUMENTS)
     if list(spec["patch"]) == CARD_PATCH:
@@ -660,16 +631,6 @@ def step_statistics(clock: dict, spec: dict, work_start: float, work_end: float)
     }
 
 
-def vm_hwm_mib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:
     """The product trainer, called as the CLI's ``transferseg finetune --strategy scratch``
     calls it. Validation and checkpoints are set beyond the last step (the trainer still
@@ -712,17 +673,22 @@ def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:
     config = training.TrainConfig(
         steps=total, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, optimizer="adamw",
         val_every=total + 1, checkpoint_every=total + 1, seed=SEED, device=spec["device"])
+    hwm_at_end_of_steps = []
+
+    def record(event: dict) -> None:
+        events.append((time.perf_counter(), event))
+        if event["event"] == "step" and event["step"] == total:
+            hwm_at_end_of_steps.append(vm_hwm_mib())
+
     base = workdir / "base.safetensors"
     training.sample_patch, training.augment = timed_sample_patch, timed_augment
     try:
         if base.exists():
             training.finetune(base, workdir / "cases.csv", output, "scratch", config,
-                              events=lambda e: events.append((time.perf_counter(), e)),
-                              overwrite=True)
+                              events=record, overwrite=True)
         else:
             training.finetune(None, workdir / "cases.csv", output, "scratch", config,
-                              architecture="unet", arguments=dict(ARGUMENTS),
-                              events=lambda e: events.append((time.perf_counter(), e)),
+                              architecture="unet", arguments=dict(ARGUMENTS), events=record,
                               overwrite=True)
     finally:
         training.sample_patch, training.augment = originals["sample_patch"], originals["augment"]
@@ -743,6 +709,7 @@ def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:
         "loss_last": steps[-1][1]["loss"],
         "patches_per_s_events": by_events,
         "trainer_patches_per_s": steps[-1][1]["patches_per_s"],
+        "vm_hwm_steps_mib": hwm_at_end_of_steps[0],
         "threads": torch.get_num_threads(),
         "model_file_mib": model.stat().st_size / MIB if model.exists() else None,
         "config": asdict(config),
@@ -826,6 +793,7 @@ def monai_path(spec: dict, workdir: Path, output: Path) -> dict:
         scaler.update()
         losses.append(loss.item())
     end = time.perf_counter()
+    hwm_at_end_of_steps = vm_hwm_mib()
     del batches  # joins the loader's workers, so their usage reaches this process's rusage
     torch.save(model.state_dict(), output.with_suffix(".pt"))
     return {
@@ -834,6 +802,7 @@ def monai_path(spec: dict, workdir: Path, output: Path) -> dict:
         "end": end,
         "loss_first": round(losses[0], 5),
         "loss_last": round(losses[-1], 5),
+        "vm_hwm_steps_mib": hwm_at_end_of_steps,
         "threads": torch.get_num_threads(),
         "patch_shape": list(inputs.shape[2:]),
     }
