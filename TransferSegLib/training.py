@@ -625,7 +625,10 @@ def run_job(
         cache = CaseCache(lambda i: prepare_case(cases[i].case, cases[i].table, card,
                                                  cases[i].others_background),
                           len(cases), config.cache_gb * 2**30)
-        validation = [prepare_case(c.case, c.table, card, c.others_background)
+        # Validating on the training cases (fewer than 3): reuse their prepared arrays.
+        index_of = {id(c): i for i, c in enumerate(cases)}
+        validation = [cache[index_of[id(c)]] if id(c) in index_of else
+                      prepare_case(c.case, c.table, card, c.others_background)
                       for c in val_cases]
         return train(plan, card, cache, validation, config, out_dir, events, resume,
                      cancel_file)
