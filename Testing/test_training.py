@@ -265,3 +265,15 @@ def test_cross_modality_transfer_takes_the_data_normalisation(tmp_path, base_mod
     assert card.modality == "MR" and card.normalisation["kind"] == "mr"
     assert any("cross-modality" in m for m in messages)
     assert card.labels == {0: "background", 1: "tumour"}
+
+
+def test_two_stage_unfreezes_everything_on_a_plateau(tmp_path, base_model):
+    data = organ_dataset(tmp_path / "data")
+    events = []
+    # lr 1e-12: validation Dice cannot improve, so the second stage starts after one round.
+    result = training.finetune(base_model, data, tmp_path / "run", "two-stage",
+                               quick(steps=4, val_every=1, patience=1, lr=1e-12),
+                               events=events.append)
+    stages = [e for e in events if e["event"] == "stage"]
+    assert len(stages) == 1 and stages[0]["step"] == 2 and stages[0]["stage"] == 2
+    assert result.status == "stopped early" and result.steps == 3

@@ -20,7 +20,7 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -683,6 +683,10 @@ def finetune(
 
     config = config or TrainConfig()
     events = _rank_zero(events)
+    if strategy == "two-stage" and not config.patience:
+        config = replace(config, patience=2)  # the second stage starts on a plateau
+        events({"event": "message", "message": "two-stage: unfreezing after 2 validations "
+                "without improvement (set --patience to change)"})
     dataset = datasets.discover(data)
     cases = _labelled(dataset, str(data))
     if val_data is not None:
