@@ -190,39 +190,43 @@ def _train_config(args: argparse.Namespace):
     )
 
 
-def _finetune(args: argparse.Namespace) -> int:
-    from TransferSegLib import distributed, training
+def _in_process_group(run) -> int:
+    """Run a training call, joined to torchrun's process group when started by it."""
+    from TransferSegLib import distributed
 
     distributed.init()
     try:
-        result = training.finetune(
-            Path(args.base) if args.base else None, Path(args.data), Path(args.out),
-            args.strategy, _train_config(args), val_data=Path(args.val) if args.val else None,
-            labels=args.labels.split(",") if args.labels else None,
-            architecture=args.architecture, events=EventPrinter(args.events),
-            resume=args.resume, overwrite=args.overwrite,
-            cancel_file=Path(args.cancel_file) if args.cancel_file else None,
-        )
+        result = run()
     finally:
         distributed.shutdown()
     return 0 if result.status != "cancelled" else EXIT_CANCELLED
+
+
+def _cancel_file(args: argparse.Namespace) -> Path | None:
+    return Path(args.cancel_file) if args.cancel_file else None
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from TransferSegLib import training
+
+    return _in_process_group(lambda: training.finetune(
+        Path(args.base) if args.base else None, Path(args.data), Path(args.out),
+        args.strategy, _train_config(args), val_data=Path(args.val) if args.val else None,
+        labels=args.labels.split(",") if args.labels else None,
+        architecture=args.architecture, events=EventPrinter(args.events),
+        resume=args.resume, overwrite=args.overwrite, cancel_file=_cancel_file(args),
+    ))
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from TransferSegLib import distributed, training
+    from TransferSegLib import training
 
-    distributed.init()
-    try:
-        result = training.pretrain(
-            [Path(p) for p in args.data], Path(args.out), _train_config(args),
-            architecture=args.architecture, spacing=args.spacing, patch_size=args.patch,
-            modality=args.modality, events=EventPrinter(args.events), resume=args.resume,
-            overwrite=args.overwrite,
-            cancel_file=Path(args.cancel_file) if args.cancel_file else None,
-        )
-    finally:
-        distributed.shutdown()
-    return 0 if result.status != "cancelled" else EXIT_CANCELLED
+    return _in_process_group(lambda: training.pretrain(
+        [Path(p) for p in args.data], Path(args.out), _train_config(args),
+        architecture=args.architecture, spacing=args.spacing, patch_size=args.patch,
+        modality=args.modality, events=EventPrinter(args.events), resume=args.resume,
+        overwrite=args.overwrite, cancel_file=_cancel_file(args),
+    ))
 
 
 def _study(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from TransferSegLib import preprocess, volumes
 from TransferSegLib.errors import InputError, TransferSegError
+from TransferSegLib.files import refuse_existing
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -225,10 +226,7 @@ def segment_file(
     outputs = [Path(output)] + ([Path(probabilities_output)] if probabilities_output else [])
     for path in outputs:
         volumes.image_format(path)
-        if not overwrite and path.exists():
-            from TransferSegLib.files import refuse_existing
-
-            refuse_existing(path, overwrite)
+        refuse_existing(path, overwrite)
         if any(Path(path).resolve() == Path(p).resolve() for p in paths):
             raise InputError(f"Output {path} is also an input; choose another output name.")
     images = [volumes.read_volume(path) for path in paths]

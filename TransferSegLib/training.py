@@ -648,11 +648,10 @@ def _labelled(dataset, source: str) -> list[LabelledCase]:
 
 
 def _median_spacing(cases: list[LabelledCase]) -> list[float]:
-    spacings = []
-    for item in cases:
-        from TransferSegLib.volumes import read_volume
+    """Median voxel size (mm, x y z) of the cases' first image channel."""
+    from TransferSegLib.volumes import read_volume
 
-        spacings.append(read_volume(item.case.image).GetSpacing())
+    spacings = [read_volume(item.case.image).GetSpacing() for item in cases]
     return [float(v) for v in np.median(np.array(spacings), axis=0)]
 
 
@@ -709,9 +708,9 @@ def finetune(
     else:
         raise InputError(f"Strategy {strategy!r} needs a base model (--base MODEL).")
     in_channels = len(dataset.channels) or len(cases[0].case.images)
-    card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
-                        cases, strategy, base, config)
     spacing = _median_spacing(cases[:5])
+    card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
+                        cases, spacing, strategy, base, config)
     ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
     if card.modality != (base_card.modality if base_card else card.modality):
         events({"event": "message", "message": (
@@ -750,7 +749,7 @@ def _modality(name: str) -> str:
 
 
 def _target_card(base_card, target, dataset, in_channels, architecture, arguments, cases,
-                 strategy, base, config) -> ModelCard:
+                 spacing, strategy, base, config) -> ModelCard:
     from TransferSegLib import networks
     from TransferSegLib.preprocess import default_normalisation
 
@@ -772,7 +771,7 @@ def _target_card(base_card, target, dataset, in_channels, architecture, argument
         arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
         data = dict(architecture=architecture, arguments=arguments, in_channels=in_channels,
                     out_channels=len(target), labels=target, label_values=label_values,
-                    spacing=_median_spacing(cases[:5]), patch_size=[64, 64, 64],
+                    spacing=spacing, patch_size=[64, 64, 64],
                     normalisation=default_normalisation(modality), modality=modality)
         lineage = []
     lineage.append({"strategy": strategy, "base": str(base) if base else None,
