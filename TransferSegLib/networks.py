@@ -20,8 +20,10 @@ Transformer networks (UNETR, SwinUNETR) need the ``einops`` package.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR, UNet, VNet
 from torch import nn
 
+from TransferSegLib import nets
 from TransferSegLib.errors import InputError
 
 # Set by build_network itself; a user value would silently contradict it.
@@ -336,6 +339,19 @@ _ARCHITECTURES: dict[str, _Architecture] = {
         _segresnet_encoder, _segresnet_decoder, _segresnet_head,
     ),
 }
+
+
+def _register_published() -> None:
+    """Add the architectures of every module in :mod:`TransferSegLib.nets` to the registry."""
+    for module_info in pkgutil.iter_modules(nets.__path__):
+        module = importlib.import_module(f"{nets.__name__}.{module_info.name}")
+        for name, fields in getattr(module, "ARCHITECTURES", {}).items():
+            if name in _ARCHITECTURES:
+                raise RuntimeError(f"architecture {name!r} is registered twice")
+            _ARCHITECTURES[name] = _Architecture(**fields)
+
+
+_register_published()
 
 
 def architectures() -> list[str]:
