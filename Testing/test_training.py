@@ -277,3 +277,63 @@ def test_two_stage_unfreezes_everything_on_a_plateau(tmp_path, base_model):
     stages = [e for e in events if e["event"] == "stage"]
     assert len(stages) == 1 and stages[0]["step"] == 2 and stages[0]["stage"] == 2
     assert result.status == "stopped early" and result.steps == 3
+
+
+def test_multi_head_network_shares_all_but_the_label_tied_tensors():
+    from TransferSegLib.transfer import MultiHeadNetwork
+
+    torch.manual_seed(0)
+    net = MultiHeadNetwork("unet", networks.resolve_kwargs("unet", **TINY), 1,
+                           [{0: "background", 1: "spleen"},
+                            {0: "background", 1: "liver", 2: "kidney"}], seed=3)
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert net.select(0)(x).shape[1] == 2 and net.select(1)(x).shape[1] == 3
+    head0 = {k: v.clone() for k, v in net.heads[0].state_dict().items()}
+    shared = {k: v.clone() for k, v in net.body.state_dict().items()
+              if k not in net.tied_keys}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.select(1)
+    optimizer.zero_grad(set_to_none=True)
+    net(x).square().mean().backward()
+    optimizer.step()
+    # Head 0 was not used: untouched; the shared weights moved; head 1 moved.
+    for key, value in net.heads[0].state_dict().items():
+        assert torch.equal(value, head0[key]), key
+    body = net.body.state_dict()
+    assert any(not torch.equal(body[k], shared[k]) for k in shared)
+    # Selecting a head swaps parameter objects: the shared ones are single objects.
+    ids = {id(p) for p in net.parameters()}
+    assert len(ids) == len(list(net.parameters()))
+    assert net.network(0)(x).shape[1] == 2
+
+
+def test_pretrain_with_a_head_per_dataset_writes_one_base_per_head(tmp_path):
+    spleen = organ_dataset(tmp_path / "a", keep={1: "spleen"})
+    organs = organ_dataset(tmp_path / "b", "totalseg_mr", keep={5: "liver", 2: "kidney_right"})
+    events = []
+    result = training.pretrain([spleen, organs], tmp_path / "base", quick(steps=4, val_every=2),
+                               architecture="unet", arguments=TINY, spacing=[6, 6, 6],
+                               patch_size=[32, 32, 32], modality="CT", heads="per-dataset",
+                               events=events.append)
+    assert result.status == "done"
+    files = sorted(p.name for p in (tmp_path / "base").glob("model-*.safetensors"))
+    assert files == ["model-0-a.safetensors", "model-1-b.safetensors"]
+    a_net, a_card = checkpoint.load_model(tmp_path / "base" / files[0])
+    b_net, b_card = checkpoint.load_model(tmp_path / "base" / files[1])
+    assert a_card.labels == {0: "background", 1: "spleen"}
+    assert b_card.labels == {0: "background", 1: "kidney_right", 2: "liver"}
+    assert a_card.lineage[-1]["heads"] == ["a", "b"] and b_card.lineage[-1]["head"] == "b"
+    # Every tensor but the label-tied ones is shared, so equal in both files.
+    a_state, b_state = a_net.state_dict(), b_net.state_dict()
+    differing = [k for k in a_state if a_state[k].shape != b_state[k].shape]
+    assert differing and all(torch.equal(a_state[k], b_state[k])
+                             for k in a_state if k not in differing)
+    validation = [e for e in events if e["event"] == "validation"]
+    assert validation and any(k.startswith("b: ") for k in validation[-1]["labels"])
+    # The default model file is head 0's; fine-tuning from a head works like any base.
+    assert checkpoint.read_card(result.model).labels == a_card.labels
+    tuned = training.finetune(tmp_path / "base" / files[1], spleen, tmp_path / "tuned",
+                              "finetune", quick(steps=1))
+    assert checkpoint.read_card(tuned.model).labels == {0: "background", 1: "spleen"}
+    with pytest.raises(InputError, match="per-dataset"):
+        training.pretrain([spleen], tmp_path / "x", quick(), heads="several")

@@ -136,6 +136,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from TransferSegLib import jobs
+
+    return jobs.run_job_printing(Path(args.job))
+
+
 class EventPrinter:
     """Training events as JSON lines (``--events jsonl``) or a progress bar with messages."""
 
@@ -224,7 +230,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     return _in_process_group(lambda: training.pretrain(
         [Path(p) for p in args.data], Path(args.out), _train_config(args),
         architecture=args.architecture, spacing=args.spacing, patch_size=args.patch,
-        modality=args.modality, events=EventPrinter(args.events), resume=args.resume,
+        modality=args.modality, heads=args.heads, events=EventPrinter(args.events),
+        resume=args.resume,
         overwrite=args.overwrite, cancel_file=_cancel_file(args),
     ))
 
@@ -336,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--spacing", type=float, nargs=3, help="voxel size, mm (default: median)")
     pre.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="patch, voxels")
     pre.add_argument("--modality", help="CT or MR (default: from the dataset)")
+    pre.add_argument("--heads", choices=("shared", "per-dataset"), default="shared",
+                     help="shared: one head for the union of the labels, unannotated classes "
+                          "masked out of the loss; per-dataset: a shared network with one head "
+                          "per dataset (Med3D co-training), one model file per head")
     _training_arguments(pre)
     pre.set_defaults(run=_pretrain)
 
@@ -350,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--labels", help="comma-separated label names to learn (default: shared)")
     _training_arguments(st)
     st.set_defaults(run=_study)
+
+    job = commands.add_parser("run", help="run a job folder's job.json; events as JSON lines")
+    job.add_argument("job", help="job.json of a job folder (written by the Slicer module)")
+    job.set_defaults(run=_run)
 
     demo = commands.add_parser("demo", help="fetch the samples and score a segmentation")
     demo.add_argument("--out", default="transferseg-demo", help="output folder")

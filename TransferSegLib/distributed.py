@@ -48,14 +48,19 @@ def device(default: torch.device) -> torch.device:
     return default
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel when distributed; itself otherwise."""
+def wrap(model: torch.nn.Module, device: torch.device,
+         find_unused: bool = False) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when distributed; itself otherwise.
+
+    ``find_unused``: some parameters get no gradient in a step (the other datasets' heads of a
+    multi-head network); DDP must then look for them instead of waiting.
+    """
     if not dist.is_initialized():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def broadcast_int(value: int, device: torch.device) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import time
 from collections import OrderedDict
@@ -364,12 +365,20 @@ def train(
     events: Events = lambda event: None,
     resume: bool = False,
     cancel_file: Path | None = None,
+    cards: Sequence[ModelCard] | None = None,
+    heads: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> TrainResult:
     """Train ``plan.model`` (a :class:`~TransferSegLib.transfer.TransferPlan`) and write it.
 
     Writes into ``out_dir``: ``model.safetensors`` (best validation Dice, or last when there is
     no validation), ``last.safetensors``, ``state.safetensors`` (for ``resume``) and
     ``progress.jsonl`` (every event).
+
+    Multi-head co-training (``plan.model`` a :class:`~TransferSegLib.transfer.MultiHeadNetwork`):
+    ``cards[k]`` describes head ``k`` and ``heads`` gives the head of each training and
+    validation case. Each step draws a head, then a batch from that head's cases. Besides
+    ``model.safetensors``/``last.safetensors`` (head 0), every head is written as its own model
+    file, ``model-<k>-<name>.safetensors``; any of them is a base model for fine-tuning.
     """
     from TransferSegLib import distributed, transfer
     from TransferSegLib.inference import select_device
@@ -378,6 +387,13 @@ def train(
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.device(select_device(config.device))
     model = plan.model.to(device)
+    multi = isinstance(model, transfer.MultiHeadNetwork)
+    if multi:
+        if not cards or heads is None or len(cards) != len(model.heads):
+            raise TransferSegError("A multi-head network needs one card per head; this is a bug.")
+        by_head = [[i for i, h in enumerate(heads[0]) if h == k] for k in range(len(cards))]
+        live_heads = [k for k, members in enumerate(by_head) if members]
+        model.select(0)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(plan.param_groups, config)
@@ -395,7 +411,7 @@ def train(
             transfer.unfreeze_all(model, plan)  # the optimiser must see the second stage's
             optimizer = make_optimizer(plan.param_groups, config)
         meta = load_state(state_path, model, optimizer)
-    wrapped = distributed.wrap(model, device)
+    wrapped = distributed.wrap(model, device, find_unused=multi)
 
     def emit(event: dict) -> None:
         if rank != 0:
@@ -418,8 +434,13 @@ def train(
             rng = np.random.default_rng([config.seed, step, rank])
             torch.manual_seed(int(rng.integers(2**62)))
             images, targets, annotated = [], [], []
+            pool = range(len(train_cases))
+            if multi:
+                head_index = live_heads[int(rng.integers(len(live_heads)))]
+                model.select(head_index)
+                pool = by_head[head_index]
             for _ in range(config.batch_size):
-                case = train_cases[int(rng.integers(len(train_cases)))]
+                case = train_cases[pool[int(rng.integers(len(pool)))]]
                 image, target = sample_patch(case, patch, rng,
                                              rng.random() < config.foreground_ratio)
                 if config.augment:
@@ -458,7 +479,7 @@ def train(
             if val_cases and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
                 if rank == 0:
                     decision = _validation_round(model, val_cases, card, device, config, meta,
-                                                 plan, emit, out_dir)
+                                                 plan, emit, out_dir, cards, heads)
                 decision = distributed.broadcast_int(decision, device)
                 if decision == UNFREEZE:
                     transfer.unfreeze_all(model, plan)
@@ -470,6 +491,8 @@ def train(
             stop = decision == STOP
             cancelled = distributed.any_rank(cancel.requested, device)
             if rank == 0 and (cancelled or stop or (step + 1) % config.checkpoint_every == 0):
+                if multi:
+                    model.select(0)  # resume loads into the same head selection
                 save_state(state_path, model, optimizer, meta)
                 emit({"event": "checkpoint", "step": step + 1, "path": str(state_path)})
             if cancelled:
@@ -482,10 +505,10 @@ def train(
     last = out_dir / "last.safetensors"
     best = out_dir / "model.safetensors"
     if rank == 0:
-        final_card = _card_with(card, meta, config)
-        save_model(last, model.cpu(), final_card, overwrite=True)
+        model.cpu()
+        _save_models(last, model, card, cards, meta, config)
         if meta["best"] is None or not best.exists():
-            save_model(best, model, final_card, overwrite=True)
+            _save_models(best, model, card, cards, meta, config)
         seconds = time.perf_counter() - start_time
         emit({"event": "cancelled" if status == "cancelled" else "done", "status": status,
               "model": str(best), "last": str(last), "step": meta["step"],
@@ -510,17 +533,49 @@ def _out_of_memory(device: torch.device, config: TrainConfig, card: ModelCard) -
 CONTINUE, STOP, UNFREEZE = 0, 1, 2
 
 
+def _multi_head_scores(model, val_cases, cards, heads, device, overlap) -> dict[str, float]:
+    """Validation Dice of every head on its own cases, labels named ``<head>: <label>``."""
+    scores = {}
+    for k, head_card in enumerate(cards):
+        cases = [c for c, h in zip(val_cases, heads[1], strict=True) if h == k]
+        if cases:
+            model.select(k)
+            name = head_card.lineage[-1].get("head", str(k))
+            scores.update({f"{name}: {label}": dice for label, dice in
+                           validate(model, cases, head_card, device, overlap).items()})
+    model.select(0)
+    return scores
+
+
+def _save_models(path: Path, model, card: ModelCard, cards, meta: dict,
+                 config: TrainConfig) -> None:
+    """Write ``model`` to ``path``; a multi-head network also as one file per head."""
+    from TransferSegLib.transfer import MultiHeadNetwork
+
+    if not isinstance(model, MultiHeadNetwork):
+        save_model(path, model, _card_with(card, meta, config), overwrite=True)
+        return
+    for k, head_card in enumerate(cards):
+        name = head_card.lineage[-1].get("head", str(k))
+        head_path = path.with_name(f"{path.stem}-{k}-{name}.safetensors")
+        save_model(head_path, model.network(k), _card_with(head_card, meta, config),
+                   overwrite=True)
+    save_model(path, model.network(0), _card_with(cards[0], meta, config), overwrite=True)
+
+
 def _validation_round(model, val_cases, card, device, config, meta, plan, emit,
-                      out_dir) -> int:
+                      out_dir, cards=None, heads=None) -> int:
     """Score, keep the best model, and decide: CONTINUE, STOP early, or UNFREEZE (two-stage)."""
-    scores = validate(model, val_cases, card, device, config.val_overlap)
+    if cards:
+        scores = _multi_head_scores(model, val_cases, cards, heads, device, config.val_overlap)
+    else:
+        scores = validate(model, val_cases, card, device, config.val_overlap)
     mean = float(np.mean(list(scores.values()))) if scores else 0.0
     improved = meta["best"] is None or mean > meta["best"] + 1e-4
     meta["history"].append({"step": meta["step"], "dice": mean, "labels": scores})
     if improved:
         meta["best"], meta["bad_rounds"] = mean, 0
-        save_model(out_dir / "model.safetensors", model, _card_with(card, meta, config),
-                   overwrite=True)
+        _save_models(out_dir / "model.safetensors", model, card, cards, meta, config)
     else:
         meta["bad_rounds"] += 1
     emit({"event": "validation", "step": meta["step"], "dice": round(mean, 5),
@@ -547,6 +602,7 @@ class LabelledCase:
     case: Case
     table: LabelTable
     others_background: bool = False  # labels the model lacks are background (a chosen subset)
+    head: int = 0  # which output head trains on it (multi-domain co-training)
 
 
 def split_cases(cases: list, seed: int, fraction: float = 0.2) -> tuple[list, list, bool]:
@@ -608,8 +664,13 @@ def run_job(
     resume: bool = False,
     overwrite: bool = False,
     cancel_file: Path | None = None,
+    cards: Sequence[ModelCard] | None = None,
 ) -> TrainResult:
-    """Prepare cases (cached within the RAM budget) and train, holding the output folder."""
+    """Prepare cases (cached within the RAM budget) and train, holding the output folder.
+
+    ``cards``: one card per output head of a multi-head network (each case's ``head`` picks
+    its card, so its labels are mapped to that head's channels); None for one head.
+    """
     from TransferSegLib import distributed
 
     out_dir = Path(out_dir)
@@ -622,16 +683,20 @@ def run_job(
         if overwrite and not resume and distributed.rank() == 0:
             for name in ("state.safetensors", "progress.jsonl"):
                 (out_dir / name).unlink(missing_ok=True)
-        cache = CaseCache(lambda i: prepare_case(cases[i].case, cases[i].table, card,
-                                                 cases[i].others_background),
+        def card_of(item: LabelledCase) -> ModelCard:
+            return cards[item.head] if cards else card
+
+        cache = CaseCache(lambda i: prepare_case(cases[i].case, cases[i].table,
+                                                 card_of(cases[i]), cases[i].others_background),
                           len(cases), config.cache_gb * 2**30)
         # Validating on the training cases (fewer than 3): reuse their prepared arrays.
         index_of = {id(c): i for i, c in enumerate(cases)}
         validation = [cache[index_of[id(c)]] if id(c) in index_of else
-                      prepare_case(c.case, c.table, card, c.others_background)
+                      prepare_case(c.case, c.table, card_of(c), c.others_background)
                       for c in val_cases]
+        heads = ([c.head for c in cases], [c.head for c in val_cases]) if cards else None
         return train(plan, card, cache, validation, config, out_dir, events, resume,
-                     cancel_file)
+                     cancel_file, cards=cards, heads=heads)
     finally:
         if lock:
             lock.__exit__()
@@ -791,29 +856,49 @@ def pretrain(
     spacing: Sequence[float] | None = None,
     patch_size: Sequence[int] = (64, 64, 64),
     modality: str | None = None,
+    heads: str = "shared",
     events: Events = lambda event: None,
     resume: bool = False,
     overwrite: bool = False,
     cancel_file: Path | None = None,
 ) -> TrainResult:
-    """Train a base model on one or several datasets whose label sets differ (partial labels).
+    """Train a base model on one or several datasets whose label sets differ.
 
-    The model's labels are the union of the datasets' label names; each case is annotated only
-    for its own dataset's labels (or the CSV's ``annotated`` column), so an organ one dataset
-    does not draw is never taught as background.
+    ``heads="shared"`` (partial labels): one output head whose labels are the union of the
+    datasets' label names; each case is annotated only for its own dataset's labels (or the
+    CSV's ``annotated`` column), so an organ one dataset does not draw is never taught as
+    background. ``heads="per-dataset"`` (Med3D's multi-domain co-training): a shared network
+    with one output head per dataset, each trained on its own dataset's cases and labels only;
+    every head is written as a model file (see :func:`train`).
     """
     from TransferSegLib import datasets, networks, transfer
     from TransferSegLib.preprocess import default_normalisation
 
+    if heads not in ("shared", "per-dataset"):
+        raise InputError(f"heads must be 'shared' or 'per-dataset', not {heads!r}.")
     config = config or TrainConfig()
     cases: list[LabelledCase] = []
     names: list[str] = []
-    for path in data:
+    label_sets: list[dict[int, str]] = []
+    head_names: list[str] = []
+    for index, path in enumerate(data):
         dataset = datasets.discover(path)
-        cases += _labelled(dataset, str(path))
+        labelled = _labelled(dataset, str(path))
+        for item in labelled:
+            item.head = index if heads == "per-dataset" else 0
+        cases += labelled
         names += [n for n in dataset.labels.foreground.values() if n not in names]
+        label_sets.append({0: "background", **{i + 1: n for i, n in enumerate(
+            dataset.labels.foreground.values())}})
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent  # a CSV: its folder
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name).strip("-") or "data"
+        head_names.append(stem if stem not in head_names else f"{stem}{index}")
         modality = modality or dataset.modality
-    cases, val_cases, _ = split_cases(cases, config.seed)
+    # Split per dataset, so every head keeps validation cases of its own.
+    groups = [[c for c in cases if c.head == k] for k in range(max(c.head for c in cases) + 1)]
+    splits = [split_cases(group, config.seed) for group in groups]
+    cases = [c for train_part, _, _ in splits for c in train_part]
+    val_cases = [c for _, val_part, _ in splits for c in val_part]
     target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
     arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
     modality = modality or "CT"
@@ -826,7 +911,19 @@ def pretrain(
         lineage=[{"strategy": "pretrain", "data": [str(p) for p in data],
                   "steps": config.steps}],
     )
-    plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
-                            lr=config.lr, seed=config.seed)
-    return run_job(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
-                   cancel_file)
+    if heads == "shared":
+        plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
+                                lr=config.lr, seed=config.seed)
+        return run_job(plan, card, cases, val_cases, config, out_dir, events, resume,
+                       overwrite, cancel_file)
+    cards = []
+    for k, (labels, name) in enumerate(zip(label_sets, head_names, strict=True)):
+        head_card = asdict(card)
+        head_card.update(labels=labels, out_channels=len(labels), label_values={},
+                         training_cases=[c.case.name for c in cases if c.head == k])
+        head_card["lineage"] = [dict(card.lineage[0], heads=head_names, head=name)]
+        cards.append(ModelCard(**head_card))
+    plan = transfer.prepare_multihead(architecture, arguments, 1, label_sets, head_names,
+                                      lr=config.lr, seed=config.seed)
+    return run_job(plan, cards[0], cases, val_cases, config, out_dir, events, resume,
+                   overwrite, cancel_file, cards=cards)
