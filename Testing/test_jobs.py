@@ -1,0 +1,423 @@
+"""Jobs: the folder and job.json, running each kind, the child process, cancel and crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import make_image
+
+from TransferSegLib import checkpoint, cli, jobs, networks, volumes
+from TransferSegLib.errors import InputError, OutputExistsError
+
+LABELS = {1: "ball", 2: "box"}
+TINY = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
+POSIX = pytest.mark.skipif(os.name == "nt", reason="process groups and shell scripts: POSIX")
+QUIET_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def synthetic_case(seed: int = 0) -> tuple[sitk.Image, sitk.Image]:
+    """A 24^3 CT-like image (2 mm voxels, off-origin) with a bright ball and a dark box."""
+    z, y, x = np.mgrid[0:24, 0:24, 0:24]
+    label = np.zeros((24, 24, 24), np.uint8)
+    label[(z - 12) ** 2 + (y - 10) ** 2 + (x - 12) ** 2 < 36] = 1
+    label[4:9, 14:20, 4:10] = 2
+    noise = np.random.default_rng(seed).normal(0, 20, label.shape)
+    image = (np.choose(label, [0, 200, -200]) + noise).astype(np.int16)
+    geometry = {"spacing": (2.0, 2.0, 2.0), "origin": (10.0, -20.0, 5.0)}
+    return make_image(image, **geometry), make_image(label, **geometry)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """An untrained tiny CT UNet with the labels ball and box, 2 mm voxels, 16^3 patches."""
+    torch.manual_seed(0)
+    arguments = networks.resolve_kwargs("unet", **TINY)
+    labels = {0: "background", **LABELS}
+    model = networks.build_network("unet", 1, len(labels), **arguments)
+    card = checkpoint.ModelCard(
+        architecture="unet", in_channels=1, out_channels=len(labels), arguments=arguments,
+        labels=labels, spacing=[2.0, 2.0, 2.0], patch_size=[16, 16, 16],
+        normalisation={"kind": "ct", "window": [-300.0, 300.0]}, modality="CT")
+    return checkpoint.save_model(tmp_path_factory.mktemp("base") / "base.safetensors", model,
+                                 card)
+
+
+def finetune_params(base: Path, **overrides) -> dict:
+    params = {"base": str(base), "strategy": "vanilla", "steps": 6, "val_every": 3,
+              "checkpoint_every": 3, "batch_size": 1, "device": "cpu", "seed": 1}
+    params.update(overrides)
+    return params
+
+
+def finetune_job(folder: Path, base: Path, **overrides) -> Path:
+    image, label = synthetic_case()
+    return jobs.write_job(folder, "finetune", cases=[{"name": "case 1", "image": image,
+                                                      "label": label}],
+                          labels=LABELS, params=finetune_params(base, **overrides))
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True  # no /proc: trust kill()
+    return state not in ("Z", "X")
+
+
+def fake_python(tmp_path: Path, body: str) -> Path:
+    """A shell script that stands in for the Python program (it ignores its arguments)."""
+    script = tmp_path / "fake-python"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return script
+
+
+# -------------------------------------------------------------------------------- the job folder
+def test_write_job_writes_exact_nrrd_inputs_and_a_versioned_job_json(tmp_path, base_model):
+    image, label = synthetic_case()
+    path = jobs.write_job(tmp_path / "job", "finetune", labels=LABELS,
+                          cases=[{"name": "a/b", "image": image, "label": label},
+                                 {"name": "a b", "image": image, "label": label}],
+                          params=finetune_params(base_model))
+    document = json.loads(path.read_text())
+    assert path == tmp_path / "job" / "job.json"
+    assert document["format"] == "transferseg-job" and document["version"] == jobs.VERSION
+    assert document["kind"] == "finetune" and document["labels"] == {"1": "ball", "2": "box"}
+    assert [c["name"] for c in document["cases"]] == ["a/b", "a b"]
+    assert document["cases"][1]["image"] == "inputs/a_b_2_image.nrrd"  # names made distinct
+    back = volumes.read_volume(path.parent / document["cases"][0]["image"])
+    assert back.GetPixelID() == image.GetPixelID()
+    assert volumes.Geometry.of(back) == volumes.Geometry.of(image)
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+    job = jobs.read_job(path)
+    assert job.labels == LABELS and job.params["strategy"] == "vanilla"
+    assert job.output == tmp_path / "job" / "output"
+    # The trainer reads the same cases as a dataset.
+    from TransferSegLib import datasets
+
+    dataset = datasets.discover(job.dataset)
+    assert [c.name for c in dataset.cases] == ["a/b", "a b"]
+    assert dataset.labels.foreground == LABELS
+
+
+def test_write_job_refuses_a_foreign_folder_and_an_existing_job(tmp_path, base_model):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.docx").write_text("keep me")
+    with pytest.raises(InputError, match="not empty and holds no TransferSeg job"):
+        finetune_job(foreign, base_model)
+    assert (foreign / "thesis.docx").read_text() == "keep me"
+
+    path = finetune_job(tmp_path / "job", base_model)
+    with pytest.raises(OutputExistsError, match="already holds a job"):
+        finetune_job(tmp_path / "job", base_model)
+    (path.parent / "output").mkdir()
+    image, _ = synthetic_case()
+    again = jobs.write_job(path.parent, "segment", cases=[{"name": "x", "image": image}],
+                           params={"model": str(base_model)}, overwrite=True)
+    assert json.loads(again.read_text())["kind"] == "segment"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["inputs", "job.json"]
+
+
+def test_write_job_checks_cases_and_options_before_writing(tmp_path, base_model):
+    image, label = synthetic_case()
+    folder = tmp_path / "job"
+    with pytest.raises(InputError, match="no label"):
+        jobs.write_job(folder, "finetune", cases=[{"name": "x", "image": image}],
+                       labels=LABELS, params=finetune_params(base_model))
+    with pytest.raises(InputError, match="'stepz' is unknown"):
+        jobs.write_job(folder, "finetune", cases=[{"name": "x", "image": image, "label": label}],
+                       labels=LABELS, params=finetune_params(base_model, stepz=3))
+    with pytest.raises(InputError, match="must be a SimpleITK image"):
+        jobs.write_job(folder, "segment", cases=[{"name": "x", "image": "ct.nii.gz"}],
+                       params={"model": "m.safetensors"})
+    with pytest.raises(InputError, match="Unknown job kind"):
+        jobs.write_job(folder, "train", cases=[{"name": "x", "image": image}])
+    assert not folder.exists()
+
+
+def test_train_settings_match_the_trainer():
+    from dataclasses import fields
+
+    from TransferSegLib.training import TrainConfig
+
+    assert set(jobs.TRAIN_SETTINGS) == {f.name for f in fields(TrainConfig)}
+    for item in fields(TrainConfig):
+        if item.default is not None:
+            assert isinstance(item.default, jobs.TRAIN_SETTINGS[item.name]), item.name
+
+
+def test_exit_codes_agree_with_the_command_line():
+    assert jobs.EXIT_USER_ERROR == cli.EXIT_USER_ERROR
+    assert jobs.EXIT_CANCELLED == cli.EXIT_CANCELLED
+
+
+BAD_JOBS = [
+    (lambda d: d.update(version=2), "newer than this TransferSeg"),
+    (lambda d: d.update(version="1"), "field 'version'"),
+    (lambda d: d.update(kind="train"), "field 'kind'"),
+    (lambda d: d.pop("format"), "not a TransferSeg job"),
+    (lambda d: d["params"].update(stepz=3), "'stepz' is unknown"),
+    (lambda d: d["params"].update(steps="ten"), "'steps' must be int"),
+    (lambda d: d["params"].update(augment=1), "'augment' must be bool"),
+    (lambda d: d["params"].update(base="gone.safetensors"), "gone.safetensors, which does not"),
+    (lambda d: d["cases"][0].update(image="inputs/missing.nrrd"), "cases[0]'.image names"),
+    (lambda d: d["cases"][0].pop("label"), "cases[0]'.label is missing"),
+    (lambda d: d.update(labels={"one": "ball"}), "field 'labels'"),
+    (lambda d: d.update(cases=[]), "field 'cases'"),
+]
+
+
+@pytest.mark.parametrize(("change", "words"), BAD_JOBS)
+def test_bad_job_files_are_one_error_naming_the_file_and_field(tmp_path, base_model, change,
+                                                               words):
+    path = finetune_job(tmp_path / "job", base_model)
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+    events = []
+    assert jobs.run_job(path, events.append) == jobs.EXIT_USER_ERROR
+    assert [e["event"] for e in events] == ["error"]
+    assert str(path) in events[0]["message"] and words in events[0]["message"]
+
+
+def test_missing_and_broken_job_files(tmp_path):
+    events = []
+    assert jobs.run_job(tmp_path / "none.json", events.append) == jobs.EXIT_USER_ERROR
+    assert "does not exist" in events[-1]["message"]
+    broken = tmp_path / "job.json"
+    broken.write_text('{"format": "transferseg-job",')
+    assert jobs.run_job(broken, events.append) == jobs.EXIT_USER_ERROR
+    assert "is not valid JSON" in events[-1]["message"]
+
+
+# ---------------------------------------------------------------------------- running each kind
+def test_segment_and_evaluate_jobs_write_their_outputs(tmp_path, base_model):
+    image, label = synthetic_case()
+    path = jobs.write_job(tmp_path / "seg", "segment", cases=[{"name": "scan", "image": image}],
+                          params={"model": str(base_model), "device": "cpu"})
+    events = []
+    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    assert [e["event"] for e in events] == ["case", "segmented", "done"]
+    output = Path(events[-1]["outputs"][0])
+    assert output == tmp_path / "seg" / "output" / "scan.seg.nrrd"
+    segmentation = volumes.read_segmentation(output)
+    assert {s.name for s in segmentation.segments} <= set(LABELS.values())
+    assert volumes.Geometry.of(segmentation.layers[0]) == volumes.Geometry.of(image)
+    assert events[1]["labels"] == {"1": "ball", "2": "box"}
+
+    # Scoring the reference against itself: Dice 1 for both labels.
+    path = jobs.write_job(tmp_path / "eval", "evaluate", labels=LABELS,
+                          cases=[{"name": "scan", "label": label, "prediction": label}])
+    events = []
+    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    scores = next(e for e in events if e["event"] == "scores")
+    assert [(s["name"], s["dice"]) for s in scores["labels"]] == [("ball", 1.0), ("box", 1.0)]
+    written = json.loads(Path(scores["path"]).read_text())
+    assert written["mean"]["dice"] == 1.0
+
+
+def test_cli_run_prints_json_lines_with_the_exit_codes(tmp_path, base_model, capsys):
+    _, label = synthetic_case()
+    wrong = sitk.GetArrayFromImage(label)
+    wrong[wrong == 2] = 0
+    path = jobs.write_job(tmp_path / "eval", "evaluate", labels=LABELS,
+                          cases=[{"name": "scan", "label": label,
+                                  "prediction": make_image(wrong, spacing=(2, 2, 2),
+                                                           origin=(10, -20, 5))}])
+    assert cli.main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    events = [json.loads(line) for line in out.splitlines()]  # every line is one event
+    assert [e["event"] for e in events] == ["case", "scores", "done"]
+    box = events[1]["labels"][1]
+    assert box["name"] == "box" and box["dice"] == 0.0 and box["hd95_mm"] is None  # inf
+
+    path.write_text("{}")
+    assert cli.main(["run", str(path)]) == cli.EXIT_USER_ERROR
+    assert json.loads(capsys.readouterr().out)["event"] == "error"
+
+    # A training job cancelled through its cancel file saves and exits with status 3.
+    path = finetune_job(tmp_path / "train", base_model)
+    (path.parent / jobs.CANCEL_FILE).touch()
+    assert cli.main(["run", str(path)]) == cli.EXIT_CANCELLED
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-1]["event"] == "cancelled"
+    assert Path(events[-1]["model"]).is_file()
+
+
+@pytest.mark.parametrize("what", ["edited", "deleted"])
+def test_a_job_whose_files_change_while_it_runs_stops_with_a_clear_error(tmp_path, base_model,
+                                                                         what):
+    path = finetune_job(tmp_path / "job", base_model)
+    events = []
+
+    def meddle(event):
+        events.append(event)
+        if event["event"] == "step" and len(events) < 50:
+            if what == "edited":
+                path.write_text(path.read_text().replace('"steps": 6', '"steps": 600'))
+            else:
+                shutil.rmtree(path.parent)
+
+    assert jobs.run_job(path, meddle) == jobs.EXIT_USER_ERROR
+    last = events[-1]
+    assert last["event"] == "error" and "while the job ran" in last["message"]
+    assert ("was changed" if what == "edited" else "job folder") in last["message"]
+    assert sum(e["event"] == "step" for e in events) == 1
+
+
+def test_a_crash_is_an_error_event_with_the_traceback_on_stderr(tmp_path, monkeypatch, capsys):
+    _, label = synthetic_case()
+    path = jobs.write_job(tmp_path / "eval", "evaluate",
+                          cases=[{"name": "scan", "label": label, "prediction": label}])
+
+    def broken(job, emit):
+        return 1 / 0
+
+    monkeypatch.setattr(jobs, "_run_evaluate", broken)
+    events = []
+    assert jobs.run_job(path, events.append) == jobs.EXIT_CRASH
+    assert events[-1]["event"] == "error" and events[-1]["crash"]
+    assert "ZeroDivisionError" in events[-1]["message"]
+    assert "Traceback" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the child process
+def test_a_finetune_child_reports_events_while_it_runs_and_cancels_cleanly(tmp_path,
+                                                                          base_model):
+    path = finetune_job(tmp_path / "job", base_model, steps=5000, val_every=5000,
+                        checkpoint_every=5000)
+    process = jobs.JobProcess(path, env=QUIET_ENV).start()
+    events, deadline = [], time.monotonic() + 180
+    while sum(e["event"] == "step" for e in events) < 2:  # steps 1 and 11, while it trains
+        events += process.poll()
+        assert process.running, process.log_tail()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    step = next(e for e in events if e["event"] == "step")
+    assert {"loss", "lr", "eta_s", "step", "steps"} <= set(step)
+
+    start = time.monotonic()
+    process.cancel()
+    elapsed = time.monotonic() - start
+    events += process.poll()
+    assert elapsed < 2.0, elapsed
+    # The trainer caught SIGTERM: it saved, said so and exited with the cancelled status.
+    assert process.returncode == jobs.EXIT_CANCELLED and process.error is None
+    kinds = [e["event"] for e in events if e["event"] not in ("log", "message")]
+    assert kinds[0] == "start" and kinds[-1] == "cancelled" and kinds.count("cancelled") == 1
+    assert events[-1]["step"] < 5000
+    assert Path(events[-1]["model"]) == path.parent / "output" / "model.safetensors"
+    assert checkpoint.read_card(events[-1]["model"]).labels == {0: "background", **LABELS}
+
+
+@POSIX
+@pytest.mark.parametrize("stubborn", [False, True], ids=["obeys-sigterm", "ignores-sigterm"])
+def test_cancel_ends_the_child_and_its_children_within_two_seconds(tmp_path, stubborn):
+    script = fake_python(tmp_path, ("trap '' TERM\n" if stubborn else "") + (
+        'sleep 60 &\n'
+        'echo "{\\"event\\": \\"spawned\\", \\"pid\\": $!}"\n'
+        'echo "working" >&2\n'
+        'while :; do sleep 0.2; done\n'))
+    process = jobs.JobProcess(tmp_path / "job.json", python=script).start()
+    spawned = None
+    deadline = time.monotonic() + 10
+    while spawned is None:
+        spawned = next((e for e in process.poll() if e["event"] == "spawned"), None)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child, grandchild = process.pid, spawned["pid"]
+    assert alive(child) and alive(grandchild)
+
+    start = time.monotonic()
+    process.cancel(timeout=0.5)
+    while (alive(child) or alive(grandchild)) and time.monotonic() - start < 5:
+        time.sleep(0.01)
+    elapsed = time.monotonic() - start
+    assert not alive(child) and not alive(grandchild)
+    assert elapsed < 2.0, elapsed
+    assert not process.running
+    assert process.returncode == (-signal.SIGKILL if stubborn else -signal.SIGTERM)
+    assert process.cancelled and process.error is None
+    assert [e["event"] for e in process.poll() if e["event"] != "log"] == ["cancelled"]
+
+
+def test_a_job_naming_a_missing_model_reports_its_error(tmp_path):
+    image, _ = synthetic_case()
+    missing = tmp_path / "gone.safetensors"
+    path = jobs.write_job(tmp_path / "job", "segment", cases=[{"name": "scan", "image": image}],
+                          params={"model": str(missing)})
+    process = jobs.JobProcess(path, env=QUIET_ENV).start()
+    assert process.wait(timeout=60) == jobs.EXIT_USER_ERROR
+    errors = [e for e in process.poll() if e["event"] == "error"]
+    assert len(errors) == 1 and str(missing) in errors[0]["message"]
+    assert process.error == errors[0]["message"] and "does not exist" in process.error
+
+
+@POSIX
+def test_a_child_killed_with_sigkill_reports_out_of_memory_and_its_log(tmp_path):
+    script = fake_python(tmp_path, (
+        'echo "reading 12 cases"\n'
+        'echo \'{"event": "step", "step": 1, "steps": 100}\'\n'
+        'echo "allocating 80 GB" >&2\n'
+        'kill -9 $$\n'))
+    process = jobs.JobProcess(tmp_path / "job.json", python=script).start()
+    assert process.wait(timeout=10) == -signal.SIGKILL
+    events = process.poll()
+    assert [e["event"] for e in events if e["event"] != "log"] == ["step", "error"]
+    assert {"event": "log", "text": "reading 12 cases", "stream": "stdout"} in events
+    assert "out of memory" in process.error
+    assert "reading 12 cases" in process.error and "allocating 80 GB" in process.error
+    assert events[-1]["message"] == process.error and events[-1]["returncode"] == -9
+    # stdout and stderr are read by two threads: their relative order is not kept.
+    assert set(process.log_tail(2).splitlines()) == {"reading 12 cases", "allocating 80 GB"}
+
+
+@POSIX
+def test_the_log_tail_is_a_capped_ring_buffer(tmp_path):
+    count = jobs.LOG_LINES + 500
+    script = fake_python(tmp_path, f"seq 1 {count}\nexit 4\n")
+    process = jobs.JobProcess(tmp_path / "job.json", python=script).start()
+    assert process.wait(timeout=20) == 4
+    assert process.log_tail(3) == "\n".join(str(n) for n in range(count - 2, count + 1))
+    assert len(process.log_tail(10**6).splitlines()) == jobs.LOG_LINES
+    assert "exit code 4" in process.error and str(count) in process.error
+
+
+@POSIX
+def test_a_child_that_finishes_reports_no_error(tmp_path):
+    script = fake_python(tmp_path, 'echo \'{"event": "done", "status": "done"}\'\n')
+    process = jobs.JobProcess(tmp_path / "job.json", python=script).start()
+    assert process.wait(timeout=10) == 0
+    assert process.poll() == [{"event": "done", "status": "done"}]
+    assert not process.running and process.error is None and not process.cancelled
+
+
+def test_a_program_that_cannot_start_is_an_input_error(tmp_path):
+    process = jobs.JobProcess(tmp_path / "job.json", python=tmp_path / "no-python")
+    with pytest.raises(InputError, match="Could not start the job"):
+        process.start()
+    assert not process.running
+
+
+def test_the_job_command_runs_this_library():
+    process = jobs.JobProcess("/data/job 1/job.json", python=sys.executable)
+    assert process.command() == [sys.executable, "-m", "TransferSegLib", "run",
+                                 str(Path("/data/job 1/job.json"))]

@@ -1,0 +1,832 @@
+"""Jobs: a folder that holds a job's inputs and results, run in a child process that reports
+its progress as JSON lines.
+
+A job folder, as :func:`write_job` makes it::
+
+    job.json                what to do (below); written last, so its presence means the
+                            inputs are complete
+    inputs/<case>_image.nrrd, inputs/<case>_label.nrrd, inputs/<case>_prediction.nrrd
+    inputs/cases.csv, inputs/labels.json
+                            (finetune) the same cases as a dataset the trainer reads
+    output/                 results: model.safetensors (finetune), <case>.seg.nrrd (segment),
+                            <case>_scores.json (evaluate)
+
+``job.json``::
+
+    {"format": "transferseg-job", "version": 1, "kind": "finetune",
+     "created": "2025-05-04T10:00:00Z", "transferseg": "0.1.0",
+     "cases": [{"name": "CT 1", "image": "inputs/CT_1_image.nrrd",
+                "label": "inputs/CT_1_label.nrrd"}],
+     "labels": {"1": "liver", "2": "spleen"},
+     "dataset": "inputs/cases.csv",
+     "params": {"base": "/models/ct-base.safetensors", "strategy": "finetune", "steps": 200,
+                "lr": 0.001, "device": "auto", "output": "output"}}
+
+Relative paths are relative to the job folder. ``python -m TransferSegLib run job.json`` runs
+it (:func:`run_job`) and prints one JSON object per line: the trainer's events (``start``,
+``step``, ``validation``, ``stage``, ``checkpoint``, ``done``, ``cancelled``, ``message``), per
+case ``case``, ``segmented`` or ``scores``, a final ``done`` for segment and evaluate jobs, or
+``error`` with a message. Exit status: 0 done, 2 a problem the user can fix, 3 cancelled,
+1 a crash (its traceback on stderr).
+
+:class:`JobProcess` starts that command in its own process group, reads its output on two
+threads into a queue and hands events out through :meth:`JobProcess.poll`, so a GUI can poll
+it from a timer without ever blocking; it imports no Qt.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from TransferSegLib import __version__
+from TransferSegLib.errors import InputError, OutputExistsError, TransferSegError
+from TransferSegLib.files import atomic_output
+
+FORMAT = "transferseg-job"
+VERSION = 1
+KINDS = ("finetune", "segment", "evaluate")
+JOB_FILE = "job.json"
+INPUTS = "inputs"
+CANCEL_FILE = "cancel"  # its appearance stops a training job cleanly, as SIGTERM does
+ROLES = ("image", "label", "prediction")  # the images a case may carry
+
+EXIT_DONE, EXIT_CRASH, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 1, 2, 3
+TERMINAL_EVENTS = ("done", "cancelled", "error")
+
+Emit = Callable[[dict], None]
+
+# Options of each kind in params: name -> (accepted JSON types, default). An option whose
+# default is UNSET is left out when not given (the trainer's own default applies).
+UNSET = object()
+_COMMON = {"output": ((str,), "output"), "overwrite": ((bool,), False)}
+# training.TrainConfig's fields, listed here so that writing a job never imports torch.
+TRAIN_SETTINGS = {
+    "steps": (int,), "batch_size": (int,), "lr": (int, float), "weight_decay": (int, float),
+    "optimizer": (str,), "val_every": (int,), "patience": (int,), "checkpoint_every": (int,),
+    "foreground_ratio": (int, float), "augment": (bool,), "mirror": (bool,), "seed": (int,),
+    "device": (str,), "amp": (bool,), "cache_gb": (int, float), "val_overlap": (int, float),
+    "head_lr_factor": (int, float), "freeze_depth": (int, type(None)),
+}
+PARAMS: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
+    "finetune": {
+        **_COMMON,
+        "base": ((str, type(None)), None),
+        "strategy": ((str,), "finetune"),
+        "architecture": ((str, type(None)), None),
+        "arguments": ((dict, type(None)), None),
+        "resume": ((bool,), False),
+        **{name: (types, UNSET) for name, types in TRAIN_SETTINGS.items()},
+    },
+    "segment": {
+        **_COMMON,
+        "model": ((str,), None),
+        "device": ((str,), "auto"),
+        "overlap": ((int, float), 0.25),
+        "batch_size": ((int,), 2),
+    },
+    "evaluate": {**_COMMON, "lesion_wise": ((bool,), False)},
+}
+REQUIRED = {"finetune": ("image", "label"), "segment": ("image",),
+            "evaluate": ("prediction", "label")}
+
+
+# ------------------------------------------------------------------------------------ the folder
+def _slug(name: str) -> str:
+    """A file-name-safe form of a case name (letters, digits, ``. _ -``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "case"
+
+
+def _is_job_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / JOB_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prepare_folder(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"Job folder {folder} is a file; choose a folder.")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not _is_job_folder(folder):
+            raise InputError(
+                f"Folder {folder} is not empty and holds no TransferSeg job; choose a new or "
+                "empty folder for the job."
+            )
+        if not overwrite:
+            raise OutputExistsError(
+                f"Folder {folder} already holds a job; choose another folder or overwrite it."
+            )
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _check_case(index: int, case: object, kind: str, names: set[str]) -> None:
+    import SimpleITK as sitk
+
+    where = f"Case {index + 1}"
+    if not isinstance(case, Mapping) or not isinstance(case.get("name"), str) \
+            or not case["name"].strip():
+        raise InputError(f"{where} must be a dict with a non-empty 'name'.")
+    if case["name"] in names:
+        raise InputError(f"Two cases are called {case['name']!r}; give each case its own name.")
+    names.add(case["name"])
+    for role in REQUIRED[kind]:
+        if case.get(role) is None:
+            raise InputError(f"Case {case['name']!r} has no {role}; a {kind} job needs one.")
+    for role in ROLES:
+        value = case.get(role)
+        if value is not None and not isinstance(value, sitk.Image):
+            raise InputError(f"The {role} of case {case['name']!r} must be a SimpleITK image, "
+                             f"not {type(value).__name__}.")
+
+
+def write_job(
+    folder: str | os.PathLike,
+    kind: str,
+    *,
+    cases: Sequence[Mapping] | None = None,
+    labels: Mapping[int, str] | None = None,
+    params: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a job folder (see the module docstring) and return the path of its ``job.json``.
+
+    ``cases``: dicts with ``"name"`` and SimpleITK images under ``"image"``, ``"label"``
+    and (evaluate) ``"prediction"``; written as NRRD. ``labels``: {value: name} of the label
+    maps. ``params``: the kind's options (JSON values), checked now as :func:`run_job` will.
+    A non-empty folder is refused unless it holds a job and ``overwrite`` is given.
+    """
+    folder = Path(folder)
+    if kind not in KINDS:
+        raise InputError(f"Unknown job kind {kind!r}; use one of {', '.join(KINDS)}.")
+    cases = list(cases or [])
+    if not cases:
+        raise InputError(f"A {kind} job needs at least one case.")
+    names: set[str] = set()
+    for index, case in enumerate(cases):
+        _check_case(index, case, kind, names)
+    table = _check_labels({str(k): v for k, v in (labels or {}).items()}, "labels", kind)
+    params = dict(params or {})
+    try:
+        json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"Job options must be JSON values (text, numbers, lists): {error}.") \
+            from None
+    _check_params(params, kind, "the job options")
+    _prepare_folder(folder, overwrite)
+
+    from TransferSegLib.volumes import write_image
+
+    (folder / INPUTS).mkdir()
+    entries, slugs = [], set()
+    for case in cases:
+        slug = base = _slug(case["name"])
+        number = 2
+        while slug in slugs:
+            slug, number = f"{base}_{number}", number + 1
+        slugs.add(slug)
+        entry = {"name": case["name"]}
+        for role in ROLES:
+            if case.get(role) is not None:
+                relative = f"{INPUTS}/{slug}_{role}.nrrd"
+                write_image(case[role], folder / relative)
+                entry[role] = relative
+        entries.append(entry)
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    document = {"format": FORMAT, "version": VERSION, "kind": kind, "created": created,
+                "transferseg": __version__, "cases": entries,
+                "labels": {str(v): n for v, n in table.items()}, "params": params}
+    if kind == "finetune":
+        document["dataset"] = _write_dataset(folder, entries, table)
+    path = folder / JOB_FILE
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_dataset(folder: Path, entries: list[dict], table: dict[int, str]) -> str:
+    """The cases as a CSV dataset (with ``labels.json`` beside it) for ``datasets.discover``."""
+    relative = f"{INPUTS}/cases.csv"
+    with atomic_output(folder / relative) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "label", "name"])
+            for entry in entries:
+                writer.writerow([Path(entry["image"]).name, Path(entry["label"]).name,
+                                 entry["name"]])
+    with atomic_output(folder / INPUTS / "labels.json") as tmp:
+        tmp.write_text(json.dumps({str(v): n for v, n in table.items()}, indent=2) + "\n")
+    return relative
+
+
+# ----------------------------------------------------------------------------- reading job.json
+@dataclass
+class JobCase:
+    """One case of a job: its name and the files of its images (absent roles are None)."""
+
+    name: str
+    image: Path | None = None
+    label: Path | None = None
+    prediction: Path | None = None
+
+
+@dataclass
+class Job:
+    """A job read from ``job.json``: kind, cases, label table, options and output folder."""
+
+    path: Path
+    kind: str
+    cases: list[JobCase]
+    labels: dict[int, str]
+    params: dict = field(default_factory=dict)
+    dataset: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def output(self) -> Path:
+        return self.folder / self.params["output"]
+
+    def path_of(self, name: str) -> Path | None:
+        """The option ``name`` as a path (relative ones are relative to the job folder)."""
+        value = self.params.get(name)
+        return None if value is None else self.folder / value
+
+
+def _check_labels(labels: object, where: str, kind: str) -> dict[int, str]:
+    if not isinstance(labels, Mapping):
+        raise InputError(f"{where} must be an object {{value: name}}.")
+    table = {}
+    for key, name in labels.items():
+        if not str(key).isdigit() or not isinstance(name, str) or not name:
+            raise InputError(f"{where} must map label values to names; {key!r}: {name!r} is not "
+                             "a whole number and a name.")
+        table[int(key)] = name
+    table.pop(0, None)
+    if kind == "finetune" and not table:
+        raise InputError(f"{where} is empty; a finetune job needs the names of its labels.")
+    if len(set(table.values())) != len(table):
+        raise InputError(f"{where} gives two values the same name; names must differ.")
+    return dict(sorted(table.items()))
+
+
+def _check_params(params: object, kind: str, where: str) -> dict:
+    """``params`` with defaults filled in; InputError naming the first bad option."""
+    if not isinstance(params, Mapping):
+        raise InputError(f"{where} must be an object of options.")
+    options = PARAMS[kind]
+    unknown = sorted(set(params) - set(options))
+    if unknown:
+        raise InputError(f"{where}: option {unknown[0]!r} is unknown for a {kind} job; the "
+                         f"options are {', '.join(sorted(options))}.")
+    checked = {}
+    for name, (types, default) in options.items():
+        if name not in params and default is UNSET:
+            continue
+        value = params.get(name, default)
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if not isinstance(value, types) or wrong_bool:
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise InputError(f"{where}: option {name!r} must be {expected}, not {value!r}.")
+        checked[name] = value
+    if kind == "segment" and not checked["model"]:
+        raise InputError(f"{where}: option 'model' (the model file to segment with) is missing.")
+    if kind == "finetune" and checked["base"] is None and not (
+            checked["strategy"] == "scratch" and checked["architecture"]):
+        raise InputError(f"{where}: option 'base' (the base model file) is missing; only the "
+                         "scratch strategy with an 'architecture' needs none.")
+    return checked
+
+
+def read_job(path: str | os.PathLike) -> Job:
+    """Read and check ``job.json``; InputError naming the file and the field at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Job file {path} does not exist; write the job again.")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"Job file {path} is not valid JSON ({error}); write the job again.") \
+            from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise InputError(f"{path} is not a TransferSeg job (field 'format' is not {FORMAT!r}).")
+    version = document.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{path}: field 'version' must be a whole number, not {version!r}.")
+    if version > VERSION:
+        raise InputError(f"{path} is a version {version} job, newer than this TransferSeg "
+                         f"understands (version {VERSION}); update TransferSeg.")
+    kind = document.get("kind")
+    if kind not in KINDS:
+        raise InputError(f"{path}: field 'kind' is {kind!r}; use one of {', '.join(KINDS)}.")
+    where = f"{path}: field"
+    table = _check_labels(document.get("labels", {}), f"{where} 'labels'", kind)
+    params = _check_params(document.get("params", {}), kind, f"{where} 'params'")
+    raw_cases = document.get("cases")
+    if not isinstance(raw_cases, list) or not raw_cases:
+        raise InputError(f"{where} 'cases' must be a non-empty list of cases.")
+    cases = []
+    for index, entry in enumerate(raw_cases):
+        field_name = f"{where} 'cases[{index}]'"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InputError(f"{field_name} must be an object with a 'name'.")
+        files = {}
+        for role in ROLES:
+            value = entry.get(role)
+            if value is None:
+                if role in REQUIRED[kind]:
+                    raise InputError(f"{field_name}.{role} is missing; a {kind} job needs it.")
+                continue
+            if not isinstance(value, str):
+                raise InputError(f"{field_name}.{role} must be a file name, not {value!r}.")
+            file = path.parent / value
+            if not file.is_file():
+                raise InputError(f"{field_name}.{role} names {file}, which does not exist; "
+                                 "write the job again.")
+            files[role] = file
+        cases.append(JobCase(entry["name"], **files))
+    job = Job(path, kind, cases, table, params)
+    if kind == "finetune":
+        dataset = document.get("dataset")
+        if not isinstance(dataset, str) or not (path.parent / dataset).is_file():
+            raise InputError(f"{where} 'dataset' must name the job's case list (a CSV file in "
+                             f"the job folder), not {dataset!r}; write the job again.")
+        job.dataset = path.parent / dataset
+    for option in ("base", "model"):
+        file = job.path_of(option)
+        if file is not None and not file.is_file():
+            raise InputError(f"{where} 'params.{option}' names {file}, which does not exist; "
+                             "choose an existing model file.")
+    return job
+
+
+# --------------------------------------------------------------------------------- running a job
+class _JobWatch:
+    """Notices when the job file or folder is deleted or edited while the job runs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stamp = self._stamp()
+
+    def _stamp(self) -> tuple | None:
+        try:
+            info = self.path.stat()
+            digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+        return info.st_ino, info.st_size, info.st_mtime_ns, digest
+
+    def problem(self) -> str | None:
+        """A sentence saying what happened to the job, or None if it is untouched."""
+        if self.stamp is None:  # there was no job file to watch: reading it said so
+            return None
+        try:
+            info = self.path.stat()
+        except OSError:
+            place = "job folder" if not self.path.parent.exists() else "job file"
+            where = self.path.parent if place == "job folder" else self.path
+            return (f"The {place} {where} was deleted while the job ran; the job stopped. "
+                    "Start it again.")
+        if (info.st_ino, info.st_size, info.st_mtime_ns) != self.stamp[:3] \
+                and self._stamp() != self.stamp:
+            return (f"Job file {self.path} was changed while the job ran; the job stopped. "
+                    "Start it again so that it runs what the file now says.")
+        return None
+
+
+class Cancelled(Exception):
+    """Raised inside a job when it is asked to stop (SIGTERM, SIGINT)."""
+
+
+@contextlib.contextmanager
+def _cancel_on_signals():
+    """SIGTERM/SIGINT raise :class:`Cancelled`, so a job stops between two Python steps."""
+    def stop(*_: object) -> None:
+        raise Cancelled()
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_job(job_json: str | os.PathLike, emit: Emit) -> int:
+    """Run the job described by ``job_json``, handing each event (a dict) to ``emit``.
+
+    Returns the exit status: 0 done, 2 a problem the user can fix (an ``error`` event says
+    which), 3 cancelled, 1 a crash (``error`` event; traceback printed on stderr). Every
+    exception ends as an ``error`` event, including the job folder or file being deleted or
+    edited while the job runs.
+    """
+    path = Path(job_json)
+    watch: _JobWatch | None = None
+
+    def checked_emit(event: dict) -> None:
+        problem = watch.problem() if watch else None
+        if problem:
+            raise InputError(problem)
+        emit(event)
+
+    def report(message: str, **extra) -> None:
+        with contextlib.suppress(Exception):  # the reader may be gone: nothing left to tell
+            emit({"event": "error", "message": message, **extra})
+
+    try:
+        watch = _JobWatch(path)  # before reading: an edit right after the read is noticed
+        job = read_job(path)
+        runner = {"finetune": _run_finetune, "segment": _run_segment,
+                  "evaluate": _run_evaluate}[job.kind]
+        return runner(job, checked_emit)
+    except Cancelled:
+        with contextlib.suppress(Exception):
+            emit({"event": "cancelled", "status": "cancelled"})
+        return EXIT_CANCELLED
+    except TransferSegError as error:
+        problem = watch.problem() if watch else None
+        report(problem or str(error))
+        return EXIT_USER_ERROR
+    except Exception as error:  # a bug, unless the job's files vanished under it
+        problem = watch.problem() if watch else None
+        if problem:
+            report(problem)
+            return EXIT_USER_ERROR
+        traceback.print_exc(file=sys.stderr)
+        report(f"TransferSeg crashed: {type(error).__name__}: {error}", crash=True)
+        return EXIT_CRASH
+
+
+def _run_finetune(job: Job, emit: Emit) -> int:
+    from TransferSegLib import training
+
+    params = job.params
+    config = training.TrainConfig(**{k: params[k] for k in TRAIN_SETTINGS if k in params})
+    job.output.mkdir(parents=True, exist_ok=True)
+    # While it trains, the trainer's own handler turns SIGTERM into a clean stop with a saved
+    # model; before and after, _cancel_on_signals stops the job.
+    with _cancel_on_signals():
+        result = training.finetune(
+            job.path_of("base"), job.dataset, job.output, params["strategy"], config,
+            architecture=params["architecture"], arguments=params["arguments"], events=emit,
+            resume=params["resume"], overwrite=params["overwrite"],
+            cancel_file=job.folder / CANCEL_FILE,
+        )
+    return EXIT_CANCELLED if result.status == "cancelled" else EXIT_DONE
+
+
+def _case_files(job: Job, suffix: str) -> dict[str, Path]:
+    """Output file per case name, in the job's output folder, with distinct names."""
+    taken: set[str] = set()
+    outputs = {}
+    for case in job.cases:
+        slug = base = _slug(case.name)
+        number = 2
+        while slug in taken:
+            slug, number = f"{base}_{number}", number + 1
+        taken.add(slug)
+        outputs[case.name] = job.output / f"{slug}{suffix}"
+    return outputs
+
+
+def _run_segment(job: Job, emit: Emit) -> int:
+    from TransferSegLib.inference import segment_file
+
+    params, start = job.params, time.perf_counter()
+    job.output.mkdir(parents=True, exist_ok=True)
+    outputs = _case_files(job, ".seg.nrrd")
+    with _cancel_on_signals():
+        for index, case in enumerate(job.cases):
+            emit({"event": "case", "case": case.name, "index": index, "count": len(job.cases),
+                  "message": f"segmenting {case.name}"})
+            result = segment_file(
+                job.path_of("model"), case.image, outputs[case.name],
+                overwrite=params["overwrite"], device=params["device"],
+                overlap=float(params["overlap"]), batch_size=params["batch_size"],
+            )
+            emit({"event": "segmented", "case": case.name, "path": str(outputs[case.name]),
+                  "labels": {str(v): n for v, n in result.labels.items()}})
+    emit({"event": "done", "status": "done", "outputs": [str(p) for p in outputs.values()],
+          "seconds": round(time.perf_counter() - start, 1)})
+    return EXIT_DONE
+
+
+def _run_evaluate(job: Job, emit: Emit) -> int:
+    from TransferSegLib import metrics
+    from TransferSegLib.volumes import read_label
+
+    params, start = job.params, time.perf_counter()
+    job.output.mkdir(parents=True, exist_ok=True)
+    outputs = _case_files(job, "_scores.json")
+    with _cancel_on_signals():
+        for index, case in enumerate(job.cases):
+            emit({"event": "case", "case": case.name, "index": index, "count": len(job.cases),
+                  "message": f"scoring {case.name}"})
+            scores = metrics.evaluate(
+                read_label(case.prediction), read_label(case.label), job.labels or None,
+                prediction_name=f"the prediction of case {case.name!r}",
+                reference_name=f"the reference of case {case.name!r}",
+                lesion_wise=params["lesion_wise"],
+            )
+            metrics.write_scores(scores, outputs[case.name], overwrite=params["overwrite"])
+            emit({"event": "scores", "case": case.name, "path": str(outputs[case.name]),
+                  "labels": [dataclasses.asdict(score) for score in scores],
+                  "mean": metrics.mean_scores(scores)})
+    emit({"event": "done", "status": "done", "outputs": [str(p) for p in outputs.values()],
+          "seconds": round(time.perf_counter() - start, 1)})
+    return EXIT_DONE
+
+
+def json_safe(value: object) -> object:
+    """``value`` with non-finite floats as None and paths as text, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return json_safe(value.item())
+    return str(value)
+
+
+def run_job_printing(job_json: str | os.PathLike) -> int:
+    """:func:`run_job` with each event printed as one JSON line on stdout (flushed).
+
+    Anything else the job prints goes to stderr, so stdout carries events only.
+    """
+    stream = sys.stdout
+
+    def emit(event: dict) -> None:
+        stream.write(json.dumps(json_safe(event), allow_nan=False) + "\n")
+        stream.flush()
+
+    with contextlib.redirect_stdout(sys.stderr):
+        code = run_job(job_json, emit)
+    if _started_as_job_process():
+        # The job is over and its files are written. Tearing down an interpreter that has
+        # loaded torch and MONAI takes seconds, which would delay every finish and cancel.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _started_as_job_process() -> bool:
+    """True in a process started as ``python -m TransferSegLib ...`` (as JobProcess does)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "TransferSegLib.__main__"
+
+
+# ---------------------------------------------------------------------------- the child process
+LOG_LINES = 2000  # lines of output kept for the log tail
+LINE_LIMIT = 4000  # characters kept of one line
+
+
+def _describe_exit(returncode: int) -> str:
+    kill = getattr(signal, "SIGKILL", 9)
+    if returncode in (-kill, 128 + kill):
+        return ("The job was killed (SIGKILL), most likely because the computer ran out of "
+                "memory; use a smaller batch size or patch, fewer cases, or a machine with more "
+                "memory.")
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"The job was stopped by {name}."
+    return f"The job stopped with exit code {returncode} without saying why."
+
+
+class JobProcess:
+    """A job running in a child process: start, poll events, cancel; no Qt, never blocks.
+
+    The child is ``python -m TransferSegLib run JOB.json`` in a new process group (session)
+    of its own, so :meth:`cancel` ends it with everything it started. Two threads read its
+    stdout (JSON events; other lines become ``{"event": "log"}``) and stderr (``log``) into a
+    queue; :meth:`poll` returns what arrived. When the child ends without reporting an error
+    or being cancelled, an ``error`` event with its exit status and log tail is added.
+    """
+
+    def __init__(self, job_json: str | os.PathLike, python: str | os.PathLike = sys.executable,
+                 env: Mapping[str, str] | None = None):
+        self.job_json = Path(job_json)
+        self.python = str(python)
+        self.env = dict(env) if env is not None else None
+        self._events: queue.Queue[dict] = queue.Queue()
+        self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._readers: list[threading.Thread] = []
+        self._finished = threading.Event()
+        self._cancelled = False
+        self._returncode: int | None = None
+        self._reported_error: str | None = None
+        self._crash_error: str | None = None
+        self._terminal: str | None = None
+
+    # -- starting
+    def command(self) -> list[str]:
+        return [self.python, "-m", "TransferSegLib", "run", str(self.job_json)]
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ if self.env is None else self.env)
+        library_root = str(Path(__file__).resolve().parent.parent)
+        paths = [library_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1",
+                   PYTHONIOENCODING="utf-8")
+        return env
+
+    def start(self) -> JobProcess:
+        """Start the child; InputError if the program cannot be started."""
+        if self._process is not None:
+            raise RuntimeError("This job was already started; make a new JobProcess.")
+        if os.name == "nt":
+            group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        else:
+            group = {"start_new_session": True}
+        try:
+            self._process = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=self._environment(), text=True, encoding="utf-8",
+                errors="replace", bufsize=1, **group,
+            )
+        except OSError as error:
+            raise InputError(f"Could not start the job with {self.python}: "
+                             f"{error.strerror or error}; check the Python program.") from None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self._process.stdout, True), daemon=True),
+            threading.Thread(target=self._read, args=(self._process.stderr, False), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    # -- reading
+    def _read(self, stream, events: bool) -> None:
+        for line in stream:
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            event = _event_of(line) if events else None
+            if event is None:
+                with self._lock:
+                    self._log.append(line[:LINE_LIMIT])
+                event = {"event": "log", "text": line[:LINE_LIMIT],
+                         "stream": "stdout" if events else "stderr"}
+            elif event["event"] in TERMINAL_EVENTS:
+                self._terminal = event["event"]
+                if event["event"] == "error":
+                    self._reported_error = str(event.get("message", ""))
+            self._events.put(event)
+        stream.close()
+
+    def _watch(self) -> None:
+        """Wait for the child and its output, then add the event that explains its end."""
+        process = self._process
+        returncode = process.wait()
+        for reader in self._readers:
+            reader.join(timeout=1.0)
+        if any(reader.is_alive() for reader in self._readers):
+            # Something the job started still holds its output open: it is an orphan now.
+            self._signal_group(signal.SIGKILL if os.name != "nt" else None)
+            for reader in self._readers:
+                reader.join(timeout=5.0)
+        self._returncode = returncode
+        if self._cancelled:
+            if self._terminal != "cancelled":
+                self._events.put({"event": "cancelled", "status": "cancelled",
+                                  "returncode": returncode})
+        elif returncode != EXIT_DONE and self._reported_error is None:
+            self._crash_error = (f"{_describe_exit(returncode)}\nLast lines of its log:\n"
+                                 f"{self.log_tail(20)}")
+            self._events.put({"event": "error", "message": self._crash_error,
+                              "returncode": returncode})
+        self._finished.set()
+
+    # -- the public state
+    def poll(self) -> list[dict]:
+        """The events received since the last call (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    @property
+    def running(self) -> bool:
+        """True from :meth:`start` until the child has ended and all its output is read."""
+        return self._process is not None and not self._finished.is_set()
+
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit status once it has ended (negative: killed by that signal)."""
+        return self._returncode if self._finished.is_set() else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def error(self) -> str | None:
+        """What went wrong: the job's own error message, else (after a crash or a kill) its
+        exit status and log tail; None while running, when done, or after :meth:`cancel`."""
+        if self._reported_error is not None:
+            return self._reported_error
+        return self._crash_error
+
+    def log_tail(self, lines: int = 50) -> str:
+        """The last ``lines`` lines the child printed that were not events."""
+        with self._lock:
+            kept = list(self._log)
+        return "\n".join(kept[-lines:] if lines > 0 else [])
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the end (at most ``timeout`` seconds); the exit status, or None."""
+        if self._process is None:
+            raise RuntimeError("The job was not started.")
+        self._finished.wait(timeout)
+        return self.returncode
+
+    # -- stopping
+    def _signal_group(self, sig) -> None:
+        """Send ``sig`` to the child's process group (POSIX) or kill its tree (Windows)."""
+        if self._process is None:
+            return
+        if os.name == "nt":
+            if sig is None:  # forceful: the whole tree
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
+                               capture_output=True, check=False)
+            else:
+                with contextlib.suppress(OSError):
+                    self._process.send_signal(signal.CTRL_BREAK_EVENT)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, sig)
+
+    def cancel(self, timeout: float = 2.0) -> None:
+        """Stop the job and every process it started.
+
+        The group first gets SIGTERM (a training job then saves and reports ``cancelled``);
+        whatever is left after ``timeout`` seconds gets SIGKILL.
+        """
+        if self._process is None or self._finished.is_set():
+            return
+        self._cancelled = True
+        gentle = signal.SIGTERM if os.name != "nt" else signal.CTRL_BREAK_EVENT
+        self._signal_group(gentle)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=timeout)
+        self._signal_group(signal.SIGKILL if os.name != "nt" else None)
+        self._process.wait()
+        self._finished.wait(timeout=5.0)
+
+
+def _event_of(line: str) -> dict | None:
+    """The event a line of the child's stdout holds, or None for other output."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None
