@@ -78,9 +78,9 @@ def parameter_ids(module: nn.Module) -> set[int]:
 
 
 def test_registry_lists_every_architecture():
-    assert networks.architectures() == sorted(
-        ["unet", "dynunet", "vnet", "unetr", "swinunetr", "segresnet"]
-    )
+    monai = ["unet", "dynunet", "vnet", "unetr", "swinunetr", "segresnet", "segresnetds"]
+    published = ["medicalnet", "diag_unet", "hdbet", "linknet3d", "resnet_unet"]
+    assert networks.architectures() == sorted(monai + published)
 
 
 @pytest.mark.parametrize("name", ALL)

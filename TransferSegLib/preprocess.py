@@ -36,9 +36,13 @@ def default_normalisation(modality: str) -> dict:
 def normalise(array: np.ndarray, recipe: Mapping, in_place: bool = False) -> np.ndarray:
     """Intensities of ``array`` (any shape) normalised by ``recipe``; returns float32.
 
-    Recipes: ``{"kind": "ct", "window": [lo, hi]}`` (HU clipped, mapped to [0, 1]);
+    Recipes: ``{"kind": "ct", "window": [lo, hi]}`` (HU clipped, mapped to [0, 1]; with
+    ``"scale": false`` clipped only, kept in HU);
     ``{"kind": "mr", "percentiles": [p_lo, p_hi]}`` (clipped to the volume's percentiles, then
-    zero mean and unit variance); ``{"kind": "zscore"}``; ``{"kind": "none"}``. With
+    zero mean and unit variance, or ``"output_mean"`` and ``"output_std"`` if given);
+    ``{"kind": "zscore"}`` (with ``"nonzero": true``: statistics
+    of the nonzero voxels only, zeros kept, as MONAI's ``NormalizeIntensity(nonzero=True)``);
+    ``{"kind": "none"}``. With
     ``in_place`` a float32 ``array`` is overwritten instead of copied (saves memory).
     """
     kind = recipe.get("kind")
@@ -50,6 +54,8 @@ def normalise(array: np.ndarray, recipe: Mapping, in_place: bool = False) -> np.
         if not hi > lo:
             raise InputError(f"CT window {lo}..{hi} is empty; the upper bound must be larger.")
         np.clip(data, lo, hi, out=data)
+        if recipe.get("scale", True) is False:
+            return data
         data -= lo
         data /= hi - lo
         return data
@@ -57,8 +63,17 @@ def normalise(array: np.ndarray, recipe: Mapping, in_place: bool = False) -> np.
         p_lo, p_hi = recipe.get("percentiles", MR_PERCENTILES)
         lo, hi = np.percentile(data, [float(p_lo), float(p_hi)])
         np.clip(data, lo, hi, out=data)
-        return _zscore(data)
+        data = _zscore(data)
+        if "output_mean" in recipe or "output_std" in recipe:  # deepbet: 0.449, 0.226
+            data *= float(recipe.get("output_std", 1.0))
+            data += float(recipe.get("output_mean", 0.0))
+        return data
     if kind == "zscore":
+        if recipe.get("nonzero"):
+            inside = data != 0
+            if inside.any():
+                data[inside] = _zscore(data[inside])
+            return data
         return _zscore(data)
     if kind == "none":
         return data
