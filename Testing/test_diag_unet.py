@@ -429,3 +429,31 @@ def test_foreign_layers_and_files_are_refused(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all \xff\xfe")
     with pytest.raises(ModelFileError, match="not a readable ONNX file"):
         importer.load(tmp_path / "junk.onnx", entry_for(3, 1))
+
+
+def test_a_valid_convolution_base_fine_tunes_and_segments_whole_volumes(tmp_path):
+    """Training crops the target to the network's output; validation and segmentation tile."""
+    from conftest import real_sample
+    from test_training import organ_dataset, quick
+
+    from TransferSegLib import checkpoint, inference, networks, training, volumes
+
+    torch.manual_seed(0)
+    arguments = networks.resolve_kwargs("diag_unet", filters=2)
+    labels = {0: "background", 1: "liver", 2: "spleen"}
+    model = networks.build_network("diag_unet", 1, 3, **arguments)
+    card = checkpoint.ModelCard(
+        architecture="diag_unet", in_channels=1, out_channels=3, arguments=arguments,
+        labels=labels, spacing=[4.0, 4.0, 4.0], patch_size=[108, 108, 108],
+        normalisation={"kind": "ct", "window": [-500, 400], "scale": False}, modality="CT")
+    base = checkpoint.save_model(tmp_path / "base.safetensors", model, card)
+    data = organ_dataset(tmp_path / "data", keep={1: "spleen", 5: "liver"})
+    result = training.finetune(base, data, tmp_path / "run", "vanilla",
+                               quick(steps=2, val_every=2))
+    assert result.status == "done" and result.best_dice is not None
+    tuned, tuned_card = checkpoint.load_model(result.model)
+    image = volumes.read_volume(real_sample("totalseg_ct").image)
+    segmentation = inference.segment(tuned, tuned_card, image, device="cpu")
+    assert segmentation.label.GetSize() == image.GetSize()
+    assert networks.output_size("diag_unet", arguments, [108, 132, 156]) == [20, 44, 68]
+    assert networks.output_size("unet", None, [64, 64, 64]) is None

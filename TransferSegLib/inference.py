@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from TransferSegLib import preprocess, volumes
+from TransferSegLib import networks, preprocess, volumes
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.files import refuse_existing
 
@@ -167,10 +167,18 @@ def segment(
     inputs = channels[0][None] if len(channels) == 1 else np.stack(channels)
     del channels
     patch = tuple(int(v) for v in reversed(card.patch_size))  # card: (x, y, z)
+    valid_output = networks.output_size(card.architecture, card.arguments, patch)
     try:
-        logits = predict_logits(model, inputs, patch, device=device,
-                                out_channels=card.out_channels, overlap=overlap,
-                                batch_size=batch_size, progress=progress)
+        if valid_output is None:
+            logits = predict_logits(model, inputs, patch, device=device,
+                                    out_channels=card.out_channels, overlap=overlap,
+                                    batch_size=batch_size, progress=progress)
+        else:  # valid convolutions: each output block is read from a larger input window
+            from TransferSegLib.tiling import predict_logits_valid
+
+            logits = predict_logits_valid(model, inputs, patch, valid_output, device=device,
+                                          out_channels=card.out_channels,
+                                          batch_size=batch_size, progress=progress)
     except torch.cuda.OutOfMemoryError:
         raise TransferSegError(
             f"The GPU ran out of memory segmenting a {' x '.join(map(str, grid.size))} volume "

@@ -49,6 +49,8 @@ class _Architecture:
     decoder: Callable[[Any], list[nn.Module]]
     head: Callable[[Any], nn.Module]
     extra_arguments: tuple[str, ...] = ()  # accepted besides the constructor's own parameters
+    # Valid-convolution networks: (full kwargs, input size along an axis) -> output size.
+    output_size: Callable[[dict[str, Any], int], int] | None = None
 
 
 def _stride_product(strides: Sequence[int | Sequence[int]]) -> int:
@@ -506,3 +508,13 @@ def fixed_input_size(name: str, kwargs: dict[str, Any] | None = None) -> list[in
         return None
     size = resolve_kwargs(name, **(kwargs or {}))["img_size"]
     return [int(size)] * 3 if isinstance(size, int) else [int(s) for s in size]
+
+
+def output_size(name: str, kwargs: dict[str, Any] | None, size: Sequence[int]) -> list[int] | None:
+    """The spatial output shape for an input of ``size`` (Z, Y, X) voxels, or None when the
+    network keeps the input's size (every architecture but the valid-convolution ones)."""
+    arch = _architecture(name)
+    if arch.output_size is None:
+        return None
+    resolved = resolve_kwargs(name, **(kwargs or {}))
+    return [int(arch.output_size(resolved, int(n))) for n in size]

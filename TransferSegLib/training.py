@@ -337,13 +337,20 @@ def make_optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim
 def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelCard,
              device: torch.device, overlap: float) -> dict[str, float]:
     """Mean Dice per label name over ``cases`` (each label only where it is annotated)."""
+    from TransferSegLib import networks
     from TransferSegLib.inference import argmax_channels, predict_logits
+    from TransferSegLib.tiling import predict_logits_valid
 
     patch = tuple(int(v) for v in reversed(card.patch_size))
+    valid_output = networks.output_size(card.architecture, card.arguments, patch)
     sums: dict[int, list[float]] = {}
     for case in cases:
-        logits = predict_logits(model, case.image, patch, device=device,
-                                out_channels=card.out_channels, overlap=overlap)
+        if valid_output:
+            logits = predict_logits_valid(model, case.image, patch, valid_output, device=device,
+                                          out_channels=card.out_channels)
+        else:
+            logits = predict_logits(model, case.image, patch, device=device,
+                                    out_channels=card.out_channels, overlap=overlap)
         prediction = argmax_channels(logits.numpy(), card.out_channels)
         for channel in range(1, card.out_channels):
             if not case.annotated[channel]:
@@ -400,6 +407,13 @@ def train(
     loss_fn = SegmentationLoss()
     state_path, log_path = out_dir / "state.safetensors", out_dir / "progress.jsonl"
     patch = tuple(int(v) for v in reversed(card.patch_size))
+    # Valid-convolution networks predict only the centre of a patch: the target is cropped.
+    from TransferSegLib import networks
+
+    valid_output = networks.output_size(card.architecture, card.arguments, patch)
+    crop = (slice(None), slice(None)) + tuple(
+        slice((n - o) // 2, (n - o) // 2 + o) for n, o in zip(patch, valid_output, strict=True)
+    ) if valid_output else (slice(None),)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -449,7 +463,7 @@ def train(
                 targets.append(target)
                 annotated.append(case.annotated)
             x = torch.from_numpy(np.stack(images)).to(device)
-            y = torch.from_numpy(np.stack(targets).astype(np.int64))[:, None].to(device)
+            y = torch.from_numpy(np.stack(targets).astype(np.int64))[:, None][crop].to(device)
             mask = torch.from_numpy(np.stack(annotated)).to(device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)

@@ -210,5 +210,6 @@ ARCHITECTURES = {
         "encoder": _encoder,
         "decoder": _decoder,
         "head": _head,
+        "output_size": lambda kw, n: output_size(n),
     },
 }
