@@ -22,9 +22,13 @@ TINY = {
     "unetr": {"img_size": 32, "feature_size": 4, "hidden_size": 24, "mlp_dim": 48, "num_heads": 2},
     "swinunetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
     "segresnet": {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]},
+    "segresnetds": {"init_filters": 4, "blocks_down": [1, 1, 1],
+                    "norm": ["group", {"num_groups": 2}]},
+    "resnet_unet": {"layers": [1, 1, 1, 1], "block_inplanes": [4, 4, 8, 8],
+                    "decoder_channels": [8, 8, 4, 4, 4]},
 }
 # SwinUNETR halves five times: its bottleneck needs more than one voxel for instance norm.
-SHAPE = {"swinunetr": (32, 32, 64)}
+SHAPE = {"swinunetr": (32, 32, 64), "resnet_unet": (64, 64, 64)}
 
 NEEDS_EINOPS = pytest.mark.skipif(
     importlib.util.find_spec("einops") is None, reason="transformer networks need einops"
