@@ -158,12 +158,20 @@ def is_cached(model_id: str) -> bool:
     return model_path(model_id).is_file()
 
 
+def is_verified(item: dict) -> bool:
+    """Whether every weights file of ``item`` has a confirmed sha256 (and its source was
+    confirmed); other unconfirmed facts, such as a citation, are shown but do not count."""
+    download = {"url", "sha256", "size"}
+    return (not download & set(item.get("unverified", []))
+            and all(f.get("sha256") for f in item.get("files", [])))
+
+
 def _summary(item: dict, kind: str) -> dict:
     return {
         "id": item["id"], "kind": kind, "title": item.get("title", ""),
         "modality": item.get("modality", ""), "anatomy": item.get("anatomy", ""),
         "task": item.get("task", ""), "labels": item.get("labels", {}),
-        "licence": item.get("licence", ""), "verified": not item.get("unverified"),
+        "licence": item.get("licence", ""), "verified": is_verified(item),
         "cached": is_cached(item["id"]) if kind == "published" else Path(item["path"]).is_file(),
     }
 
@@ -215,6 +223,8 @@ def _download_url(urls: list[str], target: Path, partial: Path, size: int | None
                         done += len(block)
                         if progress:
                             progress(done, total)
+            if total is not None and done != total:  # the server closed the connection early
+                raise OSError(f"the connection closed after {done} of {total} bytes")
             os.replace(partial, target)
             return
         except (urllib.error.URLError, OSError, TimeoutError) as error:
