@@ -1,0 +1,694 @@
+"""The Slicer extension without the Slicer application: its catalog entry, CMake lists, panel
+(.ui), icon and requirements, and the module's parts that need no Qt (TransferSegModule) on
+real MRML from the slicer-core wheel. The in-Slicer self-test is TransferSegTest in
+TransferSeg/TransferSeg.py."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import py_compile
+import re
+import struct
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "TransferSeg"
+MODULE_FILE = MODULE_DIR / "TransferSeg.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "TransferSeg.ui"
+sys.path.insert(0, str(MODULE_DIR))
+
+from TransferSegModule import dependencies, state  # noqa: E402
+
+# The fields and types of Slicer's ExtensionsIndex catalog entry schema
+# (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json in the Slicer repository).
+CATALOG_ENTRY_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema",
+    "type": "object",
+    "required": ["$schema", "category", "scm_url"],
+    "additionalProperties": False,
+    "properties": {
+        "$schema": {"type": "string"},
+        "category": {"type": "string"},
+        "scm_url": {"type": "string"},
+        "scm_revision": {"type": "string"},
+        "scm_type": {"type": "string", "enum": ["git", "local"]},
+        "build_dependencies": {"type": "array", "items": {"type": "string"}},
+        "build_subdirectory": {"type": "string"},
+        "enabled": {"type": "boolean"},
+        "tier": {"type": "integer", "enum": [1, 3, 5]},
+    },
+}
+SCHEMA_URL = ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+              "slicer-extension-catalog-entry-schema-v1.0.1.json")
+JSON_TYPES = {"string": str, "array": list, "boolean": bool, "integer": int, "object": dict}
+
+
+def check_by_hand(entry: object, schema: dict = CATALOG_ENTRY_SCHEMA) -> list[str]:
+    """What is wrong with ``entry`` by the (flat) schema above, each as "field: problem"."""
+    if not isinstance(entry, dict):
+        return ["entry: not an object"]
+    errors = [f"{key}: required" for key in schema["required"] if key not in entry]
+    for key, value in entry.items():
+        rule = schema["properties"].get(key)
+        if rule is None:
+            errors.append(f"{key}: not allowed (additional property)")
+            continue
+        kind = JSON_TYPES[rule["type"]]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            errors.append(f"{key}: not of type {rule['type']}")
+        elif "enum" in rule and value not in rule["enum"]:
+            errors.append(f"{key}: {value!r} is not one of {rule['enum']}")
+        elif rule["type"] == "array" and not all(isinstance(v, str) for v in value):
+            errors.append(f"{key}: holds a non-string")
+    return errors
+
+
+def schema_errors(entry: object) -> list[str]:
+    """Validation errors by jsonschema where it is installed, else by hand."""
+    try:
+        import jsonschema
+    except ImportError:
+        return check_by_hand(entry)
+    validator = jsonschema.Draft7Validator(CATALOG_ENTRY_SCHEMA)
+    return [f"{'/'.join(map(str, e.absolute_path)) or 'entry'}: {e.message}"
+            for e in validator.iter_errors(entry)]
+
+
+def cmake_value(text: str, name: str) -> list[str]:
+    """The value of ``set(NAME ...)`` in CMake text, as a list of its (unquoted) items."""
+    match = re.search(rf"set\(\s*{name}\s+(.*?)\)", text, re.S)
+    assert match, f"no set({name} ...)"
+    value = re.sub(r"#[^\n]*", "", match.group(1))
+    return [item.strip('"') for item in re.findall(r'"[^"]*"|\S+', value)]
+
+
+def top_cmake() -> str:
+    return (ROOT / "CMakeLists.txt").read_text()
+
+
+# --- the catalog entry and the CMake lists ------------------------------------------------------
+
+def test_catalog_entry_validates_against_the_extensions_index_schema():
+    entry = json.loads((ROOT / "TransferSeg.json").read_text())
+    assert schema_errors(entry) == check_by_hand(entry) == []
+    assert entry["$schema"] == SCHEMA_URL
+    assert entry["build_subdirectory"] == "."
+    assert entry["scm_revision"] == "main"
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"$schema": SCHEMA_URL, "category": "Segmentation"}, "scm_url"),
+    ({"$schema": SCHEMA_URL, "category": "S", "scm_url": "u", "tier": 2}, "tier"),
+    ({"$schema": SCHEMA_URL, "category": "S", "scm_url": "u", "homepage": "h"}, "homepage"),
+    ({"$schema": SCHEMA_URL, "category": "S", "scm_url": "u", "build_dependencies": "PyTorch"},
+     "build_dependencies"),
+])
+def test_schema_checks_reject_a_bad_entry(bad, why):
+    for errors in (check_by_hand(bad), schema_errors(bad)):
+        assert errors and any(why in error for error in errors), errors
+
+
+def test_catalog_entry_agrees_with_the_cmake_metadata():
+    entry, text = json.loads((ROOT / "TransferSeg.json").read_text()), top_cmake()
+    depends = cmake_value(text, "EXTENSION_DEPENDS")
+    assert entry["build_dependencies"] == ([] if depends == ["NA"] else depends) == ["PyTorch"]
+    assert cmake_value(text, "EXTENSION_CATEGORY") == [entry["category"]]
+    homepage = cmake_value(text, "EXTENSION_HOMEPAGE")[0]
+    assert entry["scm_url"].removesuffix(".git") == homepage
+    assert "project(TransferSeg)" in text and "add_subdirectory(TransferSeg)" in text
+    for name in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        url = cmake_value(text, name)[0]
+        assert url.startswith(homepage.replace("github.com", "raw.githubusercontent.com") + "/")
+    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+                 "include(${Slicer_EXTENSION_CPACK})"):
+        assert line in text
+
+
+def test_cmake_installs_every_library_file_and_the_catalog():
+    listed = cmake_value(top_cmake(), "TRANSFERSEGLIB_PYTHON_SCRIPTS")
+    present = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "TransferSegLib").rglob("*.py")
+                     if "__pycache__" not in p.parts)
+    assert sorted(listed) == present, (
+        f"add to CMakeLists.txt: {sorted(set(present) - set(listed))}; "
+        f"remove: {sorted(set(listed) - set(present))}")
+    resources = cmake_value(top_cmake(), "TRANSFERSEGLIB_PYTHON_RESOURCES")
+    assert resources == ["Resources/models.json", "Resources/models.schema.json"]
+    assert all((ROOT / r).is_file() for r in resources)
+    assert "ctkMacroCompilePythonScript(" in top_cmake()
+
+
+def test_module_cmake_lists_its_scripts_and_resources():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "TransferSeg")
+    scripts = cmake_value(text, "MODULE_PYTHON_SCRIPTS")
+    present = sorted(p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py")
+                     if "__pycache__" not in p.parts)
+    assert sorted(scripts) == present
+    resources = cmake_value(text, "MODULE_PYTHON_RESOURCES")
+    assert all((MODULE_DIR / r).is_file() for r in resources)
+    assert {"Resources/UI/TransferSeg.ui", "Resources/requirements.txt",
+            "Resources/Icons/TransferSeg.png"} <= set(resources)
+    assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest(SCRIPT TransferSeg.py)" in text
+
+
+def test_only_the_module_file_lies_at_the_top_of_the_module_folder():
+    # Slicer loads every top-level .py file of a scripted-module folder as a module.
+    assert [p.name for p in MODULE_DIR.glob("*.py")] == ["TransferSeg.py"]
+
+
+# --- the module file and its panel ------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [MODULE_FILE, *sorted((MODULE_DIR / "TransferSegModule").glob(
+    "*.py")), ROOT / "Resources" / "Icons" / "draw_icon.py"], ids=lambda p: p.name)
+def test_python_files_compile(path, tmp_path):
+    py_compile.compile(str(path), cfile=str(tmp_path / "compiled.pyc"), doraise=True)
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text())
+
+
+def class_node(name: str) -> ast.ClassDef:
+    return next(n for n in ast.walk(module_tree()) if isinstance(n, ast.ClassDef)
+                and n.name == name)
+
+
+def annotated_fields(name: str) -> dict[str, str]:
+    return {n.target.id: ast.unparse(n.annotation) for n in class_node(name).body
+            if isinstance(n, ast.AnnAssign)}
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    return {w.get("name"): w for w in ET.parse(UI_FILE).getroot().iter("widget")}
+
+
+def test_ui_has_every_widget_the_module_uses():
+    source = MODULE_FILE.read_text()
+    used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", source))
+    assert len(used) > 30
+    missing = sorted(used - set(ui_widgets()))
+    assert not missing, f"not in TransferSeg.ui: {missing}"
+
+
+def test_ui_sections_and_custom_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    widgets = ui_widgets()
+    sections = [w.find("property[@name='text']/string").text for w in widgets.values()
+                if w.get("class") == "ctkCollapsibleButton"]
+    assert sections == ["Base model", "Training data", "Fine-tune", "Segment", "Evaluate",
+                        "Annotate loop"]
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    qt_classes = {"QLabel", "QPushButton", "QLineEdit", "QListWidget", "QTextBrowser",
+                  "QTableWidget", "QComboBox", "QSpinBox", "QDoubleSpinBox", "QProgressBar",
+                  "QFrame", "QPlainTextEdit"}
+    assert {w.get("class") for w in widgets.values()} <= qt_classes | declared
+    assert widgets["logText"].find("property[@name='maximumBlockCount']/number").text == "2000"
+
+
+def test_ui_binds_parameters_to_widgets_that_can_hold_them():
+    fields = annotated_fields("TransferSegParameterNode")
+    holders = {"str": {"QLineEdit", "QLabel", "QComboBox"}, "int": {"QSpinBox"},
+               "float": {"QDoubleSpinBox"}, "vtkMRML": {"qMRMLNodeComboBox"}}
+    bound = {}
+    for name, widget in ui_widgets().items():
+        value = widget.find("property[@name='SlicerParameterName']")
+        if value is None:
+            continue
+        assert value.get("stdset") == "0"  # a dynamic property, as Qt Designer writes it
+        parameter = value.find("string").text
+        assert parameter in fields, f"{name} is bound to unknown parameter {parameter}"
+        kind = fields[parameter]
+        kind = "vtkMRML" if kind.startswith("vtkMRML") else kind.split("[")[-1].split(",")[0]
+        assert widget.get("class") in holders[kind], (name, parameter, fields[parameter])
+        bound[parameter] = name
+    assert {"strategy", "steps", "learningRate", "device", "inputVolume", "reference",
+            "prediction", "nextVolume", "trainingVolume", "trainingSegmentation"} <= set(bound)
+
+
+def test_ui_gives_every_mrml_widget_the_scene():
+    root = ET.parse(UI_FILE).getroot()
+    mrml = {n for n, w in ui_widgets().items() if w.get("class", "").startswith("qMRML")
+            and n != "TransferSeg"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    assert mrml and mrml == connected
+
+
+def test_module_uses_only_what_exists():
+    """Attributes the module file reads from the parameter node, the logic and the package
+    modules exist (the module cannot be imported here: it needs the Slicer application)."""
+    from TransferSegModule import scene
+
+    tree = module_tree()
+    fields = set(annotated_fields("TransferSegParameterNode"))
+    logic = class_node("TransferSegLogic")
+    logic_names = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
+    logic_names |= {t.attr for n in ast.walk(logic) if isinstance(n, ast.Assign)
+                    for t in ast.walk(n) if isinstance(t, ast.Attribute)}
+    modules = {"state": state, "scene": scene, "dependencies": dependencies}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = ast.unparse(node.value)
+        if owner in modules:
+            assert hasattr(modules[owner], node.attr), f"{owner}.{node.attr}"
+        elif owner in ("p", "self._parameterNode") and not node.attr[0].isupper():
+            assert node.attr in fields | {"connectGui", "disconnectGui"}, f"p.{node.attr}"
+        elif owner == "self.logic":
+            assert node.attr in logic_names, f"self.logic.{node.attr}"
+        elif owner == "pair":
+            assert node.attr in annotated_fields("TrainingPair"), f"pair.{node.attr}"
+    metadata = class_node("TransferSeg")
+    text = ast.unparse(metadata)
+    for field in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
+        assert f"self.parent.{field} =" in text
+    assert "['Segmentation']" in text
+
+
+def test_strategies_and_devices_match_the_library():
+    from TransferSegLib.transfer import STRATEGIES
+
+    assert state.STRATEGIES == STRATEGIES
+    assert state.DEVICES == ("auto", "cuda", "cpu")
+
+
+# --- icon and requirements --------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [ROOT / "Resources" / "Icons" / "TransferSeg.png",
+                                  MODULE_DIR / "Resources" / "Icons" / "TransferSeg.png"])
+def test_icon_is_a_128_pixel_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (128, 128)
+    pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert pixels.shape[:2] == (128, 128) and pixels.std() > 10  # a drawing, not a blank
+
+
+def test_requirements_leave_core_packages_alone_and_cap_every_range():
+    text = (MODULE_DIR / "Resources" / "requirements.txt").read_text()
+    lines = state.read_requirements(text)
+    assert lines and not {state.requirement_name(line) for line in lines} & set(
+        state.CORE_PACKAGES)
+    for line in lines:
+        assert re.search(r"<\s*[\d.]+", line), f"no upper bound: {line}"
+    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(),
+                      re.S | re.M).group(1)
+    declared = re.findall(r'^\s*"([^"]+)"', block, re.M)
+    assert "torch>=2.1,<3" in declared
+    expected = {state.requirement_name(d): d.replace(" ", "") for d in declared
+                if state.requirement_name(d) not in state.CORE_PACKAGES}
+    assert {state.requirement_name(line): line.replace(" ", "") for line in lines} == expected
+
+
+def test_requirement_helpers():
+    assert state.requirement_name("SimpleITK>=2.3,<3") == "simpleitk"
+    assert state.requirement_name("monai[nibabel] >=1.3  # comment") == "monai"
+    assert state.requirement_name("# only a comment") == ""
+    assert state.read_requirements("# head\nmonai>=1.3,<1.7  # why\n\neinops<1\n") == [
+        "monai>=1.3,<1.7", "einops<1"]
+    pins = state.constraints({"numpy": "1.26.4", "SimpleITK": "2.3.1", "torch": "2.5.0",
+                              "monai": "1.4.0"})
+    assert pins == "SimpleITK==2.3.1\nnumpy==1.26.4\ntorch==2.5.0\n"
+
+
+# --- segment names -> model labels ------------------------------------------------------------
+
+MODEL = {0: "background", 1: "liver", 2: "left kidney", 3: "spleen"}
+
+
+def test_segments_match_model_labels_by_name():
+    mapping = state.match_segments(["Liver", "Left_kidney", "tumour", "Background"], MODEL)
+    assert mapping == {"Liver": "liver", "Left_kidney": "left kidney", "tumour": "tumour",
+                       "Background": state.IGNORE}
+    assert state.unmatched(mapping, MODEL) == ["tumour"]
+
+
+def test_training_labels_keep_the_model_order_then_new_ones():
+    mapping = {"tumour": "tumour", "Spleen": "spleen", "Liver": "liver", "fat": state.IGNORE}
+    labels = state.training_labels(mapping, MODEL)
+    assert labels == {0: "background", 1: "liver", 2: "spleen", 3: "tumour"}
+    assert state.training_labels({"x": state.IGNORE}, MODEL) == {0: "background"}
+
+
+def test_relabel_maps_segment_values_to_training_values():
+    labels = {0: "background", 1: "liver", 2: "tumour"}
+    lookup = state.relabel({1: "tumour", 2: "Liver", 3: "fat"},
+                           {"tumour": "tumour", "Liver": "liver", "fat": state.IGNORE}, labels)
+    assert lookup == {1: 2, 2: 1, 3: 0}
+    array = np.array([[0, 1, 2], [3, 2, 1]], dtype=np.uint8)
+    out = state.relabel_array(array, lookup)
+    assert out.tolist() == [[0, 2, 1], [0, 1, 2]] and out.dtype == np.uint16
+    assert state.relabel_array(np.array([[5]]), {}).tolist() == [[0]]  # unmapped -> background
+
+
+def test_name_matching_between_label_maps():
+    assert state.match_by_name({1: "Liver", 2: "tumour"}, {4: "liver", 7: "spleen"}) == {
+        1: 4, 2: 0}
+    assert state.shared_labels({1: "Liver"}, {0: "background", 4: "liver", 7: "spleen"}) == {
+        4: "liver"}
+    assert state.catalog_labels({"1": "liver", "2": "spleen"}) == {
+        0: "background", 1: "liver", 2: "spleen"}
+    assert state.catalog_labels(["brain"]) == {0: "background", 1: "brain"}
+    assert state.catalog_labels({"0": "bg", "1": "x"}) == {0: "bg", 1: "x"}
+
+
+def test_names_for_files_and_models():
+    taken: set[str] = set()
+    assert [state.unique_name(n, taken) for n in ("CT 1/2", "CT 1/2", "", "..")] == [
+        "CT_1_2", "CT_1_2-2", "case", "case-2"]
+    assert state.fine_tuned_id("liver-ct", "finetune", ["liver-ct-finetune-1"]) == \
+        "liver-ct-finetune-2"
+    assert state.fine_tuned_id("", "scratch", []) == "new-scratch-1"
+    assert state.fine_tuned_id("liver-ct-finetune-2", "two-stage", ["liver-ct-two-stage-1"]) == \
+        "liver-ct-two-stage-2"
+
+
+# --- colours ----------------------------------------------------------------------------------
+
+def test_dice_colour_runs_from_red_to_green():
+    red, amber, green = (state.dice_colour(d) for d in (0.0, 0.5, 1.0))
+    assert red[0] > 150 and red[1] < 60
+    assert green[1] > 150 and green[0] < 60
+    assert amber[0] > 150 and amber[1] > 150 and amber[2] < 80  # yellow-ish halfway
+    greens = [state.dice_colour(d / 10)[1] for d in range(6)]
+    assert greens == sorted(greens)
+    assert state.dice_colour(-1) == red and state.dice_colour(2) == green
+    assert state.dice_colour(None) == state.dice_colour(float("nan")) == (160, 160, 160)
+    assert state.progress_bar_style((255, 0, 16)) == \
+        "QProgressBar::chunk { background-color: #ff0010; }"
+
+
+# --- job events -> panel state ----------------------------------------------------------------
+
+def test_monitor_follows_a_training_job():
+    monitor = state.JobMonitor(log_limit=100)
+    assert monitor.button_text == "Start" and not monitor.active
+    monitor.start(steps=100)
+    assert monitor.button_text == "Cancel" and monitor.percent == 0
+    lines = monitor.update([
+        {"event": "start", "device": "cpu", "steps": 100, "from_step": 0, "report": "reused 2"},
+        {"event": "message", "message": "fewer than 3 labelled cases"},
+        {"event": "step", "step": 10, "steps": 100, "loss": 1.5, "lr": 1e-3, "eta_s": 90},
+        {"event": "step", "step": 50, "steps": 100, "loss": 0.5, "lr": 1e-3, "eta_s": 65.2},
+        {"event": "validation", "step": 50, "dice": 0.61, "labels": {"liver": 0.61}},
+        {"event": "checkpoint", "step": 50, "path": "state.safetensors"},
+        {"event": "stage", "step": 60, "stage": 2, "message": "all layers unfrozen"},
+        {"event": "log", "text": "a warning", "stream": "stderr"},
+    ])
+    assert lines == ["started on cpu\nreused 2", "fewer than 3 labelled cases",
+                     "step 50: validation Dice 0.610 (liver 0.610)", "all layers unfrozen",
+                     "a warning"]
+    assert monitor.percent == 50 and monitor.stage == 2
+    assert monitor.losses == [(10, 1.5), (50, 0.5)] and monitor.dices == [(50, 0.61)]
+    assert monitor.per_label == {"liver": 0.61}
+    assert monitor.status == "step 50 / 100, about 1 min 05 s left"
+    monitor.update([{"event": "validation", "step": 100, "dice": 0.7, "per_label": {"a": 0.7}},
+                    {"event": "done", "status": "done", "model": "/m.safetensors", "step": 100,
+                     "best_dice": 0.7, "seconds": 3725}])
+    assert monitor.state == state.DONE and monitor.percent == 100 and not monitor.active
+    assert monitor.model == "/m.safetensors" and monitor.best_dice == 0.7
+    assert monitor.log[-1] == "done in 1 h 02 min"
+    assert monitor.status == "done; best validation Dice 0.700"
+    assert monitor.finish(0) == []  # already over
+
+
+def test_monitor_cancel_error_and_crash():
+    monitor = state.JobMonitor()
+    monitor.start(10)
+    monitor.request_cancel()
+    assert monitor.state == state.CANCELLING and monitor.button_text == "Cancelling..."
+    monitor.update([{"event": "cancelled", "model": "/last.safetensors"}])
+    assert monitor.state == state.CANCELLED and monitor.model == "/last.safetensors"
+
+    monitor.start(10)
+    monitor.update([{"event": "error", "message": "The GPU ran out of memory; use cpu."}])
+    assert monitor.state == state.FAILED and monitor.status.startswith("failed: The GPU")
+
+    monitor.start(10)
+    lines = monitor.finish(-9, "Traceback\nMemoryError")
+    assert monitor.state == state.FAILED and "exit status -9" in lines[0]
+    assert lines[0].endswith("MemoryError")
+    monitor.start(10)
+    monitor.request_cancel()
+    monitor.finish(-15)
+    assert monitor.state == state.CANCELLED
+
+
+def test_monitor_keeps_a_capped_log_and_download_progress():
+    monitor = state.JobMonitor(log_limit=3)
+    monitor.start()
+    monitor.update([{"event": "log", "text": f"line {i}"} for i in range(5)])
+    assert list(monitor.log) == ["line 2", "line 3", "line 4"]
+    monitor.update([{"event": "progress", "done": 25, "total": 100}])
+    assert monitor.percent == 25
+    monitor.update([{"event": "progress", "done": 5, "total": None}])
+    assert monitor.percent == 0
+
+
+def test_segmentation_job_outputs_in_case_order():
+    monitor = state.JobMonitor("segment")
+    monitor.start()
+    monitor.update([{"event": "case", "case": "b", "message": "segmenting b"},
+                    {"event": "segmented", "case": "b", "path": "/out/b.seg.nrrd"},
+                    {"event": "segmented", "case": "a", "path": "/out/a.seg.nrrd"},
+                    {"event": "done", "outputs": ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]}])
+    assert state.job_outputs(monitor, ["a", "b"]) == ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]
+    monitor.outputs.clear()
+    assert state.job_outputs(monitor, ["a", "b"]) == ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]
+    with pytest.raises(ValueError, match="output files"):
+        state.job_outputs(monitor, ["a"])
+
+
+# --- the annotate loop ------------------------------------------------------------------------
+
+def test_rounds_show_forgetting():
+    rounds = state.RoundHistory()
+    assert rounds.current == 0
+    assert rounds.begin("base", []) == 1
+    rounds.record(1, "val 1", 0.80)
+    rounds.record(1, "new 1", 0.50)
+    assert rounds.begin("ft-1", ["new 1"]) == 2
+    rounds.record(2, "val 1", 0.70)
+    rounds.record(2, "new 2", 0.75)
+    header, rows = rounds.table()
+    assert header == ["case", "round 1", "round 2", "change"]
+    assert rows[0][:3] == ["val 1", 0.80, 0.70] and rows[0][3] == pytest.approx(-0.10)
+    assert rows[1] == ["new 1", 0.50, None, None]
+    assert rows[2] == ["new 2", None, 0.75, None]
+    assert rounds.forgetting() == {"val 1": (0.80, 0.70)}
+    assert rounds.forgetting(tolerance=0.2) == {}
+    with pytest.raises(ValueError, match="round 3"):
+        rounds.record(3, "x", 0.5)
+
+
+def test_score_rows_end_with_the_mean():
+    scores = [{"name": "liver", "present": True, "dice": 0.9, "hd95_mm": 3.0,
+               "volume_pred_ml": 1500.0, "volume_ref_ml": 1450.0},
+              {"name": "tumour", "present": False, "dice": 0.0, "hd95_mm": float("inf"),
+               "volume_pred_ml": 2.0, "volume_ref_ml": 0.0}]
+    header, rows = state.score_rows(scores, {"labels": 1, "dice": 0.9, "hd95_mm": 3.0})
+    assert header[:2] == ["segment", "Dice"]
+    assert rows[1][0] == "tumour (not in reference)"
+    assert rows[-1] == ["mean of 1", 0.9, 3.0, None, None]
+
+
+# --- catalog and computer ---------------------------------------------------------------------
+
+CATALOG = [
+    {"id": "liver-ct", "title": "Liver CT", "modality": "CT", "anatomy": "abdomen",
+     "task": "organs", "labels": {"1": "liver"}, "licence": "MIT", "cached": True,
+     "verified": True, "kind": "published"},
+    {"id": "brain-mr", "title": "Brain MR", "modality": "MR", "anatomy": "head",
+     "task": "tumour", "labels": {"1": "edema", "2": "enhancing"}, "licence": "CC-BY-4.0",
+     "cached": False, "verified": False, "kind": "published"},
+    {"id": "mine", "title": "", "modality": "CT", "labels": {"0": "background", "1": "liver"},
+     "cached": True, "kind": "fine-tuned"},
+]
+
+
+def test_catalog_search_lines_and_details():
+    assert [m["id"] for m in state.filter_models(CATALOG, "ct LIVER")] == ["liver-ct", "mine"]
+    assert [m["id"] for m in state.filter_models(CATALOG, "enhancing")] == ["brain-mr"]
+    assert state.filter_models(CATALOG, "") == CATALOG
+    assert state.model_line(CATALOG[0]) == "Liver CT  [CT]"
+    assert state.model_line(CATALOG[1]) == "Brain MR  [MR, not downloaded]"
+    assert state.model_line(CATALOG[2]) == "mine  [CT, fine-tuned]"
+    html = state.model_details(CATALOG[1])
+    for text in ("<h3>Brain MR</h3>", "2: edema, enhancing", "CC-BY-4.0", "no (fetch it first)"):
+        assert text in html
+    assert "1: liver" in state.model_details(CATALOG[2])  # background not listed
+    assert "&lt;b&gt;" in state.model_details({"id": "<b>"})
+
+
+def test_gpu_lines():
+    text = "NVIDIA H100 80GB HBM3, 81559\nbad line\nNVIDIA A10, 23028\n"
+    gpus = state.parse_nvidia_smi(text)
+    assert [name for name, _ in gpus] == ["NVIDIA H100 80GB HBM3", "NVIDIA A10"]
+    assert gpus[0][1] == pytest.approx(79.65, abs=0.01)
+    assert state.gpu_description(gpus) == "GPU: NVIDIA H100 80GB HBM3, 79.6 GiB (+1 more)"
+    assert state.gpu_description([]).startswith("No NVIDIA GPU found")
+    assert isinstance(dependencies.gpus(), list)
+
+
+def test_job_python_prefers_python_slicer():
+    slicer_app = os.path.join("opt", "Slicer", "bin", "SlicerApp-real")
+    beside = os.path.join("opt", "Slicer", "bin", "PythonSlicer")
+    assert state.job_python(beside, lambda _: None) == beside
+    assert state.job_python(slicer_app, lambda _: None, exists=lambda p: p == beside) == beside
+    assert state.job_python(slicer_app, lambda n: f"/path/{n}", exists=lambda _: False) == \
+        "/path/PythonSlicer"
+    assert state.job_python(sys.executable, lambda _: None, lambda _: False) == sys.executable
+
+
+def test_job_environment_puts_the_library_first():
+    env = state.job_environment({"PYTHONPATH": os.pathsep.join(["/a", "/lib"]), "X": "1"},
+                                "/lib")
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/lib", "/a"] and env["X"] == "1"
+    assert dependencies.library_root() == ROOT
+    child = dependencies.job_environment()["PYTHONPATH"].split(os.pathsep)
+    assert child[0] == str(ROOT)
+
+
+def test_dependencies_are_found_in_this_environment(tmp_path, monkeypatch):
+    assert dependencies.REQUIREMENTS.is_file()
+    assert dependencies.missing() == []
+    assert set(dependencies.installed_core_versions()) == {"torch", "SimpleITK", "numpy"}
+    monkeypatch.setenv("TRANSFERSEG_HOME", str(tmp_path))
+    first, second = dependencies.run_folder("segment"), dependencies.run_folder("segment")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.parent == tmp_path / "slicer-runs"
+
+
+# --- a child process read by polling ----------------------------------------------------------
+
+def wait_for(process: state.LineProcess, timeout: float = 60.0) -> list[dict]:
+    import time
+
+    events, deadline = [], time.monotonic() + timeout
+    while process.running and time.monotonic() < deadline:
+        events += process.poll()
+        time.sleep(0.05)
+    return events + process.poll()
+
+
+def test_line_process_reads_json_lines_from_its_file(tmp_path):
+    script = ("import json, sys, time\n"
+              "print(json.dumps({'event': 'progress', 'done': 1, 'total': 2}), flush=True)\n"
+              "print('plain text', flush=True)\n"
+              "time.sleep(0.3)\n"
+              "sys.stdout.write(json.dumps({'event': 'done', 'model': 'm'}))\n")
+    process = state.LineProcess([sys.executable, "-c", script], tmp_path / "out.jsonl")
+    assert process.poll() == [] and process.returncode is None
+    process.start()
+    events = wait_for(process)
+    assert events == [{"event": "progress", "done": 1, "total": 2},
+                      {"event": "log", "message": "plain text"},
+                      {"event": "done", "model": "m"}]
+    assert process.returncode == 0 and not process.running
+    assert process.log_tail(1) == '{"event": "done", "model": "m"}'
+
+
+def test_line_process_cancel(tmp_path):
+    process = state.LineProcess([sys.executable, "-c", "import time; time.sleep(60)"],
+                                tmp_path / "out.jsonl")
+    process.start()
+    assert process.running
+    process.cancel(timeout=5)
+    assert not process.running and process.returncode is not None
+
+
+def test_fetch_command_reports_an_unknown_model_as_an_error(tmp_path):
+    env = state.job_environment({**os.environ, "TRANSFERSEG_HOME": str(tmp_path)}, str(ROOT))
+    process = state.LineProcess(state.fetch_command(sys.executable, "no-such-model"),
+                                tmp_path / "out.jsonl", env=env)
+    process.start()
+    events = wait_for(process, timeout=120)
+    monitor = state.JobMonitor("fetch")
+    monitor.start()
+    monitor.update(events)
+    assert monitor.state == state.FAILED and "no-such-model" in monitor.error
+    assert process.returncode == 2
+
+
+# --- the scene (real MRML from slicer-core) ---------------------------------------------------
+
+@pytest.fixture()
+def mrml_scene():
+    slicer = pytest.importorskip("slicer")
+    return slicer.vtkMRMLScene()
+
+
+def test_tables_and_the_training_plot(mrml_scene):
+    from TransferSegModule import scene
+
+    table = scene.singleton(mrml_scene, "vtkMRMLTableNode", "rounds", "TransferSeg rounds")
+    assert scene.singleton(mrml_scene, "vtkMRMLTableNode", "rounds", "other") is table
+    assert table.GetAttribute(scene.ROLE) == "rounds"
+    scene.write_table(table, ["case", "round 1"], [["a", 0.5], ["b", None]], text_columns=(0,))
+    vtk_table = table.GetTable()
+    assert vtk_table.GetNumberOfRows() == 2
+    assert vtk_table.GetValueByName(0, "case").ToString() == "a"
+    assert vtk_table.GetValueByName(0, "round 1").ToDouble() == 0.5
+    assert np.isnan(vtk_table.GetValueByName(1, "round 1").ToDouble())
+
+    chart = scene.training_chart(mrml_scene)
+    assert scene.training_chart(mrml_scene) is chart and chart.GetNumberOfPlotSeriesNodes() == 2
+    scene.update_plot(mrml_scene, [(10, 1.2), (20, 0.8)], [(20, 0.55)])
+    loss = scene.singleton(mrml_scene, "vtkMRMLTableNode", "loss", "")
+    assert loss.GetTable().GetNumberOfRows() == 2
+    assert loss.GetTable().GetValueByName(1, "loss").ToDouble() == 0.8
+    view = scene.plot_view(mrml_scene)
+    assert view.GetPlotChartNodeID() == chart.GetID()
+
+
+def test_training_case_from_nodes_renames_segments(mrml_scene):
+    from TransferSegModule import scene
+
+    volume, segmentation = scene.sphere_case(mrml_scene, 0, "CT 1", size=32)
+    assert scene.segment_names(segmentation) == ["tumour"] and scene.segment_names(None) == []
+    labels = {0: "background", 1: "liver", 2: "lesion"}
+    case = scene.training_case(volume, segmentation, {"tumour": "lesion"}, labels, set())
+    assert case["name"] == "CT_1"
+    label = sitk.GetArrayFromImage(case["label"])
+    assert set(np.unique(label)) == {0, 2} and (label == 2).sum() > 100
+    assert case["image"].GetSize() == case["label"].GetSize() == (32, 32, 32)
+    ignored = scene.training_case(volume, segmentation, {"tumour": state.IGNORE}, labels, set())
+    assert sitk.GetArrayFromImage(ignored["label"]).max() == 0
+
+
+def test_segmentation_result_and_its_scores(mrml_scene, tmp_path):
+    from TransferSegModule import scene
+
+    from TransferSegLib import mrml, volumes
+
+    volume, truth = scene.sphere_case(mrml_scene, 1, "held out", size=32)
+    label, names, _ = mrml.segmentation_to_labelmap(truth, volume)
+    output = tmp_path / "held.seg.nrrd"
+    volumes.write_segmentation(volumes.Segmentation.from_label_map(label, {1: "tumour"}), output)
+    read, table, colours = scene.read_output(output, {1: "ignored: the file names it"})
+    assert table == {1: "tumour"} and set(colours) == {1}
+    node = scene.new_segmentation(mrml_scene, read, table, colours, volume, "held out TransferSeg")
+    assert node.GetID() != truth.GetID() and scene.segment_names(node) == ["tumour"]
+
+    scores = scene.score_nodes(node, truth, volume)
+    assert [s.name for s in scores] == ["tumour"] and scores[0].dice == 1.0
+    assert scene.mean_dice(scores) == 1.0
+    table_node = mrml_scene.AddNewNodeByClass("vtkMRMLTableNode")
+    assert scene.write_scores(table_node, scores).startswith("Mean Dice 1.000 over the 1")
+    assert table_node.GetTable().GetValueByName(1, "segment").ToString() == "mean of 1"
+
+    # Only names both have are scored; none in common is an error that says what to do.
+    empty = sitk.Image(read.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(read)
+    assert scene.score(empty, {1: "TUMOUR", 2: "liver"}, truth, volume)[0].dice == 0.0
+    with pytest.raises(ValueError, match="no segment name in common"):
+        scene.score(read, {1: "liver"}, truth, volume)
