@@ -39,7 +39,7 @@ bench: data
 	$(BIN)/python bench/transfer.py
 
 lint: setup
-	$(BIN)/ruff check TransferSegLib Testing bench
+	$(BIN)/ruff check TransferSegLib Testing bench TransferSeg Resources
 
 clean:
 	rm -rf $(VENV) transferseg-demo .pytest_cache

@@ -337,3 +337,13 @@ def test_pretrain_with_a_head_per_dataset_writes_one_base_per_head(tmp_path):
     assert checkpoint.read_card(tuned.model).labels == {0: "background", 1: "spleen"}
     with pytest.raises(InputError, match="per-dataset"):
         training.pretrain([spleen], tmp_path / "x", quick(), heads="several")
+
+
+def test_finetune_can_replace_the_base_models_patch(tmp_path, base_model):
+    data = organ_dataset(tmp_path / "data", keep={5: "liver"})
+    result = training.finetune(base_model, data, tmp_path / "run", "finetune", quick(steps=1),
+                               patch_size=[48, 40, 24])
+    assert checkpoint.read_card(result.model).patch_size == [48, 40, 24]
+    with pytest.raises(InputError, match="multiple of 4"):
+        training.finetune(base_model, data, tmp_path / "bad", "finetune", quick(steps=1),
+                          patch_size=[30, 32, 32])

@@ -288,12 +288,15 @@ def _cancel_file(args: argparse.Namespace) -> Path | None:
 
 def _finetune(args: argparse.Namespace) -> int:
     from TransferSegLib import training
+    from TransferSegLib.zoo import require_model
 
+    base = require_model(args.base) if args.base else None  # a file, or a catalog id
     return _in_process_group(lambda: training.finetune(
-        Path(args.base) if args.base else None, Path(args.data), Path(args.out),
+        base, Path(args.data), Path(args.out),
         args.strategy, _train_config(args), val_data=Path(args.val) if args.val else None,
         labels=args.labels.split(",") if args.labels else None,
-        architecture=args.architecture, events=EventPrinter(args.events),
+        architecture=args.architecture, patch_size=args.patch,
+        events=EventPrinter(args.events),
         resume=args.resume, overwrite=args.overwrite, cancel_file=_cancel_file(args),
     ))
 
@@ -406,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_evaluate)
 
     fine = commands.add_parser("finetune", help="adapt a base model to your labelled data")
-    fine.add_argument("--base", help="base model file (not needed for --strategy scratch)")
+    fine.add_argument("--base", help="base model: a file, or a catalog id from `transferseg "
+                      "models list` (fetched if needed); not needed for --strategy scratch")
+    fine.add_argument("--patch", type=int, nargs=3,
+                      help="training and inference patch, voxels x y z (default: the base's)")
     fine.add_argument("--data", required=True,
                       help="dataset: nnU-Net/MSD folder, image/label pairs folder or CSV")
     fine.add_argument("--val", help="separate validation dataset (default: 20%% held out, or "

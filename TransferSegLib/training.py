@@ -745,6 +745,7 @@ def finetune(
     labels: Sequence[str] | None = None,
     architecture: str | None = None,
     arguments: dict | None = None,
+    patch_size: Sequence[int] | None = None,
     events: Events = lambda event: None,
     resume: bool = False,
     overwrite: bool = False,
@@ -755,6 +756,8 @@ def finetune(
     ``strategy`` is one of :data:`TransferSegLib.transfer.STRATEGIES`; ``scratch`` uses only
     the base model's architecture and settings (or ``architecture``/``arguments`` without a
     base). The new model's labels are the dataset's (or ``labels``, a subset, in that order).
+    ``patch_size`` (voxels, x y z) replaces the base's training and inference patch, e.g. a
+    smaller one to fit a published model's training into a small GPU or a CPU.
     """
     from TransferSegLib import datasets, transfer
     from TransferSegLib.checkpoint import load_model
@@ -790,6 +793,8 @@ def finetune(
     spacing = _median_spacing(cases[:5])
     card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
                         cases, spacing, strategy, base, config)
+    if patch_size is not None:
+        card = replace(card, patch_size=_checked_patch(card, patch_size))
     ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
     if card.modality != (base_card.modality if base_card else card.modality):
         events({"event": "message", "message": (
@@ -811,6 +816,23 @@ def finetune(
                 "uses the training cases"})
     return run_job(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
                    cancel_file)
+
+
+def _checked_patch(card: ModelCard, patch_size: Sequence[int]) -> list[int]:
+    """``patch_size`` if the card's network accepts it, else a clear error."""
+    from TransferSegLib import networks
+
+    patch = [int(v) for v in patch_size]
+    divisor = networks.patch_divisor(card.architecture, card.arguments)
+    fixed = networks.fixed_input_size(card.architecture, card.arguments)
+    if len(patch) != 3 or any(v < 1 or v % divisor for v in patch):
+        raise InputError(f"The patch {patch} does not fit the {card.architecture}: give three "
+                         f"sizes, each a multiple of {divisor}.")
+    if fixed is not None and list(reversed(patch)) != fixed:
+        raise InputError(f"The {card.architecture} only takes patches of "
+                         f"{list(reversed(fixed))} voxels.")
+    networks.output_size(card.architecture, card.arguments, patch)  # valid-conv: checks it
+    return patch
 
 
 def _rank_zero(events: Events) -> Events:
