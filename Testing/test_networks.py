@@ -24,6 +24,7 @@ TINY = {
     "segresnet": {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]},
     "segresnetds": {"init_filters": 4, "blocks_down": [1, 1, 1],
                     "norm": ["group", {"num_groups": 2}]},
+    "medicalnet": {"depth": 10},
     "resnet_unet": {"layers": [1, 1, 1, 1], "block_inplanes": [4, 4, 8, 8],
                     "decoder_channels": [8, 8, 4, 4, 4]},
 }

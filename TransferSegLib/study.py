@@ -85,10 +85,13 @@ def run_study(
     *,
     labels: Sequence[str] | None = None,
     architecture: str = "unet",
+    patch_size: Sequence[int] | None = None,
     log: Callable[[str], None] = print,
     events: Callable[[dict], None] = lambda event: None,
 ) -> list[dict]:
     """Train every (strategy, size, seed) and score it on ``test``; write the study folder.
+
+    ``patch_size`` (voxels, x y z) replaces the base model's patch for every run.
 
     ``events`` receives every run's training events (for a progress bar).
     """
@@ -121,7 +124,8 @@ def run_study(
                 result = finetune(
                     base if strategy != "scratch" or base else None, train_csv, run_dir,
                     strategy, replace(config, seed=seed, patience=0), val_data=test_csv,
-                    labels=names, architecture=architecture, overwrite=True, events=events,
+                    labels=names, architecture=architecture, patch_size=patch_size,
+                    overwrite=True, events=events,
                 )
                 last = run_dir / "last.safetensors"
                 scores = test_dice(last, test_set.labelled(), test_set.labels, names,

@@ -8,12 +8,18 @@ model on a held-out volume. Targets, all from the pinned samples:
 - ``ct_organs``: liver, spleen, stomach; train on the CT the base saw (now with these labels),
   test on the DICOM CT of another patient;
 - ``lung_tumour``: CT -> lung tumour, two folds (train lung1 test lung2, and the reverse);
-- ``brain_tumour``: CT -> MR brain tumour (cross-modality), two folds.
+- ``brain_tumour``: CT -> MR brain tumour (cross-modality), two folds;
+- ``brain_tumour_hdbet``: the same two folds from a *published* brain-MRI base, HD-BET v1
+  (brain extraction), fine-tuned at 64^3 patches; scratch is the same 16 M-parameter network
+  from random weights. On a CPU its steps are ~10x the CT base's, hence ``--published-steps``.
 
 N = 2 needs three volumes of one target and the samples hold at most two, so N = 1 only.
 Writes ``bench/results/transfer.json`` and ``bench/results/transfer.png``.
 
-    python bench/transfer.py [--steps 400] [--base-steps 500] [--quick]
+    python bench/transfer.py [--steps 400] [--base-steps 500] [--published-steps 150]
+                             [--only TARGET ...] [--quick]
+
+``--only`` runs some targets and merges them into the existing results file.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from TransferSegLib import __version__, demo, study  # noqa: E402
+from TransferSegLib import __version__, demo, study, zoo  # noqa: E402
 from TransferSegLib.training import TrainConfig  # noqa: E402
 
 STRATEGIES = ("scratch", "finetune", "vanilla")
@@ -45,46 +51,70 @@ def targets(work: Path) -> dict[str, list[tuple[Path, Path]]]:
                        demo.sample_dataset("totalseg_dicom", work / "organs_test", keep=organs))],
         "lung_tumour": [], "brain_tumour": [],
     }
+    # (base model, patch) per target where it is not the demo's CT base
+    folds["brain_tumour_hdbet"] = []
     for target, cases in (("lung_tumour", ("pyradiomics_lung1", "pyradiomics_lung2")),
                           ("brain_tumour", ("pyradiomics_brain1", "pyradiomics_brain2"))):
         for train, test in (cases, cases[::-1]):
             folds[target].append((demo.sample_dataset(train, work / f"{train}_only"),
                                   demo.sample_dataset(test, work / f"{test}_only")))
+    folds["brain_tumour_hdbet"] = folds["brain_tumour"]
     return folds
+
+
+PUBLISHED = {"brain_tumour_hdbet": ("hd-bet-v1-fold0", [64, 64, 64])}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--base-steps", type=int, default=500)
+    parser.add_argument("--published-steps", type=int, default=150,
+                        help="steps of the runs from a published base (slower networks)")
+    parser.add_argument("--only", nargs="*", help="run these targets only, merge the results")
     parser.add_argument("--quick", action="store_true", help="20 steps: a smoke run")
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.base_steps = 20, 20
+        args.steps, args.base_steps, args.published_steps = 20, 20, 10
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="transferseg-bench-"))
     base = demo.base_model(args.base_steps)
     config = TrainConfig(steps=args.steps, batch_size=2, val_every=max(args.steps // 8, 1),
                          checkpoint_every=args.steps, lr=3e-3)
-    results, started = {}, time.time()
+    out = HERE / "results" / ("transfer-quick.json" if args.quick else "transfer.json")
+    previous = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results, started = dict(previous.get("targets", {})), time.time()
+    settings = dict(previous.get("settings", {}))
     for name, folds in targets(work / "data").items():
+        if args.only and name not in args.only:
+            continue
+        target_base, patch, target_config = base, None, config
+        if name in PUBLISHED:
+            target_base, patch = zoo.fetch(PUBLISHED[name][0]), PUBLISHED[name][1]
+            target_config = TrainConfig(
+                steps=args.published_steps, batch_size=2, lr=1e-3, checkpoint_every=10**6,
+                val_every=max(args.published_steps // 5, 1))
         rows = []
         for index, (train, test) in enumerate(folds):
             print(f"== {name}, fold {index}", flush=True)
-            rows += study.run_study(train, test, work / name / f"fold{index}", base, STRATEGIES,
-                                    (1,), (0,), config)
+            rows += study.run_study(train, test, work / name / f"fold{index}", target_base,
+                                    STRATEGIES, (1,), (0,), target_config, patch_size=patch)
         results[name] = summarise(rows)
+        settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else
+                          f"demo CT base ({args.base_steps} steps)",
+                          "steps": target_config.steps, "lr": target_config.lr,
+                          "patch": patch or "the base's"}
     report = {
         "benchmark": "data efficiency: scratch vs finetune vs vanilla from one CT base model",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": {"cpu_cores": os.cpu_count(), "device": "cuda" if _cuda() else "cpu",
                      "platform": platform.platform()},
         "transferseg": __version__, "steps": args.steps, "base_steps": args.base_steps,
-        "n_train": 1, "targets": results, "seconds": round(time.time() - started, 1),
+        "n_train": 1, "settings": settings, "targets": results,
+        "seconds": round(time.time() - started, 1) + previous.get("seconds", 0),
     }
-    out = HERE / "results" / ("transfer-quick.json" if args.quick else "transfer.json")
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(report, indent=1))

@@ -1,0 +1,350 @@
+"""A TransferSeg model for tools outside TransferSeg: a MONAI bundle, or a TorchScript file.
+
+:func:`export_bundle` writes a folder MONAI's bundle runner can run::
+
+    python -m monai.bundle run --config_file liver/configs/inference.json \\
+        --meta_file liver/configs/metadata.json --bundle_root liver \\
+        --datalist "['scan.nii.gz']" --output_dir out
+
+``configs/inference.json`` reproduces :func:`TransferSegLib.inference.segment`: the network
+(``network_def``: the MONAI class for MONAI architectures, TransferSeg's own class otherwise,
+which then needs TransferSegLib installed where the bundle runs), the card's orientation,
+spacing and intensity recipe as MONAI transforms, a Gaussian sliding-window inferer with the
+card's patch size, overlap 0.25 and 2 patches per batch, softmax, inversion of the spatial
+transforms with linear interpolation of the probabilities, argmax, the card's label values,
+and a NIfTI label map per input. ``configs/metadata.json`` names the output channels
+(``channel_def``); ``models/model.pt`` holds the weights as a plain state_dict (loadable with
+``weights_only=True``); ``configs/transferseg_card.json`` keeps the whole model card.
+
+MONAI's arrays are (x, y, z) of the oriented image while TransferSeg's are (z, y, x), so the
+card's orientation, spacing and patch size are written reversed (orientation ``"LPS"`` is
+``Orientationd(axcodes="SPL")``): the network sees the same array. On a scan already on the
+model's grid (same orientation and spacing), the bundle's segmentation equals ``segment``'s.
+On other scans both keep the first voxel centre, but MONAI's ``Spacingd`` may give the
+resampled grid one voxel less or more along an axis than ``segment`` (which rounds the
+extent), which moves the sliding windows: the labels then differ where the network is unsure.
+Inputs with several channels are read as one multi-channel image (a 4D NIfTI), not one file
+per channel.
+
+:func:`export_torchscript` writes the network alone, compiled (``torch.jit.script``) or, where
+that is not possible, traced at the card's patch size (a traced network then takes that input
+size only, as a sliding window gives it); the card is inside as the extra file
+``transferseg_card.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from TransferSegLib import __version__
+from TransferSegLib.checkpoint import ModelCard, load_model
+from TransferSegLib.errors import InputError, TransferSegError
+from TransferSegLib.files import atomic_output, refuse_existing
+
+CARD_FILE = "transferseg_card.json"
+OVERLAP = 0.25  # as inference.segment
+BATCH_SIZE = 2
+# MONAI's runner reads it by default; the standard form its checks accept.
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+META_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
+               "0.8.1/meta_schema_20220324.json")
+
+
+# --- MONAI bundle --------------------------------------------------------------------------------
+
+def network_definition(card: ModelCard, model_class: type[nn.Module]) -> dict[str, Any]:
+    """The bundle's ``network_def``: ``_target_`` and every constructor argument.
+
+    ``model_class`` is the class of the card's network (``type(model)``).
+    """
+    arguments = dict(card.arguments)
+    if "img_size" in arguments and "img_size" not in _parameters(model_class):
+        arguments.pop("img_size")  # as networks.build_network does for MONAI >= 1.5
+    module = model_class.__module__
+    target = (f"monai.networks.nets.{model_class.__name__}" if module.startswith("monai.")
+              else f"{module}.{model_class.__qualname__}")
+    return {"_target_": target, "spatial_dims": 3, "in_channels": card.in_channels,
+            "out_channels": card.out_channels, **arguments}
+
+
+def _parameters(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def intensity_transforms(normalisation: dict[str, Any]) -> list[dict[str, Any]]:
+    """MONAI transforms computing the card's intensity recipe on key ``image``."""
+    kind = normalisation.get("kind")
+    if kind == "ct":
+        lo, hi = (float(v) for v in normalisation.get("window", (-1000.0, 1000.0)))
+        scaled = normalisation.get("scale", True) is not False
+        return [{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": lo, "a_max": hi,
+                 "b_min": 0.0 if scaled else lo, "b_max": 1.0 if scaled else hi,
+                 "clip": True}]
+    if kind == "mr":
+        p_lo, p_hi = (float(v) for v in normalisation.get("percentiles", (0.5, 99.5)))
+        transforms = [
+            {"_target_": "ClipIntensityPercentilesd", "keys": "image", "lower": p_lo,
+             "upper": p_hi},
+            {"_target_": "NormalizeIntensityd", "keys": "image"},
+        ]
+        if "output_mean" in normalisation or "output_std" in normalisation:
+            transforms += [
+                {"_target_": "ScaleIntensityd", "keys": "image", "minv": None, "maxv": None,
+                 "factor": float(normalisation.get("output_std", 1.0)) - 1.0},
+                {"_target_": "ShiftIntensityd", "keys": "image",
+                 "offset": float(normalisation.get("output_mean", 0.0))},
+            ]
+        return transforms
+    if kind == "zscore":
+        return [{"_target_": "NormalizeIntensityd", "keys": "image",
+                 "nonzero": bool(normalisation.get("nonzero", False))}]
+    if kind == "none":
+        return []
+    raise InputError(f"Intensity recipe {kind!r} has no MONAI equivalent; cannot export it.")
+
+
+def inference_config(card: ModelCard, model_class: type[nn.Module]) -> dict[str, Any]:
+    """The bundle's ``configs/inference.json`` for a model with this card and network class."""
+    roi = [int(v) for v in reversed(card.patch_size)]
+    preprocessing = [
+        {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        # The letters say where each array axis points, as in nibabel (and DICOM).
+        {"_target_": "Orientationd", "keys": "image", "axcodes": card.orientation[::-1],
+         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in
+                                                               reversed(card.spacing)],
+         "mode": "bilinear"},
+        *intensity_transforms(card.normalisation),
+        {"_target_": "EnsureTyped", "keys": "image"},
+    ]
+    values = [int(card.label_values.get(card.labels[c], c)) for c in range(card.out_channels)]
+    postprocessing: list[dict[str, Any]] = [
+        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
+         "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
+        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+    ]
+    if values != list(range(card.out_channels)):
+        postprocessing.append({"_target_": "MapLabelValued", "keys": "pred",
+                               "orig_labels": list(range(card.out_channels)),
+                               "target_labels": values})
+    postprocessing.append({
+        "_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir",
+        "output_ext": "@output_ext", "output_postfix": "@output_postfix",
+        "output_dtype": "$numpy.uint8" if max(values) < 256 else "$numpy.uint16",
+        "separate_folder": False, "resample": False, "print_log": False,
+    })
+    return {
+        "imports": ["$import glob", "$import numpy", "$import torch"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "output_ext": ".nii.gz",
+        "output_postfix": "seg",
+        "dataset_dir": "$@bundle_root + '/data'",
+        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": network_definition(card, model_class),
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1,
+                       "shuffle": False, "num_workers": 0},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": roi,
+                    "sw_batch_size": BATCH_SIZE, "overlap": OVERLAP, "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
+                      "val_data_loader": "@dataloader", "network": "@network",
+                      "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "amp": "$torch.cuda.is_available()"},
+        "checkpointloader": {"_target_": "CheckpointLoader",
+                             "load_path": "$@bundle_root + '/models/model.pt'",
+                             "load_dict": {"model": "@network"}, "map_location": "cpu"},
+        "initialize": ["$@checkpointloader(@evaluator)"],
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import numpy
+
+    optional = {}
+    for name, module in (("nibabel", "nibabel"), ("pytorch-ignite", "ignite")):
+        if importlib.util.find_spec(module) is not None:
+            optional[name] = __import__(module).__version__
+    return {"monai_version": monai.__version__,
+            "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": numpy.__version__, "required_packages_version": optional}
+
+
+def metadata(card: ModelCard, name: str) -> dict[str, Any]:
+    """The bundle's ``configs/metadata.json`` (MONAI's metadata schema)."""
+    roi = [int(v) for v in reversed(card.patch_size)]
+    ct = card.normalisation.get("kind") == "ct"
+    data = {
+        "schema": META_SCHEMA,
+        "version": "0.1.0",
+        "changelog": {"0.1.0": f"exported from TransferSeg {__version__}"},
+        **_versions(),
+        "name": card.title or name,
+        "task": card.title or name,
+        "description": card.description or f"A {card.architecture} exported from TransferSeg.",
+        "authors": "",
+        "copyright": "",
+        "intended_use": "Research; not for diagnostic use unless validated.",
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "hounsfield" if ct else "magnitude",
+                "modality": card.modality, "num_channels": card.in_channels,
+                "spatial_shape": roi, "dtype": "float32",
+                "value_range": [0, 1] if ct else [], "is_patch_data": True,
+                "channel_def": {str(c): f"channel {c}" if card.in_channels > 1 else "image"
+                                for c in range(card.in_channels)},
+            }},
+            "outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": card.out_channels,
+                "spatial_shape": roi, "dtype": "float32", "value_range": [0, 1],
+                "is_patch_data": True,
+                "channel_def": {str(c): label for c, label in sorted(card.labels.items())},
+            }},
+        },
+    }
+    lineage = [item.get("citation") for item in card.lineage if item.get("citation")]
+    if lineage:
+        data["references"] = lineage
+    return data
+
+
+def _readme(card: ModelCard, name: str, target: str) -> str:
+    labels = ", ".join(f"{c}: {n}" for c, n in sorted(card.labels.items()))
+    return (
+        f"# {card.title or name}\n\n"
+        f"A {card.architecture} exported from TransferSeg {__version__}.\n\n"
+        f"- labels: {labels}\n"
+        f"- spacing {card.spacing} mm (x, y, z), orientation {card.orientation}, "
+        f"patch {card.patch_size} voxels, intensities {json.dumps(card.normalisation)}\n\n"
+        "Run it on NIfTI scans:\n\n"
+        "    python -m monai.bundle run --config_file <bundle>/configs/inference.json \\\n"
+        "        --meta_file <bundle>/configs/metadata.json --bundle_root <bundle> \\\n"
+        "        --datalist \"['scan.nii.gz']\" --output_dir out\n\n"
+        "It needs monai, nibabel, pytorch-ignite (and fire for the command line)"
+        + ("" if target.startswith("monai.")
+           else ", and TransferSegLib, whose class the network is") + ".\n"
+    )
+
+
+def export_bundle(model_path: str | os.PathLike, folder: str | os.PathLike,
+                  overwrite: bool = False) -> Path:
+    """Write the TransferSeg model at ``model_path`` as a MONAI bundle folder; return it.
+
+    The folder appears complete or not at all; an existing one is refused unless
+    ``overwrite``.
+    """
+    folder = Path(folder)
+    refuse_existing(folder, overwrite)
+    if not folder.parent.is_dir():
+        raise TransferSegError(f"Cannot write {folder}: {folder.parent} does not exist.")
+    model, card = load_model(model_path)
+    name = folder.name
+    config = inference_config(card, type(model))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder.parent))
+    try:
+        (staging / "configs").mkdir()
+        (staging / "models").mkdir()
+        (staging / "docs").mkdir()
+        (staging / "configs" / "inference.json").write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (staging / "configs" / "metadata.json").write_text(
+            json.dumps(metadata(card, name), indent=2) + "\n", encoding="utf-8")
+        (staging / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
+        (staging / "configs" / CARD_FILE).write_text(card.to_json() + "\n", encoding="utf-8")
+        readme = _readme(card, name, config["network_def"]["_target_"])
+        (staging / "docs" / "README.md").write_text(readme, encoding="utf-8")
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, staging / "models" / "model.pt")
+        if folder.exists():
+            refuse_existing(folder, overwrite)
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except OSError as error:
+        raise TransferSegError(f"Could not write {folder}: {error.strerror or error}.") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+# --- TorchScript ---------------------------------------------------------------------------------
+
+def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def compile_network(model: nn.Module, card: ModelCard) -> tuple[torch.jit.ScriptModule, str]:
+    """``model`` as TorchScript and how: ``"script"``, or ``"trace"`` at the card's patch size.
+
+    The result is checked against ``model`` on a random patch; a difference above 1e-4 of
+    the logits' range raises :class:`TransferSegError`.
+    """
+    model = model.eval()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(1, card.in_channels, *reversed(card.patch_size), generator=generator)
+    with torch.no_grad():
+        expected = model(example)
+        try:
+            compiled, how = torch.jit.script(model), "script"
+        except Exception:  # noqa: BLE001 - scripting fails in many ways on Python-only code
+            compiled, how = torch.jit.trace(model, example, check_trace=False), "trace"
+        got = compiled(example)
+    tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+    if got.shape != expected.shape or _largest_difference(got, expected) > tolerance:
+        raise TransferSegError(
+            f"The TorchScript {card.architecture} ({how}) does not reproduce the network "
+            "(largest logit difference "
+            f"{_largest_difference(got, expected) if got.shape == expected.shape else 'n/a'}); "
+            "this is a bug."
+        )
+    return compiled, how
+
+
+def export_torchscript(model_path: str | os.PathLike, file: str | os.PathLike,
+                       overwrite: bool = False) -> str:
+    """Write the network of the TransferSeg model at ``model_path`` as TorchScript at ``file``
+    (atomically); returns ``"script"`` or ``"trace"`` (see the module docstring)."""
+    model, card = load_model(model_path)
+    compiled, how = compile_network(model, card)
+    with atomic_output(file, overwrite) as temporary:
+        torch.jit.save(compiled, str(temporary), _extra_files={CARD_FILE: card.to_json()})
+    return how
