@@ -37,10 +37,15 @@ def requirements() -> list[str]:
     return state.read_requirements(REQUIREMENTS.read_text(encoding="utf-8"))
 
 
+# Distributions whose import name is not their own name.
+IMPORT_NAMES = {"pyyaml": "yaml"}
+
+
 def missing() -> list[str]:
     """Distributions (torch first) that cannot be imported yet."""
     names = ["torch", *[state.requirement_name(line) for line in requirements()]]
-    return [name for name in names if importlib.util.find_spec(name.replace("-", "_")) is None]
+    return [name for name in names if importlib.util.find_spec(
+        IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))) is None]
 
 
 def installed_core_versions() -> dict[str, str]:
