@@ -206,7 +206,8 @@ def _match_by_name(prediction, prediction_names: dict, reference_names: dict, ar
 def _demo(args: argparse.Namespace) -> int:
     from TransferSegLib.demo import run_demo
 
-    run_demo(Path(args.out), base_steps=args.base_steps, steps=args.steps)
+    run_demo(Path(args.out), base_steps=args.base_steps, steps=args.steps,
+             published=args.published, published_steps=args.published_steps)
     return 0
 
 
@@ -462,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base-steps", type=int, default=500,
                       help="steps to pretrain the CT base model (cached per value)")
     demo.add_argument("--steps", type=int, default=400, help="steps of each transfer run")
+    demo.add_argument("--published", action=argparse.BooleanOptionalAction, default=None,
+                      help="also fine-tune a published brain-MRI base (HD-BET) to a brain "
+                           "tumour (default: only with a GPU; ~20 min on two CPU cores)")
+    demo.add_argument("--published-steps", type=int, default=80,
+                      help="steps of each run from the published base")
     demo.set_defaults(run=_demo)
     return parser
 

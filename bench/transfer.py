@@ -10,13 +10,13 @@ model on a held-out volume. Targets, all from the pinned samples:
 - ``lung_tumour``: CT -> lung tumour, two folds (train lung1 test lung2, and the reverse);
 - ``brain_tumour``: CT -> MR brain tumour (cross-modality), two folds;
 - ``brain_tumour_hdbet``: the same two folds from a *published* brain-MRI base, HD-BET v1
-  (brain extraction), fine-tuned at 64^3 patches; scratch is the same 16 M-parameter network
+  (brain extraction), fine-tuned at 48^3 patches; scratch is the same 16 M-parameter network
   from random weights. On a CPU its steps are ~10x the CT base's, hence ``--published-steps``.
 
 N = 2 needs three volumes of one target and the samples hold at most two, so N = 1 only.
 Writes ``bench/results/transfer.json`` and ``bench/results/transfer.png``.
 
-    python bench/transfer.py [--steps 400] [--base-steps 500] [--published-steps 150]
+    python bench/transfer.py [--steps 400] [--base-steps 500] [--published-steps 80]
                              [--only TARGET ...] [--quick]
 
 ``--only`` runs some targets and merges them into the existing results file.
@@ -62,14 +62,14 @@ def targets(work: Path) -> dict[str, list[tuple[Path, Path]]]:
     return folds
 
 
-PUBLISHED = {"brain_tumour_hdbet": ("hd-bet-v1-fold0", [64, 64, 64])}
+PUBLISHED = {"brain_tumour_hdbet": ("hd-bet-v1-fold0", [48, 48, 48])}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--base-steps", type=int, default=500)
-    parser.add_argument("--published-steps", type=int, default=150,
+    parser.add_argument("--published-steps", type=int, default=80,
                         help="steps of the runs from a published base (slower networks)")
     parser.add_argument("--only", nargs="*", help="run these targets only, merge the results")
     parser.add_argument("--quick", action="store_true", help="20 steps: a smoke run")
