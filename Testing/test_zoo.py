@@ -255,3 +255,18 @@ def test_the_real_catalog_lists_every_entry_with_its_cache_state(capsys, monkeyp
     for item in zoo.catalog():
         line = next(row for row in out.splitlines() if row.startswith(item["id"] + " "))
         assert item["modality"] in line and " no " in line
+
+
+def test_models_export_writes_a_bundle_and_torchscript(setup, tmp_path, capsys):
+    assert main(["models", "export", str(setup["source"]), "--bundle", str(tmp_path / "b"),
+                 "--torchscript", str(tmp_path / "net.ts")]) == 0
+    assert (tmp_path / "b" / "configs" / "metadata.json").is_file()
+    assert (tmp_path / "b" / "models" / "model.pt").is_file()
+    scripted = torch.jit.load(str(tmp_path / "net.ts"))  # our own file, written just now
+    model, _ = checkpoint.load_model(setup["source"])
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert torch.allclose(scripted(x), model(x), atol=1e-5)
+    assert main(["models", "export", str(setup["source"]), "--torchscript",
+                 str(tmp_path / "net.ts")]) == 2  # exists: not overwritten
+    assert main(["models", "export", str(setup["source"])]) == 2
+

@@ -106,6 +106,19 @@ def _models(args: argparse.Namespace) -> int:
         record = zoo.register(args.file, args.ids[0] if args.ids else None)
         print(f"registered {record['id']}: {record['path']}")
         return 0
+    if args.action == "export":
+        from TransferSegLib import export
+
+        if len(args.ids) != 1 or not (args.bundle or args.torchscript):
+            raise InputError("Use: transferseg models export MODEL (--bundle DIR | "
+                             "--torchscript FILE); MODEL is a file or a model id")
+        model = zoo.require_model(args.ids[0])
+        if args.bundle:
+            print(f"MONAI bundle: {export.export_bundle(model, args.bundle, args.overwrite)}")
+        if args.torchscript:
+            how = export.export_torchscript(model, args.torchscript, args.overwrite)
+            print(f"TorchScript ({how}): {args.torchscript}")
+        return 0
     for model_id in args.ids:  # remove
         own = zoo.entry(model_id).get("kind") == "fine-tuned"
         removed = zoo.remove(model_id)
@@ -370,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(run=_samples)
 
     mod = commands.add_parser("models", help="the base-model catalog: list, show, fetch, import")
-    mod.add_argument("action", choices=["list", "show", "fetch", "import", "register", "remove"])
+    mod.add_argument("action", choices=["list", "show", "fetch", "import", "register", "remove",
+                                        "export"])
     mod.add_argument("ids", nargs="*", help="model ids (list: search words)")
     mod.add_argument("--file", help="import: the weights file; register: a model file")
     mod.add_argument("--registry", action="store_true",
@@ -378,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--accept-unverified", action="store_true",
                      help="fetch/import an entry whose sha256 could not be confirmed")
     mod.add_argument("--json", action="store_true", help="list/show as JSON")
+    mod.add_argument("--bundle", help="export: write a MONAI bundle folder here")
+    mod.add_argument("--torchscript", help="export: write a TorchScript file here")
+    mod.add_argument("--overwrite", action="store_true", help="export: replace existing output")
     mod.set_defaults(run=_models)
 
     seg = commands.add_parser("segment", help="segment a volume with a TransferSeg model file")
