@@ -359,8 +359,8 @@ def test_exported_bundle_runs_in_monai_and_segments_as_transferseg(tmp_path, mod
     from monai.bundle import run
 
     bundle = export.export_bundle(model_file, tmp_path / "bundle")
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    config = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
         "0": "background", "1": "liver", "2": "spleen"}
     target = config["network_def"]["_target_"]

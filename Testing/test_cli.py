@@ -62,7 +62,7 @@ def test_evaluate_real_segmentations_to_table_csv_and_json(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     liver = next(r for r in rows if r["name"] == "liver")
     assert float(liver["dice"]) > 0.9  # the fast model finds the liver well
-    assert json.loads((tmp_path / "s.json").read_text())
+    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
 
 
 def test_evaluate_matches_seg_nrrd_segments_by_name(tmp_path, capsys):
@@ -83,7 +83,7 @@ def test_evaluate_matches_seg_nrrd_segments_by_name(tmp_path, capsys):
                        "--reference", str(case.extras["seg_nrrd"]),
                        "--json", str(tmp_path / "s.json"))
     assert code == 0
-    scores = json.loads((tmp_path / "s.json").read_text())
+    scores = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     rows = scores["labels"] if isinstance(scores, dict) else scores
     assert {r["name"] for r in rows} == set(table.values())
     assert all(r["dice"] == 1.0 for r in rows)
@@ -189,7 +189,7 @@ def test_evaluate_resamples_only_when_asked(tmp_path, capsys):
     assert code == EXIT_USER_ERROR and "--resample" in err
     code, _, err = run(capsys, *argv, "--resample")
     assert code == 0, err
-    rows = json.loads((tmp_path / "s.json").read_text())
+    rows = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     rows = rows["labels"] if isinstance(rows, dict) else rows
     assert rows and all(r["dice"] == 1.0 for r in rows)
 

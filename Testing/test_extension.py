@@ -91,13 +91,13 @@ def cmake_value(text: str, name: str) -> list[str]:
 
 
 def top_cmake() -> str:
-    return (ROOT / "CMakeLists.txt").read_text()
+    return (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 # --- the catalog entry and the CMake lists ------------------------------------------------------
 
 def test_catalog_entry_validates_against_the_extensions_index_schema():
-    entry = json.loads((ROOT / "TransferSeg.json").read_text())
+    entry = json.loads((ROOT / "TransferSeg.json").read_text(encoding="utf-8"))
     assert schema_errors(entry) == check_by_hand(entry) == []
     assert entry["$schema"] == SCHEMA_URL
     assert entry["build_subdirectory"] == "."
@@ -117,7 +117,7 @@ def test_schema_checks_reject_a_bad_entry(bad, why):
 
 
 def test_catalog_entry_agrees_with_the_cmake_metadata():
-    entry, text = json.loads((ROOT / "TransferSeg.json").read_text()), top_cmake()
+    entry, text = json.loads((ROOT / "TransferSeg.json").read_text(encoding="utf-8")), top_cmake()
     depends = cmake_value(text, "EXTENSION_DEPENDS")
     assert entry["build_dependencies"] == ([] if depends == ["NA"] else depends) == ["PyTorch"]
     assert cmake_value(text, "EXTENSION_CATEGORY") == [entry["category"]]
@@ -147,7 +147,8 @@ def test_cmake_installs_every_library_file_and_the_catalog():
 
 
 def test_module_cmake_lists_its_scripts_and_resources():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "TransferSeg")
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    text = text.replace("${MODULE_NAME}", "TransferSeg")
     scripts = cmake_value(text, "MODULE_PYTHON_SCRIPTS")
     present = sorted(p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py")
                      if "__pycache__" not in p.parts)
@@ -174,7 +175,7 @@ def test_python_files_compile(path, tmp_path):
 
 
 def module_tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text())
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
 
 
 def class_node(name: str) -> ast.ClassDef:
@@ -192,7 +193,7 @@ def ui_widgets() -> dict[str, ET.Element]:
 
 
 def test_ui_has_every_widget_the_module_uses():
-    source = MODULE_FILE.read_text()
+    source = MODULE_FILE.read_text(encoding="utf-8")
     used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", source))
     assert len(used) > 30
     missing = sorted(used - set(ui_widgets()))
@@ -294,13 +295,14 @@ def test_icon_is_a_128_pixel_png(path):
 
 
 def test_requirements_leave_core_packages_alone_and_cap_every_range():
-    text = (MODULE_DIR / "Resources" / "requirements.txt").read_text()
+    text = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8")
     lines = state.read_requirements(text)
     assert lines and not {state.requirement_name(line) for line in lines} & set(
         state.CORE_PACKAGES)
     for line in lines:
         assert re.search(r"<\s*[\d.]+", line), f"no upper bound: {line}"
-    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(),
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    block = re.search(r"^dependencies = \[(.*?)^\]", pyproject,
                       re.S | re.M).group(1)
     declared = re.findall(r'^\s*"([^"]+)"', block, re.M)
     assert "torch>=2.1,<3" in declared

@@ -75,7 +75,7 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except OSError:
         return True  # no /proc: trust kill()
     return state not in ("Z", "X")
@@ -96,7 +96,7 @@ def test_write_job_writes_exact_nrrd_inputs_and_a_versioned_job_json(tmp_path, b
                           cases=[{"name": "a/b", "image": image, "label": label},
                                  {"name": "a b", "image": image, "label": label}],
                           params=finetune_params(base_model))
-    document = json.loads(path.read_text())
+    document = json.loads(path.read_text(encoding="utf-8"))
     assert path == tmp_path / "job" / "job.json"
     assert document["format"] == "transferseg-job" and document["version"] == jobs.VERSION
     assert document["kind"] == "finetune" and document["labels"] == {"1": "ball", "2": "box"}
@@ -123,7 +123,7 @@ def test_write_job_refuses_a_foreign_folder_and_an_existing_job(tmp_path, base_m
     (foreign / "thesis.docx").write_text("keep me")
     with pytest.raises(InputError, match="not empty and holds no TransferSeg job"):
         finetune_job(foreign, base_model)
-    assert (foreign / "thesis.docx").read_text() == "keep me"
+    assert (foreign / "thesis.docx").read_text(encoding="utf-8") == "keep me"
 
     path = finetune_job(tmp_path / "job", base_model)
     with pytest.raises(OutputExistsError, match="already holds a job"):
@@ -132,7 +132,7 @@ def test_write_job_refuses_a_foreign_folder_and_an_existing_job(tmp_path, base_m
     image, _ = synthetic_case()
     again = jobs.write_job(path.parent, "segment", cases=[{"name": "x", "image": image}],
                            params={"model": str(base_model)}, overwrite=True)
-    assert json.loads(again.read_text())["kind"] == "segment"
+    assert json.loads(again.read_text(encoding="utf-8"))["kind"] == "segment"
     assert sorted(p.name for p in path.parent.iterdir()) == ["inputs", "job.json"]
 
 
@@ -189,7 +189,7 @@ BAD_JOBS = [
 def test_bad_job_files_are_one_error_naming_the_file_and_field(tmp_path, base_model, change,
                                                                words):
     path = finetune_job(tmp_path / "job", base_model)
-    document = json.loads(path.read_text())
+    document = json.loads(path.read_text(encoding="utf-8"))
     change(document)
     path.write_text(json.dumps(document))
     events = []
@@ -230,7 +230,7 @@ def test_segment_and_evaluate_jobs_write_their_outputs(tmp_path, base_model):
     assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
     scores = next(e for e in events if e["event"] == "scores")
     assert [(s["name"], s["dice"]) for s in scores["labels"]] == [("ball", 1.0), ("box", 1.0)]
-    written = json.loads(Path(scores["path"]).read_text())
+    written = json.loads(Path(scores["path"]).read_text(encoding="utf-8"))
     assert written["mean"]["dice"] == 1.0
 
 
@@ -272,7 +272,8 @@ def test_a_job_whose_files_change_while_it_runs_stops_with_a_clear_error(tmp_pat
         events.append(event)
         if event["event"] == "step" and len(events) < 50:
             if what == "edited":
-                path.write_text(path.read_text().replace('"steps": 6', '"steps": 600'))
+                text = path.read_text(encoding="utf-8")
+                path.write_text(text.replace('"steps": 6', '"steps": 600'))
             else:
                 shutil.rmtree(path.parent)
 

@@ -303,7 +303,8 @@ def test_write_csv_and_json(tmp_path):
     assert "lesion_f1" in rows[0]
 
     metrics.write_scores(scores, tmp_path / "scores.json")
-    document = json.loads((tmp_path / "scores.json").read_text())  # strict: no NaN/Infinity
+    # strict: no NaN/Infinity
+    document = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert document["labels"][1]["hd95_mm"] is None
     assert document["labels"][0]["dice"] == pytest.approx(scores[0].dice)
     assert document["mean"]["labels"] == 2
@@ -316,9 +317,9 @@ def test_existing_output_is_refused(tmp_path):
     target.write_text("keep me")
     with pytest.raises(OutputExistsError):
         metrics.write_scores(scores, target)
-    assert target.read_text() == "keep me"
+    assert target.read_text(encoding="utf-8") == "keep me"
     metrics.write_scores(scores, target, overwrite=True)
-    assert json.loads(target.read_text())["mean"]["labels"] == 2
+    assert json.loads(target.read_text(encoding="utf-8"))["mean"]["labels"] == 2
     with pytest.raises(TransferSegError, match=".csv or .json"):
         metrics.write_scores(scores, tmp_path / "scores.txt")
 

@@ -362,4 +362,4 @@ def test_a_job_written_from_nodes_comes_back_as_a_new_segmentation_node(scene, t
     for value, name in lookup.items():
         expected[array(result) == value_of[name]] = value
     assert np.array_equal(array(back), expected)
-    assert json.loads(segment.read_text())["kind"] == "segment"
+    assert json.loads(segment.read_text(encoding="utf-8"))["kind"] == "segment"

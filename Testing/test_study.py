@@ -37,10 +37,10 @@ def test_steps_ratio_compares_with_the_scratch_twin(tmp_path):
     assert [r["steps_to_scratch_dice"] for r in rows] == [40, 10, None]
     assert [r["steps_ratio"] for r in rows] == [1.0, 4.0, None]
     study.write_outputs(rows, tmp_path, ["scratch", "finetune", "vanilla"], [1])
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "| finetune | 1 | 0.6000 ± 0.0000 | +0.2000 | 4.00 |" in summary
     assert "| vanilla | 1 | 0.3000 ± 0.0000 | -0.1000 | not reached |" in summary
-    assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 3
+    assert len(list(csv.DictReader(open(tmp_path / "results.csv", encoding="utf-8")))) == 3
     assert (tmp_path / "dice_vs_n.png").stat().st_size > 1000
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
 

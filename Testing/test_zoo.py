@@ -22,8 +22,8 @@ TINY = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
 
 
 def test_the_catalog_validates_against_its_schema():
-    schema = json.loads((ROOT / "Resources" / "models.schema.json").read_text())
-    data = json.loads((ROOT / "Resources" / "models.json").read_text())
+    schema = json.loads((ROOT / "Resources" / "models.schema.json").read_text(encoding="utf-8"))
+    data = json.loads((ROOT / "Resources" / "models.json").read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(data, schema)
     entries = zoo.catalog()
@@ -53,8 +53,8 @@ def test_the_catalog_validates_against_its_schema():
 
 
 def test_the_schema_refuses_unsafe_or_incomplete_entries():
-    schema = json.loads((ROOT / "Resources" / "models.schema.json").read_text())
-    data = json.loads((ROOT / "Resources" / "models.json").read_text())
+    schema = json.loads((ROOT / "Resources" / "models.schema.json").read_text(encoding="utf-8"))
+    data = json.loads((ROOT / "Resources" / "models.json").read_text(encoding="utf-8"))
     good = data["models"][0]
     bad_member = json.loads(json.dumps(good))
     bad_member["files"] = [{"name": "w.pt", "sha256": "0" * 64, "size": 1, "registry": {

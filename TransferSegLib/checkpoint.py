@@ -254,11 +254,11 @@ def _check_consistency(card: dict[str, Any], where: str) -> None:
         networks.resolve_kwargs(card["architecture"], **card.get("arguments", {}))
     except InputError as error:
         raise ModelFileError(f"In {where}, field 'arguments' is invalid: {error}") from None
-    channels = list(range(card["out_channels"]))
-    if sorted(card["labels"]) != channels:
+    count = card["out_channels"]  # compared by length first: a hostile count may be 2**40
+    if len(card["labels"]) != count or sorted(card["labels"]) != list(range(count)):
         raise ModelFileError(
-            f"In {where}, field 'labels' must name each output channel 0..{channels[-1]} "
-            f"once, not {sorted(card['labels'])}; re-export the model."
+            f"In {where}, field 'labels' must name each output channel 0..{count - 1} "
+            f"once, not {sorted(card['labels'])[:20]}; re-export the model."
         )
     values = card.get("label_values")
     if values and set(values) != set(card["labels"].values()):
@@ -281,6 +281,12 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             )
         tensors[key] = value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
     return tensors
+
+
+# Besides InputError, MONAI's constructors refuse impossible arguments with these: an even
+# kernel size raises NotImplementedError (a RuntimeError), a negative channel count
+# RuntimeError, zero attention heads ZeroDivisionError.
+_BUILD_ERRORS = (InputError, RuntimeError, ZeroDivisionError, KeyError, IndexError)
 
 
 def _reference_network(card: ModelCard) -> nn.Module:
@@ -349,6 +355,14 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict[str, str], 
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        with open(path, "rb") as handle:
+            start = handle.read(4)
+        if start.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save) or a raw pickle
+            raise ModelFileError(
+                f"{path} is a PyTorch (pickle) file named .safetensors, not a TransferSeg model "
+                "file; import it as foreign weights (transferseg models import), which reads it "
+                "without running code."
+            ) from None
         raise _corrupt(path, error) from None
     return metadata, tensors
 
@@ -385,20 +399,22 @@ def load_model(
     metadata, tensors = _read(path, with_tensors=True)
     card = _card(metadata, Path(path))
     try:
-        model = networks.build_network(
-            card.architecture, card.in_channels, card.out_channels, **card.arguments
-        )
-    except InputError as error:
+        # Shapes first, on the meta device: a card asking for a huge network whose weights
+        # the file does not hold must not allocate it.
+        expected = {k: tuple(v.shape) for k, v in _reference_network(card).state_dict().items()}
+    except _BUILD_ERRORS as error:
         raise ModelFileError(
             f"The model card of {path} describes no buildable network: {error}"
         ) from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     difference = _mismatch(expected, {k: tuple(v.shape) for k, v in tensors.items()})
     if difference:
         raise ModelFileError(
             f"The weights in {path} do not fit the {card.architecture} its card describes "
             f"({difference}); re-export or re-download it."
         )
+    model = networks.build_network(
+        card.architecture, card.in_channels, card.out_channels, **card.arguments
+    )
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), card
 
@@ -512,14 +528,19 @@ def read_torch_weights(path: str | os.PathLike, key: str | None = None) -> dict[
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several kinds for a refused pickle
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported" in str(error):
+        # torch's own advice (load with weights_only=False) is exactly what must not be done:
+        # keep only the unpickler's reason, on one line.
+        text = str(error).split("WeightsUnpickler error:")[-1].split(". Please use")[0]
+        text = text.split("Check the documentation")[0]
+        text = " ".join(text.split())[:200] or type(error).__name__
+        if "Unsupported global" in text:
             raise ModelFileError(
                 f"{path} needs arbitrary Python objects to load (pickle), which TransferSeg never "
-                f"runs ({text[:200]}); ask its publisher for a state_dict or safetensors file."
+                f"runs ({text}); ask its publisher for a state_dict or safetensors file."
             ) from None
         raise ModelFileError(
-            f"{path} is not a readable PyTorch weights file: {text[:200]}."
+            f"{path} is not a readable PyTorch weights file ({text}); check that it is the "
+            "right file, or download it again."
         ) from None
     if key is not None:
         if not isinstance(data, dict) or key not in data:

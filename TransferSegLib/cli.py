@@ -157,9 +157,9 @@ def _label_table(path: str | None):
     from TransferSegLib.datasets import LabelTable
 
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"Could not read label table {path}: {error}.") from None
+        raise InputError(f"Could not read label table {path}: {error}; fix the JSON.") from None
     return LabelTable.from_mapping(data).foreground
 
 
@@ -335,8 +335,9 @@ def _study(args: argparse.Namespace) -> int:
         args.strategies.split(","), [int(n) for n in args.sizes.split(",")],
         [int(s) for s in args.seeds.split(",")], _train_config(args),
         labels=args.labels.split(",") if args.labels else None, architecture=args.architecture,
+        overwrite=args.overwrite,
     )
-    print((Path(args.out) / "summary.md").read_text())
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"{len(rows)} runs; outputs in {Path(args.out).resolve()}")
     return 0
 

@@ -172,7 +172,7 @@ class Dataset:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"Could not read {path}: {error}; fix the JSON.") from None
     if not isinstance(data, dict):
@@ -205,7 +205,7 @@ def from_nnunet(folder: Path, data: dict) -> Dataset:
     for key in ("channel_names", "labels", "file_ending"):
         if key not in data:
             raise InputError(f"{folder / 'dataset.json'} lacks {key!r} (nnU-Net v2 format).")
-    table = LabelTable.from_mapping(data["labels"])
+    table = _table_in(data["labels"], folder / "dataset.json")
     channels = [data["channel_names"][k] for k in sorted(data["channel_names"], key=int)]
     ending = data["file_ending"]
     cases = []
@@ -231,7 +231,7 @@ def from_msd(folder: Path, data: dict) -> Dataset:
     """A Medical Segmentation Decathlon task folder."""
     if "labels" not in data:
         raise InputError(f"{folder / 'dataset.json'} lacks 'labels'.")
-    table = LabelTable.from_mapping(data["labels"])
+    table = _table_in(data["labels"], folder / "dataset.json")
     modality = data.get("modality", {})
     channels = [modality[k] for k in sorted(modality, key=int)] if modality else ["CT"]
     cases = []
@@ -255,9 +255,11 @@ def from_msd(folder: Path, data: dict) -> Dataset:
 
 def from_csv(path: Path) -> Dataset:
     """Cases listed in a CSV file; relative paths are relative to the file's folder."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    if not rows or "image" not in rows[0]:
+    if not rows:
+        raise InputError(f"{path} lists no cases; add one line per case under its header row.")
+    if "image" not in rows[0]:
         raise InputError(f"{path} needs a header row with at least an 'image' column.")
     cases, values = [], set()
     for number, row in enumerate(rows, start=2):
@@ -269,7 +271,8 @@ def from_csv(path: Path) -> Dataset:
         label = path.parent / row["label"] if row.get("label") else None
         for file in (image, label):
             if file is not None and not file.exists():
-                raise InputError(f"{path} line {number}: {file} does not exist.")
+                raise InputError(f"{path} line {number}: {file} does not exist; fix the path "
+                                 "(relative to the list's folder) or remove the line.")
         annotated = row.get("annotated", "")
         cases.append(Case(
             row.get("name", "") or _stem(image), (image,), label,
@@ -319,7 +322,20 @@ def from_pairs(folder: Path) -> Dataset:
 def _table_beside(folder: Path) -> LabelTable | None:
     """``labels.json`` next to the data ({value: name} or {name: value}), if there is one."""
     path = folder / "labels.json"
-    return LabelTable.from_mapping(_read_json(path)) if path.exists() else None
+    return _table_in(_read_json(path), path) if path.exists() else None
+
+
+def _table_in(mapping: object, source: Path) -> LabelTable:
+    """:meth:`LabelTable.from_mapping` of a table read from ``source``, named in its errors."""
+    if not isinstance(mapping, Mapping):
+        raise InputError(
+            f"{source}: the labels must map values to names ({{\"1\": \"liver\"}}) or names to "
+            f"values, not be a {type(mapping).__name__}; fix the label table there."
+        )
+    try:
+        return LabelTable.from_mapping(mapping)
+    except InputError as error:
+        raise InputError(f"{source}: {error} Fix the label table there.") from None
 
 
 def _readable(path: Path) -> bool:

@@ -51,11 +51,12 @@ def sample_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(label)
     volumes.write_image(image, folder / "label.nii.gz", overwrite=True)
-    (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in table.items()}))
+    (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in table.items()}),
+                                        encoding="utf-8")
     annotated = ";".join(n for n in table.values() if n not in hide)
     (folder / "cases.csv").write_text(
         "image,label,name,annotated,modality\n"
-        f"{case.image},label.nii.gz,{name},{annotated},{case.modality}\n")
+        f"{case.image},label.nii.gz,{name},{annotated},{case.modality}\n", encoding="utf-8")
     return folder / "cases.csv"
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import io
 import json
 import os
 import shutil
@@ -49,7 +50,7 @@ from torch import nn
 from TransferSegLib import __version__
 from TransferSegLib.checkpoint import ModelCard, load_model
 from TransferSegLib.errors import InputError, TransferSegError
-from TransferSegLib.files import atomic_output, refuse_existing
+from TransferSegLib.files import atomic_output, refuse_existing, write_error
 
 CARD_FILE = "transferseg_card.json"
 OVERLAP = 0.25  # as inference.segment
@@ -294,16 +295,25 @@ def export_bundle(model_path: str | os.PathLike, folder: str | os.PathLike,
         readme = _readme(card, name, config["network_def"]["_target_"])
         (staging / "docs" / "README.md").write_text(readme, encoding="utf-8")
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        torch.save(state, staging / "models" / "model.pt")
+        (staging / "models" / "model.pt").write_bytes(_serialised(torch.save, state))
         if folder.exists():
             refuse_existing(folder, overwrite)
             shutil.rmtree(folder)
         os.replace(staging, folder)
     except OSError as error:
-        raise TransferSegError(f"Could not write {folder}: {error.strerror or error}.") from error
+        raise write_error(folder, error) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _serialised(save, value, **options) -> bytes:
+    """What ``save(value, file)`` (torch.save, torch.jit.save) writes, as bytes. Their C++
+    writer aborts the whole process when a write fails (a full disk) while it closes the file;
+    written by Python instead, a full disk is an ordinary error."""
+    buffer = io.BytesIO()
+    save(value, buffer, **options)
+    return buffer.getvalue()
 
 
 # --- TorchScript ---------------------------------------------------------------------------------
@@ -346,5 +356,6 @@ def export_torchscript(model_path: str | os.PathLike, file: str | os.PathLike,
     model, card = load_model(model_path)
     compiled, how = compile_network(model, card)
     with atomic_output(file, overwrite) as temporary:
-        torch.jit.save(compiled, str(temporary), _extra_files={CARD_FILE: card.to_json()})
+        temporary.write_bytes(_serialised(torch.jit.save, compiled,
+                                          _extra_files={CARD_FILE: card.to_json()}))
     return how

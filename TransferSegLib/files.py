@@ -3,20 +3,34 @@
 ``atomic_output(path)`` yields a temporary path in the same folder (same suffix, so writers that
 pick the format from the name keep working); on success the file is flushed to disk and moved
 into place in one rename, on failure it is removed and the old file, if any, is untouched.
+A process killed while writing (SIGKILL, power loss) leaves its hidden temporary file
+(``.<name>.partial-<pid>-<hex>``) and never a half-written output; ``remove_stale_partials``
+deletes such leftovers of dead processes (training does it when it takes its output folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from TransferSegLib.errors import OutputExistsError, TransferSegError
 
 # Multi-part suffixes that name a format; the temporary file must end the same way.
 COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz", ".tar.gz")
+# What writers raise when a write fails: OSError (Python), RuntimeError (ITK, torch),
+# SafetensorError (safetensors, which reports the OS error only in its text).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+_FULL_WORDS = re.compile(r"no space left|file too large|quota|os error (28|27|122)\b", re.I)
+# A temporary output of atomic_output: .<name>.partial-<pid>-<8 hex digits><suffix>
+_PARTIAL = re.compile(r"^\..*\.partial-(\d+)-[0-9a-f]{8}(\.[^/]*)?$")
 
 
 def full_suffix(path: str | os.PathLike) -> str:
@@ -48,6 +62,56 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_error(target: str | os.PathLike, error: BaseException,
+                temporary: str | os.PathLike | None = None) -> TransferSegError:
+    """The error to raise when writing ``target`` (through ``temporary``) failed with ``error``:
+    a full disk or a file size limit is named as such, with what to do."""
+    if isinstance(error, OSError) and error.strerror:
+        detail = error.strerror
+    else:  # ITK: "... ITK ERROR: NrrdImageIO(0x55..): Write: Error writing <file>: ..."
+        detail = " ".join(str(error).split()).split("ITK ERROR:")[-1]
+        detail = re.sub(r"^\s*\w+\(0x[0-9a-f]+\):\s*", "", detail)[:240] or type(error).__name__
+    if temporary is not None:
+        detail = detail.replace(str(temporary), str(target))
+    if getattr(error, "errno", None) in _FULL_ERRNOS or _FULL_WORDS.search(str(error)):
+        return TransferSegError(
+            f"Could not write {target}: the disk is full or the file is too large for it "
+            f"({detail}); free space or choose another folder. Nothing was replaced."
+        )
+    return TransferSegError(
+        f"Could not write {target} ({detail}); check that the disk has free space and that "
+        "you may write to that folder, or choose another folder. Nothing was replaced."
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this computer (True when unsure)."""
+    if pid <= 0 or os.name == "nt":  # on Windows signal 0 is CTRL_C_EVENT: never send it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours, or there is no way to ask
+        return True
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_output` left in ``folder`` when its process
+    was killed (their process no longer exists); returns them. Files of live writers stay."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            match = _PARTIAL.match(entry.name)
+            if match and entry.is_file(follow_symlinks=False) and not pid_alive(
+                    int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager
@@ -87,8 +151,8 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
                 refuse_existing(target, overwrite)
                 os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except OSError as error:
-        raise TransferSegError(f"Could not write {target}: {error.strerror or error}.") from error
+    except WRITE_ERRORS as error:
+        raise write_error(target, error, tmp) from error
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -11,6 +11,7 @@ probabilities are then resampled onto the input grid and the most likely label t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,16 @@ class SegmentationResult:
     label: sitk.Image
     labels: dict[int, str]
     probabilities: np.ndarray | None = None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says that memory ran out (CPU, CUDA or Apple MPS)."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        words in text for words in ("out of memory", "can't allocate memory",
+                                    "defaultcpuallocator", "not enough memory"))
 
 
 def _stitch_device(device: torch.device, channels: int, shape: Sequence[int]) -> torch.device:
@@ -168,21 +179,43 @@ def segment(
     del channels
     patch = tuple(int(v) for v in reversed(card.patch_size))  # card: (x, y, z)
     valid_output = networks.output_size(card.architecture, card.arguments, patch)
-    try:
-        if valid_output is None:
-            logits = predict_logits(model, inputs, patch, device=device,
-                                    out_channels=card.out_channels, overlap=overlap,
-                                    batch_size=batch_size, progress=progress)
-        else:  # valid convolutions: each output block is read from a larger input window
-            from TransferSegLib.tiling import predict_logits_valid
 
-            logits = predict_logits_valid(model, inputs, patch, valid_output, device=device,
-                                          out_channels=card.out_channels,
-                                          batch_size=batch_size, progress=progress)
-    except torch.cuda.OutOfMemoryError:
+    def predict(array: np.ndarray, batch: int) -> torch.Tensor:
+        if valid_output is None:
+            return predict_logits(model, array, patch, device=device,
+                                  out_channels=card.out_channels, overlap=overlap,
+                                  batch_size=batch, progress=progress)
+        from TransferSegLib.tiling import predict_logits_valid  # valid convolutions
+
+        return predict_logits_valid(model, array, patch, valid_output, device=device,
+                                    out_channels=card.out_channels, batch_size=batch,
+                                    progress=progress)
+
+    try:
+        try:
+            logits = predict(inputs, batch_size)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            # One patch at a time needs less GPU memory and gives the same segmentation.
+            torch.cuda.empty_cache()
+            warnings.warn(f"the GPU ran out of memory with {batch_size} patches at a time; "
+                          "segmenting one patch at a time", RuntimeWarning, stacklevel=2)
+            logits = predict(inputs, 1)
+    except (MemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
+        size = " x ".join(map(str, grid.size))
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            raise TransferSegError(
+                f"The GPU ran out of memory segmenting a {size} volume with patches of "
+                f"{card.patch_size}, even one patch at a time; use --device cpu."
+            ) from None
+        need = (card.out_channels + 1 + card.in_channels) * 4 * float(np.prod(grid.size))
         raise TransferSegError(
-            f"The GPU ran out of memory segmenting a {' x '.join(map(str, grid.size))} volume "
-            f"with patches of {card.patch_size}; use --batch-size 1 or --device cpu."
+            f"The computer ran out of memory segmenting a {size} volume in model space "
+            f"({card.out_channels} labels, about {need / 2**30:.1f} GiB of scores); close other "
+            "programs, use --batch-size 1, or crop the scan to the region to segment."
         ) from None
     del inputs
     same_grid = grid.matches(volumes.Geometry.of(reference), tolerance=0)

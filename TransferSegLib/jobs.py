@@ -117,7 +117,7 @@ def _slug(name: str) -> str:
 
 def _is_job_folder(folder: Path) -> bool:
     try:
-        return json.loads((folder / JOB_FILE).read_text()).get("format") == FORMAT
+        return json.loads((folder / JOB_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -238,7 +238,8 @@ def _write_dataset(folder: Path, entries: list[dict], table: dict[int, str]) -> 
                 writer.writerow([Path(entry["image"]).name, Path(entry["label"]).name,
                                  entry["name"]])
     with atomic_output(folder / INPUTS / "labels.json") as tmp:
-        tmp.write_text(json.dumps({str(v): n for v, n in table.items()}, indent=2) + "\n")
+        tmp.write_text(json.dumps({str(v): n for v, n in table.items()}, indent=2) + "\n",
+                       encoding="utf-8")
     return relative
 
 

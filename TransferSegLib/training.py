@@ -13,11 +13,13 @@ bar): ``start``, ``step``, ``validation``, ``stage``, ``checkpoint``, ``done``, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import signal
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,7 +35,7 @@ from TransferSegLib import preprocess
 from TransferSegLib.checkpoint import ModelCard, save_model
 from TransferSegLib.datasets import Case, LabelTable
 from TransferSegLib.errors import InputError, ModelFileError, TransferSegError
-from TransferSegLib.files import atomic_output
+from TransferSegLib.files import atomic_output, pid_alive, remove_stale_partials, write_error
 from TransferSegLib.losses import IGNORE  # target of padding voxels: not in the loss
 
 Events = Callable[[dict], None]
@@ -388,7 +390,7 @@ def train(
     file, ``model-<k>-<name>.safetensors``; any of them is a base model for fine-tuning.
     """
     from TransferSegLib import distributed, transfer
-    from TransferSegLib.inference import select_device
+    from TransferSegLib.inference import out_of_memory, select_device
     from TransferSegLib.losses import SegmentationLoss
 
     rank, world = distributed.rank(), distributed.world_size()
@@ -431,8 +433,11 @@ def train(
         if rank != 0:
             return
         event = {"event": event.pop("event"), "time": round(time.time(), 3), **event}
-        with open(log_path, "a") as log:
-            log.write(json.dumps(event) + "\n")
+        try:
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(event) + "\n")
+        except OSError as error:
+            raise write_error(log_path, error) from error
         events(event)
 
     if rank == 0:
@@ -475,7 +480,9 @@ def train(
                     loss = loss_fn(wrapped(x), y, mask)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-            except torch.cuda.OutOfMemoryError:
+            except (MemoryError, RuntimeError) as error:
+                if not out_of_memory(error):
+                    raise
                 raise TransferSegError(_out_of_memory(device, config, card)) from None
             scaler.step(optimizer)
             scaler.update()
@@ -533,14 +540,16 @@ def train(
 
 
 def _out_of_memory(device: torch.device, config: TrainConfig, card: ModelCard) -> str:
-    """What to change when a training step does not fit in GPU memory."""
+    """What to change when a training step does not fit in GPU (or CPU) memory."""
     patch = " x ".join(map(str, card.patch_size))
     if config.batch_size > 1:
         advice = f"use --batch-size {config.batch_size // 2}"
     else:
         smaller = " ".join(str(max(16, p // 2 // 16 * 16)) for p in card.patch_size)
-        advice = f"use a smaller patch (e.g. --patch {smaller} for a new model) or --device cpu"
-    return (f"The GPU ({device}) ran out of memory training on batches of {config.batch_size} "
+        advice = f"use a smaller patch (e.g. --patch {smaller} for a new model)" + (
+            " or --device cpu" if device.type != "cpu" else "")
+    where = f"The GPU ({device})" if device.type != "cpu" else "The computer"
+    return (f"{where} ran out of memory training on batches of {config.batch_size} "
             f"patches of {patch} voxels; {advice}.")
 
 
@@ -635,23 +644,67 @@ def split_cases(cases: list, seed: int, fraction: float = 0.2) -> tuple[list, li
 
 
 class OutputLock:
-    """An exclusive claim on an output folder, so two jobs never write into the same one."""
+    """An exclusive claim on an output folder, so two jobs never write into the same one.
+
+    The lock file holds the owner's process id and computer name. A lock left by a process
+    that no longer exists on this computer (killed, crashed) is taken over; its id is then in
+    ``stale_pid``.
+    """
 
     def __init__(self, folder: Path):
         self.path = folder / ".transferseg.lock"
+        self.stale_pid: int | None = None
 
     def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise TransferSegError(
-                f"Another TransferSeg job is writing to {self.path.parent} (or one crashed: "
-                f"then delete {self.path.name} there); choose another output folder."
-            ) from None
-        os.write(fd, str(os.getpid()).encode())
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                if not self._take_over_stale():
+                    raise TransferSegError(
+                        f"Another TransferSeg job is writing to {self.path.parent} (if none "
+                        f"is, delete {self.path.name} there); choose another output folder."
+                    ) from None
+        else:
+            raise TransferSegError(f"Another TransferSeg job took {self.path.parent} just now; "
+                                   "choose another output folder.")
+        os.write(fd, f"{os.getpid()}\n{socket.gethostname()}\n".encode())
         os.close(fd)
         return self
+
+    def _take_over_stale(self) -> bool:
+        """Remove the lock if its process is gone; False if it is (or may be) alive."""
+        try:
+            text = self.path.read_text(errors="replace", encoding="utf-8")
+        except FileNotFoundError:
+            return True  # released meanwhile: try again
+        except OSError:
+            return False
+        fields = text.split()
+        if not fields or not fields[0].isdigit():
+            return False
+        if len(fields) > 1 and fields[1] != socket.gethostname():
+            return False  # a process on another computer: no way to tell
+        pid = int(fields[0])
+        if pid_alive(pid):
+            return False
+        # Move it aside first: of two jobs taking over at once only one can, and a live lock
+        # written meanwhile by the other is put back.
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        if aside.read_text(errors="replace", encoding="utf-8") != text:
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        self.stale_pid = pid
+        return True
 
     def __exit__(self, *_: object) -> None:
         self.path.unlink(missing_ok=True)
@@ -688,12 +741,19 @@ def run_job(
     from TransferSegLib import distributed
 
     out_dir = Path(out_dir)
-    if distributed.rank() == 0:
-        _check_output(out_dir, resume, overwrite)
     lock = OutputLock(out_dir) if distributed.rank() == 0 else None
     if lock:
         lock.__enter__()
     try:
+        if lock:
+            _check_output(out_dir, resume, overwrite)  # under the lock: no other job there
+            if lock.stale_pid:
+                events({"event": "message", "message": (
+                    f"{out_dir} was locked by process {lock.stale_pid}, which no longer runs "
+                    "(killed or crashed): taking the folder over")})
+            for path in remove_stale_partials(out_dir):
+                events({"event": "message", "message": f"removed {path.name}, an unfinished "
+                        "file of the stopped process"})
         if overwrite and not resume and distributed.rank() == 0:
             for name in ("state.safetensors", "progress.jsonl"):
                 (out_dir / name).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ FreeSurfer (``.mgz``, ``.mgh``, through nibabel) and DICOM series (a folder; rea
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ SUPPORTED_TEXT = (
 DEFAULT_MAX_VOXELS = 2**31
 # Relative to the voxel size for origins and spacings; absolute for direction cosines.
 GEOMETRY_TOLERANCE = 1e-4
+# Deflate (gzip, zlib) expands data at most 1032-fold, so a compressed file much smaller than
+# the voxels its header declares cannot hold them (bzip2 can expand more: not bounded here).
+DEFLATE_MAX_RATIO = 1032
 
 
 def max_voxels() -> int:
@@ -152,17 +156,106 @@ def _check_declared_size(path: Path, size: tuple[int, ...], components: int) -> 
             "TRANSFERSEG_MAX_VOXELS, otherwise the header is corrupt."
         )
     if any(int(s) <= 0 for s in size):
-        raise InputError(f"{path} declares an empty image ({size}); the file is corrupt.")
+        raise InputError(
+            f"{path} declares an empty image ({size}); the file is corrupt, export it again."
+        )
+
+
+def _header_fields(path: Path, kind: str) -> dict[str, str]:
+    """The ``key: value`` (NRRD) or ``Key = Value`` (MetaImage) fields of a text header,
+    lower-case keys; reads at most 64 KiB."""
+    separator = " = " if kind == "MetaImage" else ": "
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16).decode("latin-1")
+    fields = {}
+    for line in head.split("\n")[1:]:
+        if not line.strip() and kind != "MetaImage":
+            break  # the blank line that ends a NRRD header
+        if ":=" in line or separator not in line:
+            continue
+        key, value = line.split(separator, 1)
+        fields[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            break  # the last MetaImage field; binary data may follow
+    return fields
+
+
+def _voxel_source(path: Path) -> tuple[Path, str] | None:
+    """The file holding the voxels of ``path`` and its encoding (raw, deflate, hex, text);
+    None where no size bound is known (bzip2, lists of files, other formats)."""
+    kind = image_format(path)
+    if kind in ("NIfTI", "FreeSurfer MGH"):
+        compressed = path.name.lower().endswith((".gz", ".mgz"))
+        return path, "deflate" if compressed else "raw"
+    if kind == "MetaImage":
+        fields = _header_fields(path, kind)
+        name = fields.get("elementdatafile", "LOCAL")
+        encoding = "deflate" if fields.get("compresseddata", "").lower() == "true" else "raw"
+    elif kind in ("NRRD", "Slicer segmentation"):
+        fields = _header_fields(path, kind)
+        name = fields.get("data file", fields.get("datafile", "LOCAL"))
+        encoding = {"raw": "raw", "gzip": "deflate", "gz": "deflate", "hex": "hex",
+                    "ascii": "text", "text": "text", "txt": "text"}.get(fields.get("encoding", ""))
+    else:
+        return None
+    if encoding is None or not name or len(name.split()) > 1 or "%" in name or name == "LIST":
+        return None
+    return (path if name == "LOCAL" else path.parent / name), encoding
+
+
+def _check_data_file(path: Path) -> tuple[Path, str] | None:
+    """Refuse a header whose separate data file is missing; return :func:`_voxel_source`."""
+    source = _voxel_source(path)
+    if source is not None and not source[0].is_file():  # a pipe or device could block forever
+        problem = "is not a regular file" if source[0].exists() else "does not exist"
+        raise InputError(
+            f"{path} keeps its voxels in {source[0]}, which {problem}; copy the data file "
+            "next to the header, or export the image as a single file."
+        )
+    return source
+
+
+def _check_data_fits(path: Path, size: tuple[int, ...], components: int, item: int,
+                     source: tuple[Path, str] | None) -> None:
+    """Refuse a header that declares more voxels (``size`` x ``components`` values of ``item``
+    bytes) than its data file can hold, before they are allocated (a 500-byte file must not
+    cost gigabytes)."""
+    if source is None:
+        return
+    data, encoding = source
+    values = float(np.prod([int(s) for s in size], dtype=np.float64)) * components
+    needed = values * {"raw": item, "hex": 2 * item, "text": 1,
+                       "deflate": item / DEFLATE_MAX_RATIO}[encoding]
+    available = data.stat().st_size if data.is_file() else 0
+    if needed > available:
+        raise InputError(
+            f"{path} declares {' x '.join(map(str, size))} voxels, which need {needed:.3g} "
+            f"bytes, but {data.name} holds {available}: the file is truncated or its header is "
+            "wrong; export it again."
+        )
+
+
+def _pixel_bytes(reader: sitk.ImageFileReader) -> tuple[int, int]:
+    """(values per voxel, bytes per value) of the image ``reader`` has read the header of."""
+    pixel = reader.GetPixelID()
+    scalar = reader.GetNumberOfComponents() == 1 or pixel in (
+        sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+    probe = sitk.Image([1, 1], pixel, 1 if scalar else reader.GetNumberOfComponents())
+    return probe.GetNumberOfComponentsPerPixel(), probe.GetSizeOfPixelComponent()
 
 
 def _itk_message(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # ITK's last non-empty line is the human part ("... could not be read").
-    useful = [line for line in lines if "Description:" in line] or lines[-1:] or ["unknown"]
-    return useful[0].replace("Description:", "").strip()
+    # ITK's last line is the most specific ("[nrrd] ...: fread got only ..."), but a final
+    # "Reason:" line is often a stale errno ("No such file or directory" for a truncated file).
+    useful = [line for line in lines if "Description:" in line] or [
+        line for line in lines if not line.startswith("Reason:")][-1:] or ["unknown"]
+    text = useful[0].replace("Description:", "").split("ERROR:")[-1].strip()
+    return re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", text)  # "NrrdImageIO(0x55..): "
 
 
 def _read_itk(path: Path) -> sitk.Image:
+    source = _check_data_file(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -170,14 +263,16 @@ def _read_itk(path: Path) -> sitk.Image:
     except RuntimeError as error:
         raise InputError(
             f"Could not read {path}: it is damaged or not a valid {image_format(path)} file "
-            f"({_itk_message(error)})."
+            f"({_itk_message(error)}); export it again."
         ) from None
     _check_declared_size(path, reader.GetSize(), reader.GetNumberOfComponents())
+    _check_data_fits(path, reader.GetSize(), *_pixel_bytes(reader), source)
     try:
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(
-            f"Could not read {path}: the file is truncated or damaged ({_itk_message(error)})."
+            f"Could not read {path}: the file is truncated or damaged ({_itk_message(error)}); "
+            "export it again."
         ) from None
     if image_format(path) == "NIfTI":
         _check_nifti_data(path, image)
@@ -193,10 +288,16 @@ def _check_nifti_data(path: Path, image: sitk.Image) -> None:
 
     try:
         data = np.asanyarray(nibabel.load(str(path)).dataobj)
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, OverflowError, nibabel.filebasedimages.ImageFileError,
+            nibabel.spatialimages.HeaderDataError) as error:
+        reason = " ".join(str(error).split())  # one line, for the command line
         raise InputError(
-            f"Could not read {path}: the file is truncated or damaged ({error}); export it again."
+            f"Could not read {path}: the file is truncated or damaged ({reason}); export it again."
         ) from None
+    if 0 in data.shape:  # ITK reads a zero-length axis as length 1
+        raise InputError(
+            f"{path} declares an empty image ({data.shape}); the file is corrupt, export it again."
+        )
     if data.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
@@ -208,11 +309,16 @@ def _read_mgh(path: Path) -> sitk.Image:
 
     try:
         mgh = nibabel.load(str(path))
-        _check_declared_size(path, tuple(mgh.shape[:3]), int(np.prod(mgh.shape[3:] or (1,))))
+        components = int(np.prod(mgh.shape[3:] or (1,)))
+        _check_declared_size(path, tuple(mgh.shape[:3]), components)
+        _check_data_fits(path, tuple(mgh.shape[:3]), components,
+                         mgh.header.get_data_dtype().itemsize, _voxel_source(path))
         data = np.asanyarray(mgh.dataobj)
     except (OSError, ValueError, EOFError) as error:
+        reason = " ".join(str(error).split())  # one line, for the command line
         raise InputError(
-            f"Could not read {path}: it is damaged or not a valid MGH file ({error})."
+            f"Could not read {path}: it is damaged or not a valid MGH file ({reason}); export it "
+            "again."
         ) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -344,6 +450,10 @@ def read_volume(
         raise InputError(
             f"{path} has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or "
             "multi-channel); give one scalar volume per file."
+        )
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(
+            f"{path} holds complex values (raw MR data?); give a magnitude image."
         )
     if not allow_nonfinite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
@@ -507,9 +617,8 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
             return image.GetMetaData(full) if image.HasMetaDataKey(full) else default
 
         name = meta("Name", meta("ID", f"Segment_{index + 1}"))
-        value = int(_floats(meta("LabelValue", str(index + 1)), 1, path,
-                            f"Segment{index}_LabelValue")[0])
-        layer = int(_floats(meta("Layer", "0"), 1, path, f"Segment{index}_Layer")[0])
+        value = _whole(meta("LabelValue", str(index + 1)), 1, path, f"Segment{index}_LabelValue")
+        layer = _whole(meta("Layer", "0"), 0, path, f"Segment{index}_Layer")
         if not 0 <= layer < len(layers):
             raise InputError(
                 f"Segmentation {path}: segment {name!r} is in layer {layer}, but the file has "
@@ -519,9 +628,56 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
                         f"Segment{index}_Color")
         segments.append(Segment(name, value, color, layer, meta("ID", f"Segment_{index + 1}")))
         index += 1
+    numbered = {int(found.group(1)) for key in image.GetMetaDataKeys()
+                if (found := re.match(r"Segment(\d+)_", key))}
+    if numbered - set(range(index)):
+        raise InputError(
+            f"Segmentation {path} describes segment {min(numbered - set(range(index)))} but not "
+            f"segment {index}; the segment list is inconsistent, save it again from Slicer."
+        )
     if not segments:  # a plain label map saved as .seg.nrrd
         return Segmentation.from_label_map(layers[0]) if len(layers) == 1 else Segmentation(layers)
+    _check_segments(path, layers, segments)
     return Segmentation(layers, segments)
+
+
+def _whole(text: str, low: int, path: Path, key: str) -> int:
+    """A whole number from ``low`` to 2**32 - 1 in a segment field, or InputError naming it."""
+    value = _floats(text, 1, path, key)[0]
+    if not (np.isfinite(value) and value == round(value) and low <= value < 2**32):
+        raise InputError(
+            f"Segmentation {path} has a malformed {key} ({text!r}): it must be a whole number "
+            f"from {low}; save it again from Slicer."
+        )
+    return int(value)
+
+
+def _check_segments(path: Path, layers: list[sitk.Image], segments: list[Segment]) -> None:
+    """Refuse metadata that would merge or drop voxels: two segments with one name or with one
+    value in one layer, and voxel values that no segment names."""
+    owner: dict[tuple[int, int], str] = {}
+    names: set[str] = set()
+    for segment in segments:
+        if segment.name in names:
+            raise InputError(
+                f"Segmentation {path} has two segments named {segment.name!r}; rename one in "
+                "Segment Editor and save it again."
+            )
+        names.add(segment.name)
+        other = owner.setdefault((segment.layer, segment.value), segment.name)
+        if other != segment.name:
+            raise InputError(
+                f"Segmentation {path}: segments {other!r} and {segment.name!r} both have label "
+                f"value {segment.value} in layer {segment.layer}; the file is inconsistent, save "
+                "it again from Slicer."
+            )
+    for number, layer in enumerate(layers):
+        unnamed = sorted(set(label_values(layer)) - {v for n, v in owner if n == number})
+        if unnamed:
+            raise InputError(
+                f"Segmentation {path} has voxels of value {unnamed[0]} in layer {number} that "
+                "no segment names; the file is inconsistent, save it again from Slicer."
+            )
 
 
 def write_segmentation(
@@ -597,7 +753,35 @@ def write_image(
             _write_mgh(image, tmp)
         else:
             sitk.WriteImage(image, str(tmp), useCompression=compress)
+            if kind == "NIfTI":
+                _check_nifti_written(tmp)
     return path
+
+
+def _check_nifti_written(path: Path) -> None:
+    """ITK's NIfTI writer reports a failed write (a full disk) on stderr only and returns:
+    raise OSError if ``path`` holds fewer voxel bytes than its header declares."""
+    import gzip
+    import zlib
+
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+        need = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * int(
+            header.get_data_dtype().itemsize)
+        if path.name.lower().endswith(".gz"):
+            have = 0
+            with gzip.open(path, "rb") as stream:  # checks the CRC at the end, too
+                while block := stream.read(1 << 22):
+                    have += len(block)
+        else:
+            have = path.stat().st_size
+    except (OSError, EOFError, ValueError, zlib.error,
+            nibabel.filebasedimages.ImageFileError) as error:
+        raise OSError(f"the image writer left a damaged file ({error})") from None
+    if have < need:
+        raise OSError(f"the image writer wrote only {have} of {need} bytes")
 
 
 def _write_mgh(image: sitk.Image, path: Path) -> None:

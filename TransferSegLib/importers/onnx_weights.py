@@ -107,12 +107,18 @@ def read_onnx_graph(path: str | os.PathLike) -> OnnxGraph:
     if not path.is_file():
         raise ModelFileError(f"ONNX file {path} does not exist; check the path.")
     try:
-        model = onnx.load(str(path))
+        # External data would make a stranger's file choose which other files are read.
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - protobuf's decode errors have several types
         raise ModelFileError(
             f"{path} is not a readable ONNX model ({type(error).__name__}); download it again."
         ) from None
     graph = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        raise ModelFileError(
+            f"{path} keeps its weights in separate files (ONNX external data), which TransferSeg "
+            "does not read; ask its publisher for a single-file ONNX model."
+        )
     if not graph.node:
         raise ModelFileError(f"{path} holds no ONNX graph; is it the right file?")
     initialisers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
