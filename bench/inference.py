@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    spec = json.loads(args.spec.read_text())
+    spec = json.loads(args.spec.read_text(encoding="utf-8"))
     workdir = Path(spec["workdir"])
     if args.worker == "prepare":
         report = prepare(spec, workdir)

@@ -171,7 +171,7 @@ def run_worker(kind: str, spec: Path, run_name: str = "") -> dict:
 def busy_cpu_s() -> float | None:
     """CPU seconds spent by all processes since boot (Linux ``/proc/stat``), or None."""
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        fields = Path("/proc/stat").read_text(encoding="utf-8").split("\n", 1)[0].split()[1:]
     except OSError:
         return None
     user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    spec = json.loads(args.spec.read_text())
+    spec = json.loads(args.spec.read_text(encoding="utf-8"))
     workdir = Path(spec["workdir"])
     if args.worker == "prepare":
         report = prepare(spec, workdir)
