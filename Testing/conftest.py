@@ -38,6 +38,19 @@ def published_file():
     return published_weights
 
 
+def reduced_label(sample: str, keep, path: Path) -> Path:
+    """The label map of a real sample with only the label values in ``keep`` (others become
+    background), written to ``path``; the sample's own file is not touched."""
+    from TransferSegLib import volumes
+
+    label = volumes.read_label(real_sample(sample).label)
+    array = sitk.GetArrayFromImage(label)
+    array[~np.isin(array, list(keep))] = 0
+    reduced = sitk.GetImageFromArray(array)
+    reduced.CopyInformation(label)
+    return volumes.write_image(reduced, path, overwrite=True)
+
+
 def make_image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                direction=None) -> sitk.Image:
     """A SimpleITK image from a (Z, Y, X) array with the given geometry (x, y, z order)."""

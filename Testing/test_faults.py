@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import real_sample
+from conftest import real_sample, reduced_label
 
 from TransferSegLib import checkpoint, inference, networks, preprocess, training, volumes
 from TransferSegLib.errors import InputError, TransferSegError
@@ -54,12 +54,7 @@ def organ_dataset(folder: Path) -> Path:
     """A one-case CSV dataset: the real TotalSegmentator CT with four of its organs."""
     case = real_sample("totalseg_ct")
     folder.mkdir(parents=True, exist_ok=True)
-    label = volumes.read_label(case.label)
-    array = sitk.GetArrayFromImage(label)
-    array[~np.isin(array, list(ORGANS))] = 0
-    reduced = sitk.GetImageFromArray(array)
-    reduced.CopyInformation(label)
-    volumes.write_image(reduced, folder / "label.nii.gz")
+    reduced_label("totalseg_ct", ORGANS, folder / "label.nii.gz")
     (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in ORGANS.items()}))
     (folder / "cases.csv").write_text(f"image,label,name\n{case.image},label.nii.gz,ct\n")
     return folder / "cases.csv"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import real_sample
+from conftest import real_sample, reduced_label
 from safetensors.torch import load_file
 
 from TransferSegLib import checkpoint, datasets, networks, training, volumes
@@ -27,12 +27,7 @@ def organ_dataset(folder: Path, sample: str = "totalseg_ct", keep=ORGANS) -> Pat
     """A one-case CSV dataset from a real TotalSegmentator sample, reduced to a few organs."""
     case = real_sample(sample)
     folder.mkdir(parents=True, exist_ok=True)
-    label = volumes.read_label(case.label)
-    array = sitk.GetArrayFromImage(label)
-    array[~np.isin(array, list(keep))] = 0
-    reduced = sitk.GetImageFromArray(array)
-    reduced.CopyInformation(label)
-    volumes.write_image(reduced, folder / "label.nii.gz", overwrite=True)
+    reduced_label(sample, keep, folder / "label.nii.gz")
     (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in keep.items()}))
     (folder / "cases.csv").write_text(f"image,label,name\n{case.image},label.nii.gz,{sample}\n")
     return folder / "cases.csv"

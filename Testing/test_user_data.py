@@ -17,10 +17,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 import torch
-from conftest import real_sample
+from conftest import real_sample, reduced_label
 
 from TransferSegLib import checkpoint, jobs, networks, volumes
 from TransferSegLib.cli import EXIT_USER_ERROR, build_parser, main
@@ -59,12 +57,7 @@ def user_files(folder: Path) -> dict[str, Path]:
     folder.mkdir()
     shutil.copy(ct.image, folder / "ct.nii.gz")
     shutil.copytree(dicom.extras["dicom"], folder / "dicom")
-    label = volumes.read_label(ct.label)
-    array = sitk.GetArrayFromImage(label)
-    array[~np.isin(array, list(ORGANS))] = 0
-    reduced = sitk.GetImageFromArray(array)
-    reduced.CopyInformation(label)
-    volumes.write_image(reduced, folder / "label.nii.gz")
+    reduced_label("totalseg_ct", ORGANS, folder / "label.nii.gz")
     (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in ORGANS.items()}))
     (folder / "cases.csv").write_text("image,label,name\nct.nii.gz,label.nii.gz,ct\n")
     model = tiny_model_file(folder / "mine.safetensors")
