@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    call_profiled,
     cpu_model,
     memory_gib,
     own_peak_rss_mib,
@@ -441,20 +442,7 @@ def measured(run, spec: dict, workdir: Path, run_name: str, profile_to: Path | N
         torch.cuda.reset_peak_memory_stats(torch.device(spec["device"]))
     output = workdir / f"{run_name.rsplit('-', 1)[0]}.nii.gz"
     work_start = time.perf_counter()
-    if profile_to is None:
-        stages = run(spec, workdir, output)
-    else:
-        import cProfile
-        import io
-        import pstats
-
-        profiler = cProfile.Profile()
-        stages = profiler.runcall(run, spec, workdir, output)
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-        profile_to.parent.mkdir(parents=True, exist_ok=True)
-        profile_to.write_text(text.getvalue())
+    stages = call_profiled(run, spec, workdir, output, profile_to=profile_to, tottime_rows=30)
     if cuda:
         torch.cuda.synchronize()
     report = {

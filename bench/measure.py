@@ -52,6 +52,25 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 3)
 
 
+def call_profiled(function, *args, profile_to: Path | None = None, tottime_rows: int = 30):
+    """``function(*args)``; with ``profile_to``, run under cProfile and write its report there
+    (the 60 costliest calls by cumulative time, then ``tottime_rows`` by own time)."""
+    if profile_to is None:
+        return function(*args)
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(function, *args)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(tottime_rows)
+    profile_to.parent.mkdir(parents=True, exist_ok=True)
+    profile_to.write_text(text.getvalue(), encoding="utf-8")
+    return result
+
+
 def write_atomically(path: Path, write) -> None:
     """Call ``write(temporary_path)``, then move the file into place in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    call_profiled,
     cpu_model,
     memory_gib,
     own_peak_rss_mib,
@@ -579,20 +580,7 @@ def measured(run, spec: dict, workdir: Path, run_name: str, profile_to: Path | N
         torch.cuda.reset_peak_memory_stats(torch.device(spec["device"]))
     output = workdir / run_name
     work_start = time.perf_counter()
-    if profile_to is None:
-        clock = run(spec, workdir, output)
-    else:
-        import cProfile
-        import io
-        import pstats
-
-        profiler = cProfile.Profile()
-        clock = profiler.runcall(run, spec, workdir, output)
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
-        profile_to.parent.mkdir(parents=True, exist_ok=True)
-        profile_to.write_text(text.getvalue())
+    clock = call_profiled(run, spec, workdir, output, profile_to=profile_to, tottime_rows=40)
     if cuda:
         torch.cuda.synchronize()
     end = time.perf_counter()
