@@ -51,6 +51,44 @@ def reduced_label(sample: str, keep, path: Path) -> Path:
     return volumes.write_image(reduced, path, overwrite=True)
 
 
+def catalog_entry(model_id: str, weights: Path, file_name: str, task: str,
+                  urls: list[str] | None = None) -> dict:
+    """A catalog entry (Resources/models.json layout) for a TransferSeg model file made in a
+    test, its facts read from the file's card and its sha256 and size from its bytes."""
+    import hashlib
+
+    from TransferSegLib.checkpoint import read_card
+    from TransferSegLib.networks import patch_divisor
+
+    card = read_card(weights)
+    payload = weights.read_bytes()
+    file = {"name": file_name, "sha256": hashlib.sha256(payload).hexdigest(),
+            "size": len(payload)}
+    if urls:
+        file["urls"] = urls
+    return {
+        "id": model_id, "title": model_id, "modality": card.modality, "anatomy": "abdomen",
+        "task": task, "labels": {str(k): v for k, v in card.labels.items()},
+        "background_index": 0, "architecture": card.architecture, "arguments": card.arguments,
+        "in_channels": card.in_channels, "spacing": card.spacing,
+        "orientation": card.orientation, "normalisation": card.normalisation,
+        "patch_size": card.patch_size,
+        "divisor": patch_divisor(card.architecture, card.arguments), "importer": "transferseg",
+        "files": [file], "licence": "CC0", "citation": "none", "notes": "", "unverified": [],
+    }
+
+
+def write_catalog(folder: Path, *entries: dict) -> Path:
+    """``folder/models.json`` holding ``entries``; point TRANSFERSEG_RESOURCES at ``folder``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "models.json"
+    path.write_text(json.dumps({"format": "transferseg-catalog", "version": 1,
+                                "models": list(entries)}), encoding="utf-8")
+    return path
+
+
 def make_image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                direction=None) -> sitk.Image:
     """A SimpleITK image from a (Z, Y, X) array with the given geometry (x, y, z order)."""

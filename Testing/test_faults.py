@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import real_sample, reduced_label
+from conftest import catalog_entry, real_sample, reduced_label, write_catalog
 
 from TransferSegLib import checkpoint, inference, networks, preprocess, training, volumes
 from TransferSegLib.errors import InputError, TransferSegError
@@ -442,17 +442,7 @@ def _fault_cases(root: Path, base: Path, data: Path) -> dict:
         other_file, f / "bundle", overwrite=True))
 
     f = folder("zoo")
-    payload = base.read_bytes()
-    entry = {"id": "tiny-ct", "title": "tiny", "modality": "CT", "anatomy": "abdomen",
-             "task": "organs", "labels": {str(k): v for k, v in card.labels.items()},
-             "background_index": 0, "architecture": "unet", "arguments": card.arguments,
-             "in_channels": 1, "spacing": card.spacing, "orientation": "LPS",
-             "normalisation": card.normalisation, "patch_size": card.patch_size, "divisor": 4,
-             "importer": "transferseg", "licence": "CC0", "citation": "none", "notes": "",
-             "unverified": [], "files": [{"name": "published.safetensors", "size": len(payload),
-                                          "sha256": hashlib.sha256(payload).hexdigest()}]}
-    (f / "models.json").write_text(json.dumps({"format": "transferseg-catalog", "version": 1,
-                                               "models": [entry]}))
+    write_catalog(f, catalog_entry("tiny-ct", base, "published.safetensors", "organs"))
     os.environ.update(TRANSFERSEG_RESOURCES=str(f), TRANSFERSEG_HOME=str(f / "home"))
     zoo.import_file("tiny-ct", base, log=lambda text: None)
     cases["model import (zoo)"] = (f, lambda: zoo.import_file("tiny-ct", base,

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from conftest import real_sample, reduced_label
+from conftest import catalog_entry, real_sample, reduced_label, write_catalog
 
 from TransferSegLib import checkpoint, jobs, networks, volumes
 from TransferSegLib.cli import EXIT_USER_ERROR, build_parser, main
@@ -71,21 +71,8 @@ def user_files(folder: Path) -> dict[str, Path]:
 def catalog_with(folder: Path, weights: Path, monkeypatch) -> None:
     """A catalog of one model whose weights come from ``weights`` (a file:// URL: no network)
     and a fresh model cache."""
-    card = checkpoint.read_card(weights)
-    payload = weights.read_bytes()
-    entry = {"id": "tiny-ct", "title": "tiny CT organs", "modality": "CT", "anatomy": "abdomen",
-             "task": "organs", "labels": {str(k): v for k, v in card.labels.items()},
-             "background_index": 0, "architecture": "unet", "arguments": card.arguments,
-             "in_channels": 1, "spacing": card.spacing, "orientation": "LPS",
-             "normalisation": card.normalisation, "patch_size": card.patch_size, "divisor": 4,
-             "importer": "transferseg", "licence": "CC0", "citation": "none", "notes": "",
-             "unverified": [],
-             "files": [{"name": "weights.safetensors", "size": len(payload),
-                        "sha256": hashlib.sha256(payload).hexdigest(),
-                        "urls": [weights.resolve().as_uri()]}]}
-    folder.mkdir()
-    (folder / "models.json").write_text(json.dumps(
-        {"format": "transferseg-catalog", "version": 1, "models": [entry]}))
+    write_catalog(folder, catalog_entry("tiny-ct", weights, "weights.safetensors", "organs",
+                                        urls=[weights.resolve().as_uri()]))
     monkeypatch.setenv("TRANSFERSEG_RESOURCES", str(folder))
     monkeypatch.setenv("TRANSFERSEG_HOME", str(folder / "home"))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from conftest import catalog_entry, write_catalog
 
 from TransferSegLib import checkpoint, importers, networks, zoo
 from TransferSegLib.cli import main
@@ -120,23 +121,12 @@ def setup(tmp_path, monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/published.safetensors"
-    entry = {
-        "id": "tiny-liver-ct", "title": "Tiny liver CT", "modality": "CT", "anatomy": "abdomen",
-        "task": "liver segmentation", "labels": {"0": "background", "1": "liver"},
-        "background_index": 0, "architecture": "unet", "arguments": TINY, "in_channels": 1,
-        "spacing": [2.0, 2.0, 2.0], "orientation": "LPS",
-        "normalisation": {"kind": "ct", "window": [-100, 200]}, "patch_size": [32, 32, 32],
-        "divisor": 2, "importer": "transferseg",
-        "files": [{"name": "published.safetensors", "sha256": hashlib.sha256(payload).hexdigest(),
-                   "size": len(payload), "urls": [url]}],
-        "licence": "CC0", "citation": "none", "notes": "", "unverified": [],
-    }
+    entry = catalog_entry("tiny-liver-ct", source, "published.safetensors",
+                          "liver segmentation", urls=[url])
     unverified = dict(entry, id="tiny-unverified", unverified=["sha256"],
                       files=[dict(entry["files"][0], sha256=None)])
     resources = tmp_path / "resources"
-    resources.mkdir()
-    (resources / "models.json").write_text(json.dumps(
-        {"format": "transferseg-catalog", "version": 1, "models": [entry, unverified]}))
+    write_catalog(resources, entry, unverified)
     monkeypatch.setenv("TRANSFERSEG_RESOURCES", str(resources))
     monkeypatch.setenv("TRANSFERSEG_HOME", str(tmp_path / "home"))
     yield {"server": server, "source": source, "entry": entry, "payload": payload}
