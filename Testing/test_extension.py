@@ -276,7 +276,7 @@ def test_module_uses_only_what_exists():
 
 
 def test_strategies_and_devices_match_the_library():
-    from TransferSegLib.transfer import STRATEGIES
+    from TransferSegLib.strategies import STRATEGIES
 
     assert state.STRATEGIES == STRATEGIES
     assert state.DEVICES == ("auto", "cuda", "cpu")

@@ -75,9 +75,49 @@ def _is_statistic(key: str) -> bool:
 
 # --- freezing ----------------------------------------------------------------------------------
 
-def test_finetune_trains_only_the_last_decoder_block_and_head():
+def test_finetune_freezes_the_encoder_and_trains_the_decoder_and_head():
     base, card = _base()
     plan = transfer.prepare("finetune", None, None, base, card, TARGET_LABELS, 1, lr=1e-2)
+    model = plan.model
+    frozen_keys = _keys_under(model, networks.encoder_blocks("unet", model))
+    params = dict(model.named_parameters())
+    assert {k for k, p in params.items() if not p.requires_grad} == frozen_keys & set(params)
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    assert 0.05 < trainable / sum(p.numel() for p in params.values()) < 0.95
+    before = _snapshot(model)
+    _train(plan)
+    after = model.state_dict()
+    for key in before:
+        if key in frozen_keys:
+            assert torch.equal(before[key], after[key]), f"frozen {key} changed"
+        elif not key.endswith("num_batches_tracked"):
+            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+
+
+def test_head_lr_factor_gives_finetune_a_fast_head_group_of_trainable_tensors():
+    base, card = _base()
+    plan = transfer.prepare("finetune", None, None, base, card, TARGET_LABELS, 1, lr=1e-3,
+                            head_lr_factor=5.0)
+    lr_of = {id(p): group["lr"] for group in plan.param_groups for p in group["params"]}
+    assert all(p.requires_grad for group in plan.param_groups for p in group["params"])
+    head = networks.head("unet", plan.model)
+    assert lr_of[id(head.weight)] == pytest.approx(5e-3)
+    assert {round(g["lr"], 9) for g in plan.param_groups} == {1e-3, 5e-3}
+
+
+def test_strategies_have_their_own_default_learning_rates():
+    base, card = _base()
+    for strategy in transfer.STRATEGIES:
+        chosen = transfer.defaults(strategy)
+        plan = transfer.prepare(strategy, "unet", None, base, card, TARGET_LABELS, 1)
+        assert plan.lr == chosen["lr"] and plan.head_lr_factor == chosen["head_lr_factor"]
+    with pytest.raises(InputError, match="Unknown transfer strategy"):
+        transfer.defaults("magic")
+
+
+def test_finetune_last_trains_only_the_last_decoder_block_and_head():
+    base, card = _base()
+    plan = transfer.prepare("finetune-last", None, None, base, card, TARGET_LABELS, 1, lr=1e-2)
     model = plan.model
     trainable_blocks = [networks.decoder_blocks("unet", model)[-1], networks.head("unet", model)]
     trainable_keys = _keys_under(model, trainable_blocks)
@@ -100,7 +140,7 @@ def test_finetune_trains_only_the_last_decoder_block_and_head():
 
 def test_a_plain_train_call_does_not_update_frozen_norm_statistics():
     base, card = _base()
-    plan = transfer.prepare("finetune", "unet", None, base, card, BASE_LABELS, 1)
+    plan = transfer.prepare("finetune-last", "unet", None, base, card, BASE_LABELS, 1)
     before = _snapshot(plan.model)
     plan.model.train()  # not set_train_mode: the forward pre-hook must still hold them
     plan.model(torch.randn(2, 1, SIZE, SIZE, SIZE))
@@ -309,8 +349,8 @@ def test_scratch_needs_no_base_and_ignores_its_weights():
 
 def test_errors_name_the_problem():
     base, card = _base()
-    with pytest.raises(InputError, match="known: scratch, vanilla, finetune, discriminative, "
-                                         "two-stage"):
+    with pytest.raises(InputError, match="known: scratch, vanilla, finetune, finetune-last, "
+                                         "discriminative, two-stage"):
         transfer.prepare("fine-tune", None, None, base, card, TARGET_LABELS, 1)
     for strategy in ("vanilla", "finetune", "discriminative", "two-stage"):
         with pytest.raises(InputError, match="base model"):

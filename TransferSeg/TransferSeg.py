@@ -77,7 +77,8 @@ class TransferSegParameterNode:
     labelMapping: dict[str, str]  # segment name -> training label name ("" = ignore)
     strategy: Annotated[str, Choice(list(state.STRATEGIES)), Default("finetune")]
     steps: Annotated[int, WithinRange(1, 100000), Default(300)]
-    learningRate: Annotated[float, WithinRange(1e-6, 1.0), Default(1e-3)]
+    # 0: each strategy's own learning rate (TransferSegLib.strategies.DEFAULTS)
+    learningRate: Annotated[float, WithinRange(0.0, 1.0), Default(0.0)]
     device: Annotated[str, Choice(list(state.DEVICES)), Default("auto")]
     inputVolume: vtkMRMLScalarVolumeNode
     prediction: vtkMRMLSegmentationNode
@@ -539,7 +540,9 @@ class TransferSegLogic(ScriptedLoadableModuleLogic):
         taken = set()  # validation pairs stay out: they are scored after each round
         cases = [scene.training_case(v, s, mapping, labels, taken) for v, s in training]
         params = {"base": str(base) if base else None, "strategy": strategy, "steps": int(steps),
-                  "lr": float(lr), "device": device}
+                  "device": device}
+        if lr and float(lr) > 0:  # else the strategy's own default rate
+            params["lr"] = float(lr)
         if base is None:
             params["architecture"] = "unet"
         self._startJob("finetune", "finetune", cases, labels, params, steps, base_id=base_id,

@@ -275,12 +275,14 @@ class EventPrinter:
 def _train_config(args: argparse.Namespace):
     from TransferSegLib.training import TrainConfig
 
+    lr = args.lr if not isinstance(args.lr, dict) else None
     return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_every=args.val_every,
+        steps=args.steps, batch_size=args.batch_size, lr=lr, val_every=args.val_every,
         patience=args.patience, seed=args.seed, device=args.device,
         checkpoint_every=args.checkpoint_every, augment=not args.no_augment, mirror=args.mirror,
-        head_lr_factor=getattr(args, "head_lr_factor", 10.0),
+        head_lr_factor=getattr(args, "head_lr_factor", None),
         freeze_depth=getattr(args, "freeze_depth", None), optimizer=args.optimizer,
+        warmup=args.warmup, threads=args.threads,
     )
 
 
@@ -335,6 +337,7 @@ def _study(args: argparse.Namespace) -> int:
         args.strategies.split(","), [int(n) for n in args.sizes.split(",")],
         [int(s) for s in args.seeds.split(",")], _train_config(args),
         labels=args.labels.split(",") if args.labels else None, architecture=args.architecture,
+        patch_size=args.patch, learning_rates=args.lr if isinstance(args.lr, dict) else None,
         overwrite=args.overwrite,
     )
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
@@ -342,11 +345,32 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_arguments(parser: argparse.ArgumentParser) -> None:
+def _learning_rates(text: str) -> float | dict[str, float]:
+    """``--lr`` of a study: one number, or ``strategy=rate`` pairs separated by commas."""
+    from TransferSegLib.strategies import STRATEGIES
+
+    if "=" not in text:
+        return float(text)
+    rates = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in STRATEGIES:
+            raise argparse.ArgumentTypeError(f"unknown strategy {name.strip()!r}")
+        rates[name.strip()] = float(value)
+    return rates
+
+
+def _training_arguments(parser: argparse.ArgumentParser, per_strategy_lr: bool = False) -> None:
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, ...)")
     parser.add_argument("--steps", type=int, default=500, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
+    if per_strategy_lr:  # a study compares strategies: one rate for all, or one each
+        parser.add_argument("--lr", type=_learning_rates, default=None,
+                            help="learning rate for every strategy, or per strategy "
+                            "(scratch=3e-3,finetune=1e-3); default: each strategy's own")
+    else:
+        parser.add_argument("--lr", type=float, default=None,
+                            help="learning rate (default: the strategy's own, see the README)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--val-every", type=int, default=50, help="steps between validations")
     parser.add_argument("--patience", type=int, default=0,
@@ -365,6 +389,24 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cancel-file", help="stop cleanly (saving) when this file appears")
     parser.add_argument("--architecture", default="unet",
                         help="network for scratch/pretrain (unet, dynunet, segresnet, ...)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="steps of linear learning-rate warm-up (default: the strategy's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the cores other programs leave idle)")
+
+
+def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    from TransferSegLib.strategies import STRATEGIES
+
+    parser.add_argument("--patch", type=int, nargs=3,
+                        help="training and inference patch, voxels x y z (default: the base's)")
+    parser.add_argument("--freeze-depth", type=int,
+                        help="finetune, two-stage: freeze only this many encoder blocks "
+                        "(default: the whole encoder)")
+    parser.add_argument("--head-lr-factor", type=float, default=None,
+                        help="learning-rate factor of the head and new label channels "
+                        "(default: the strategy's; discriminative 10)")
+    return STRATEGIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,20 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     fine = commands.add_parser("finetune", help="adapt a base model to your labelled data")
     fine.add_argument("--base", help="base model: a file, or a catalog id from `transferseg "
                       "models list` (fetched if needed); not needed for --strategy scratch")
-    fine.add_argument("--patch", type=int, nargs=3,
-                      help="training and inference patch, voxels x y z (default: the base's)")
     fine.add_argument("--data", required=True,
                       help="dataset: nnU-Net/MSD folder, image/label pairs folder or CSV")
     fine.add_argument("--val", help="separate validation dataset (default: 20%% held out, or "
                       "the training cases when there are fewer than 3)")
-    fine.add_argument("--strategy", default="finetune",
-                      choices=["scratch", "vanilla", "finetune", "discriminative", "two-stage"])
+    strategies = _transfer_arguments(fine)
+    fine.add_argument("--strategy", default="finetune", choices=strategies)
     fine.add_argument("--labels", help="comma-separated label names to learn (default: all)")
-    fine.add_argument("--freeze-depth", type=int,
-                      help="finetune: freeze this many encoder blocks instead of all but the "
-                      "last decoder block and the head")
-    fine.add_argument("--head-lr-factor", type=float, default=10.0,
-                      help="discriminative: learning-rate factor for new layers")
     _training_arguments(fine)
     fine.set_defaults(run=_finetune)
 
@@ -469,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--sizes", default="1,2", help="training-set sizes, comma-separated")
     st.add_argument("--seeds", default="0", help="seeds, comma-separated")
     st.add_argument("--labels", help="comma-separated label names to learn (default: shared)")
-    _training_arguments(st)
+    _transfer_arguments(st)
+    _training_arguments(st, per_strategy_lr=True)
     st.set_defaults(run=_study)
 
     job = commands.add_parser("run", help="run a job folder's job.json; events as JSON lines")

@@ -28,6 +28,9 @@ from TransferSegLib.errors import InputError
 from TransferSegLib.files import full_suffix
 
 BACKGROUND = "background"
+# A label with this name marks voxels whose class is unknown: they are left out of training
+# and validation (nnU-Net v2's "ignore" label), e.g. an organ hidden from a base model.
+IGNORE_NAME = "ignore"
 LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_mask", "-label", "-seg", "_gt")
 IMAGE_SUFFIXES = ("", "_image", "_img", "_0000", "-image")
 
@@ -73,7 +76,13 @@ class LabelTable:
 
     @property
     def foreground(self) -> dict[int, str]:
-        return {v: n for v, n in self.names.items() if v != 0}
+        """The labels to learn: every value but background and the ``ignore`` label."""
+        return {v: n for v, n in self.names.items() if v != 0 and n != IGNORE_NAME}
+
+    @property
+    def ignore_value(self) -> int | None:
+        """The value of the ``ignore`` label (voxels of unknown class), None without one."""
+        return next((v for v, n in self.names.items() if n == IGNORE_NAME), None)
 
     def value(self, name: str) -> int:
         for value, known in self.names.items():

@@ -80,11 +80,13 @@ UNSET = object()
 _COMMON = {"output": ((str,), "output"), "overwrite": ((bool,), False)}
 # training.TrainConfig's fields, listed here so that writing a job never imports torch.
 TRAIN_SETTINGS = {
-    "steps": (int,), "batch_size": (int,), "lr": (int, float), "weight_decay": (int, float),
+    "steps": (int,), "batch_size": (int,), "lr": (int, float, type(None)),
+    "weight_decay": (int, float),
     "optimizer": (str,), "val_every": (int,), "patience": (int,), "checkpoint_every": (int,),
     "foreground_ratio": (int, float), "augment": (bool,), "mirror": (bool,), "seed": (int,),
     "device": (str,), "amp": (bool,), "cache_gb": (int, float), "val_overlap": (int, float),
-    "head_lr_factor": (int, float), "freeze_depth": (int, type(None)),
+    "head_lr_factor": (int, float, type(None)), "freeze_depth": (int, type(None)),
+    "warmup": (int, type(None)), "threads": (int, type(None)),
 }
 PARAMS: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
     "finetune": {

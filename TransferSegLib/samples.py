@@ -91,6 +91,20 @@ PYR = "pyradiomics-3.0.1/data/"
 NIL = "nilearn/datasets/data/mni_icbm152_"
 
 
+# Masks of the thoracic CT, largest first: a smaller structure drawn inside a larger one wins.
+THORAX_MASKS = (
+    "pulmonary_report/models/heart.nii.gz",
+    "aorta_report/test_result/models/aorta.nii.gz",
+    "pulmonary_report/models/pulmonary_artery.nii.gz",
+    "aorta_report/test_result/models/vertebrae_T12.nii.gz",
+    "aorta_report/test_result/models/brachiocephalic_trunk.nii.gz",
+    "aorta_report/test_result/models/subclavian_artery_left.nii.gz",
+    "aorta_report/test_result/models/common_carotid_artery_left.nii.gz",
+    "aorta_report/test_result/models/celiac_trunk.nii.gz",
+    "aorta_report/test_result/models/superior_mesenteric_artery.nii.gz",
+)
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """How one sample case is made from files inside a package."""
@@ -114,6 +128,16 @@ SPECS = [
                "Abdominal CT, 3 mm, TotalSegmentator 'total' task reference (~41 organs).",
                TS + "example_ct_sm.nii.gz", TS + "example_seg.nii.gz", "class_map", "total",
                {"prediction_fast": TS + "example_seg_fast.nii.gz"}),
+    SampleSpec("totalseg_ct_full", "totalsegmentator", "CT",
+               "The same abdominal CT as totalseg_ct, all 112 slices (3 mm), labelled by "
+               "TotalSegmentator's fast model (~61 structures, vertebrae and ribs included).",
+               TS + "example_ct.nii.gz", TS + "example_seg_fast_force_split.nii.gz",
+               "class_map", "total"),
+    SampleSpec("totalseg_thorax", "totalsegmentator", "CT",
+               "Thoracic CT of another patient, 1.5 mm, cropped around the aorta: heart, aorta, "
+               "pulmonary artery, aortic branches and a vertebra (TotalSegmentator reports).",
+               TS + "aorta_report/test_result/models/ct_cropped.nii.gz",
+               tuple(TS + member for member in THORAX_MASKS), "binary_masks"),
     SampleSpec("totalseg_mr", "totalsegmentator", "MR",
                "Abdominal MR, 3 mm, TotalSegmentator 'total_mr' task reference (~23 organs).",
                TS + "example_mr_sm.nii.gz", TS + "example_seg_mr.nii.gz", "class_map", "total_mr"),
@@ -369,6 +393,23 @@ def _label_with_table(spec: SampleSpec, raw: Path) -> tuple[sitk.Image, dict[int
         binary = sitk.GetImageFromArray((array > 0).astype(np.uint8))
         binary.CopyInformation(label)
         return binary, {1: spec.labeller_arg}
+    if spec.labeller == "binary_masks":
+        # One binary mask per structure, named by its file, each resampled (nearest neighbour)
+        # onto the image: some lie on a larger grid of the same scan, some on a smaller one.
+        reference = volumes.read_volume(raw / spec.image)
+        label = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.uint8)
+        table = {}
+        for member in spec.label:
+            mask = volumes.resample_label_to(volumes.read_label(raw / member), reference)
+            inside = sitk.GetArrayFromImage(mask) > 0
+            if inside.any():
+                value = len(table) + 1
+                label[inside] = value
+                table[value] = Path(member).name.removesuffix(".nii.gz")
+        image = sitk.GetImageFromArray(label)
+        image.CopyInformation(reference)
+        present = set(np.unique(label).tolist())
+        return image, {v: n for v, n in table.items() if v in present}
     if spec.labeller == "tissue_maps":
         # Probability maps (0..255) of grey and white matter -> one label map by majority.
         grey, white = (sitk.GetArrayFromImage(volumes.read_volume(raw / m)).astype(np.int16)

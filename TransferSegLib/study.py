@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,6 +87,7 @@ def run_study(
     labels: Sequence[str] | None = None,
     architecture: str = "unet",
     patch_size: Sequence[int] | None = None,
+    learning_rates: Mapping[str, float] | None = None,
     log: Callable[[str], None] = print,
     events: Callable[[dict], None] = lambda event: None,
     overwrite: bool = True,
@@ -98,6 +99,8 @@ def run_study(
     line's default, without ``--overwrite``).
 
     ``events`` receives every run's training events (for a progress bar).
+    ``learning_rates`` (strategy -> rate) overrides ``config.lr`` for those strategies; a
+    strategy with neither trains at its own default (:func:`TransferSegLib.transfer.defaults`).
     """
     config = config or TrainConfig()
     out_dir = Path(out_dir)
@@ -130,7 +133,9 @@ def run_study(
                 log(f"training {strategy}, N={size}, seed {seed} ...")
                 result = finetune(
                     base if strategy != "scratch" or base else None, train_csv, run_dir,
-                    strategy, replace(config, seed=seed, patience=0), val_data=test_csv,
+                    strategy, replace(config, seed=seed, patience=0,
+                                      lr=(learning_rates or {}).get(strategy, config.lr)),
+                    val_data=test_csv,
                     labels=names, architecture=architecture, patch_size=patch_size,
                     overwrite=True, events=events,
                 )

@@ -47,7 +47,7 @@ class TrainConfig:
 
     steps: int = 500
     batch_size: int = 2
-    lr: float = 1e-3
+    lr: float | None = None  # None: the strategy's own (transfer.defaults); pretraining 3e-3
     weight_decay: float = 1e-5
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.99, nesterov, as nnU-Net)
     val_every: int = 50
@@ -62,8 +62,10 @@ class TrainConfig:
     amp: bool = True  # mixed precision, CUDA only
     cache_gb: float = 8.0  # RAM for preprocessed cases; the rest are re-read when needed
     val_overlap: float = 0.25
-    head_lr_factor: float = 10.0
+    head_lr_factor: float | None = None  # None: the strategy's own (transfer.defaults)
     freeze_depth: int | None = None
+    warmup: int | None = None  # steps of linear learning-rate warm-up; None: the strategy's
+    threads: int | None = None  # CPU threads for torch; None: the idle cores (choose_threads)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
@@ -72,6 +74,43 @@ class TrainConfig:
             raise InputError(f"Unknown optimiser {self.optimizer!r}; use adamw or sgd.")
         if not 0 <= self.foreground_ratio <= 1:
             raise InputError("The foreground ratio must lie between 0 and 1.")
+        if self.lr is not None and not self.lr > 0:
+            raise InputError(f"The learning rate must be a positive number, not {self.lr}.")
+        if self.warmup is not None and self.warmup < 0:
+            raise InputError(f"Warm-up steps must be 0 or more, not {self.warmup}.")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"Threads must be at least 1, not {self.threads}.")
+
+    def for_strategy(self, strategy: str) -> TrainConfig:
+        """This configuration with the strategy's defaults filled in where a value is None."""
+        from TransferSegLib.strategies import defaults
+
+        chosen = defaults(strategy)
+        return replace(
+            self, lr=chosen["lr"] if self.lr is None else self.lr,
+            head_lr_factor=(chosen["head_lr_factor"] if self.head_lr_factor is None
+                            else self.head_lr_factor),
+            warmup=int(chosen["warmup"]) if self.warmup is None else self.warmup)
+
+
+def choose_threads(requested: int | None = None) -> int:
+    """CPU threads for torch: ``requested``, else the cores not busy with other work.
+
+    torch starts one thread per core; when another program keeps a core busy, its threads wait
+    for each other at every operation and a step can take several times as long (measured in
+    bench/README.md). The 1-minute load average before training starts counts the busy cores.
+    """
+    if requested:
+        return int(requested)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, min(cores, torch.get_num_threads(), cores - busy))
 
 
 # ------------------------------------------------------------------------------------- the data
@@ -103,7 +142,9 @@ def channel_map(card: ModelCard, table: LabelTable, source: str,
     channel_of = {name: channel for channel, name in card.labels.items()}
     mapping = {}
     for value, name in table.names.items():
-        if name not in channel_of and others_background:
+        if value == table.ignore_value:
+            mapping[value] = IGNORE
+        elif name not in channel_of and others_background:
             mapping[value] = 0
         elif name not in channel_of:
             raise InputError(
@@ -119,7 +160,8 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
                  others_background: bool = False) -> PreparedCase:
     """Read ``case``, take it to the model's space and map its labels to output channels.
 
-    ``others_background``: labels the model does not have count as background.
+    ``others_background``: labels the model does not have count as background. Voxels of the
+    table's ``ignore`` label get the target :data:`IGNORE`: no loss, no validation score.
     """
     images, label = case.load(table)
     if len(images) != card.in_channels:
@@ -143,7 +185,8 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
     annotated = np.zeros(card.out_channels, bool)
     annotated[0] = True
     for name in annotated_names:
-        annotated[mapping[table.value(name)]] = True
+        if mapping[table.value(name)] != IGNORE:
+            annotated[mapping[table.value(name)]] = True
     annotated[0] = True
     foreground = {int(c): np.flatnonzero(target == c) for c in np.unique(target)
                   if c > 0 and annotated[c]}
@@ -323,17 +366,20 @@ class Cancellation:
         return self.flag or bool(self.cancel_file and self.cancel_file.exists())
 
 
-def poly_lr(base: float, step: int, steps: int) -> float:
-    """nnU-Net's polynomial decay: base * (1 - step / steps) ** 0.9."""
-    return base * (1 - step / steps) ** 0.9
+def poly_lr(base: float, step: int, steps: int, warmup: int = 0) -> float:
+    """nnU-Net's polynomial decay, base * (1 - step / steps) ** 0.9, after ``warmup`` steps of
+    linear warm-up (step ``s < warmup`` gets ``(s + 1) / warmup`` of that)."""
+    rate = base * (1 - step / steps) ** 0.9
+    return rate * (step + 1) / warmup if step < warmup else rate
 
 
 def make_optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
-    groups = [dict(g, initial_lr=g.get("lr", config.lr)) for g in param_groups]
+    lr = config.lr if config.lr is not None else 3e-3
+    groups = [dict(g, initial_lr=g.get("lr", lr)) for g in param_groups]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.99, nesterov=True,
+        return torch.optim.SGD(groups, lr=lr, momentum=0.99, nesterov=True,
                                weight_decay=config.weight_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
 
 
 def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelCard,
@@ -354,10 +400,11 @@ def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelC
             logits = predict_logits(model, case.image, patch, device=device,
                                     out_channels=card.out_channels, overlap=overlap)
         prediction = argmax_channels(logits.numpy(), card.out_channels)
+        scored = case.target != IGNORE  # ignored voxels count neither way
         for channel in range(1, card.out_channels):
             if not case.annotated[channel]:
                 continue
-            ref, out = case.target == channel, prediction == channel
+            ref, out = case.target == channel, (prediction == channel) & scored
             if ref.any() or out.any():
                 dice = 2 * np.logical_and(ref, out).sum() / (ref.sum() + out.sum())
                 sums.setdefault(channel, []).append(float(dice))
@@ -395,6 +442,8 @@ def train(
 
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.device(select_device(config.device))
+    if device.type == "cpu":
+        torch.set_num_threads(choose_threads(config.threads))
     model = plan.model.to(device)
     multi = isinstance(model, transfer.MultiHeadNetwork)
     if multi:
@@ -443,6 +492,8 @@ def train(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     emit({"event": "start", "strategy": plan.strategy, "device": str(device), "world": world,
+          "threads": torch.get_num_threads() if device.type == "cpu" else None,
+          "lr": config.lr, "head_lr_factor": config.head_lr_factor, "warmup": config.warmup,
           "steps": config.steps, "from_step": meta["step"], "cases": len(train_cases),
           "validation_cases": len(val_cases), "report": plan.report})
 
@@ -473,7 +524,8 @@ def train(
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             for group in optimizer.param_groups:
-                group["lr"] = poly_lr(group["initial_lr"], step, config.steps)
+                group["lr"] = poly_lr(group["initial_lr"], step, config.steps,
+                                      config.warmup or 0)
             transfer.set_train_mode(model, plan)
             try:
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -821,8 +873,12 @@ def finetune(
     """
     from TransferSegLib import datasets, transfer
     from TransferSegLib.checkpoint import load_model
+    from TransferSegLib.strategies import STRATEGIES
 
-    config = config or TrainConfig()
+    if strategy not in STRATEGIES:
+        raise InputError(
+            f"Unknown transfer strategy {strategy!r}; known: {', '.join(STRATEGIES)}.")
+    config = (config or TrainConfig()).for_strategy(strategy)
     events = _rank_zero(events)
     if strategy == "two-stage" and not config.patience:
         config = replace(config, patience=2)  # the second stage starts on a plateau
@@ -937,7 +993,8 @@ def _target_card(base_card, target, dataset, in_channels, architecture, argument
         lineage = []
     lineage.append({"strategy": strategy, "base": str(base) if base else None,
                     "steps": config.steps, "data": str(dataset.source),
-                    "freeze_depth": config.freeze_depth})
+                    "freeze_depth": config.freeze_depth, "lr": config.lr,
+                    "head_lr_factor": config.head_lr_factor, "warmup": config.warmup})
     data.update(lineage=lineage, training_cases=[c.case.name for c in cases])
     return ModelCard(**data)
 
@@ -953,12 +1010,19 @@ def pretrain(
     patch_size: Sequence[int] = (64, 64, 64),
     modality: str | None = None,
     heads: str = "shared",
+    hold_out: bool = True,
+    title: str = "",
+    description: str = "",
     events: Events = lambda event: None,
     resume: bool = False,
     overwrite: bool = False,
     cancel_file: Path | None = None,
 ) -> TrainResult:
     """Train a base model on one or several datasets whose label sets differ.
+
+    ``hold_out``: validate on 20% of each dataset's cases (with 3 or more); False validates on
+    the training cases themselves (when every case is too precious to hold out). ``title`` and
+    ``description`` go into the model card.
 
     ``heads="shared"`` (partial labels): one output head whose labels are the union of the
     datasets' label names; each case is annotated only for its own dataset's labels (or the
@@ -972,7 +1036,7 @@ def pretrain(
 
     if heads not in ("shared", "per-dataset"):
         raise InputError(f"heads must be 'shared' or 'per-dataset', not {heads!r}.")
-    config = config or TrainConfig()
+    config = (config or TrainConfig()).for_strategy("scratch")
     cases: list[LabelledCase] = []
     names: list[str] = []
     label_sets: list[dict[int, str]] = []
@@ -992,7 +1056,8 @@ def pretrain(
         modality = modality or dataset.modality
     # Split per dataset, so every head keeps validation cases of its own.
     groups = [[c for c in cases if c.head == k] for k in range(max(c.head for c in cases) + 1)]
-    splits = [split_cases(group, config.seed) for group in groups]
+    splits = [split_cases(group, config.seed) if hold_out else (group, group, False)
+              for group in groups]
     cases = [c for train_part, _, _ in splits for c in train_part]
     val_cases = [c for _, val_part, _ in splits for c in val_part]
     target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
@@ -1006,6 +1071,7 @@ def pretrain(
         modality=modality, training_cases=[c.case.name for c in cases],
         lineage=[{"strategy": "pretrain", "data": [str(p) for p in data],
                   "steps": config.steps}],
+        title=title, description=description,
     )
     if heads == "shared":
         plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,

@@ -9,9 +9,12 @@ the optimiser parameter groups, what is frozen, and a printable report. The stra
 ``vanilla``
     The base's weights (after head surgery), every layer trained.
 ``finetune``
-    The base's weights; everything frozen but the last decoder block and the output head (the
-    sparse-annotation 3D U-Net study: all frozen but the last 3x3x3 conv and the 1x1x1 head).
-    With ``freeze_depth=k`` only the first ``k`` encoder blocks are frozen instead.
+    The base's weights; the encoder (every encoder block, bottleneck included) frozen, the
+    decoder and the head trained. With ``freeze_depth=k`` only the first ``k`` encoder blocks
+    are frozen instead (0: nothing).
+``finetune-last``
+    The sparse-annotation 3D U-Net study's recipe: everything frozen but the last decoder block
+    and the output head (in their code, the last 3x3x3 conv and the 1x1x1 head).
 ``discriminative``
     Every layer trained; the head (and any tensor head surgery initialised anew) at
     ``head_lr_factor`` times the learning rate, the rest at the learning rate. Med3D trained its
@@ -48,9 +51,10 @@ from torch import nn
 from TransferSegLib import networks
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import InputError
+from TransferSegLib.strategies import DEFAULTS, STRATEGIES, defaults  # noqa: F401 (re-exported)
 
-STRATEGIES = ("scratch", "vanilla", "finetune", "discriminative", "two-stage")
-_FREEZING = ("finetune", "two-stage")
+_FREEZING = ("finetune", "finetune-last", "two-stage")
+_DEPTH = ("finetune", "two-stage")  # the strategies whose frozen depth can be chosen
 
 # Attribute set on a frozen norm layer; read by the forward pre-hook and set_train_mode.
 _FROZEN = "_transferseg_frozen"
@@ -142,7 +146,7 @@ class TransferPlan:
     def lineage(self) -> dict[str, Any]:
         """A JSON-ready entry for the new model card's ``lineage``."""
         entry: dict[str, Any] = {"strategy": self.strategy, "lr": self.lr}
-        if self.strategy == "discriminative":
+        if self.head_lr_factor != 1:
             entry["head_lr_factor"] = self.head_lr_factor
         if self.freeze_depth is not None:
             entry["freeze_depth"] = self.freeze_depth
@@ -548,8 +552,8 @@ def prepare(
     target_labels: dict[int, str],
     in_channels: int,
     *,
-    lr: float = 1e-3,
-    head_lr_factor: float = 10.0,
+    lr: float | None = None,
+    head_lr_factor: float | None = None,
     freeze_depth: int | None = None,
     seed: int | None = None,
 ) -> TransferPlan:
@@ -563,11 +567,14 @@ def prepare(
     ``k`` encoder blocks, 0 <= k <= their number, instead of all but the last decoder block and
     the head. ``head_lr_factor`` (``discriminative``): the head's learning rate over ``lr``.
     ``seed`` fixes the fresh weights (None: the global generator). The model is on the CPU.
+    ``lr`` and ``head_lr_factor`` default to the strategy's own (:func:`defaults`); a factor
+    other than 1 puts the head and the freshly initialised label channels in their own
+    parameter group, at ``lr * head_lr_factor``.
     """
-    if strategy not in STRATEGIES:
-        raise InputError(
-            f"Unknown transfer strategy {strategy!r}; known: {', '.join(STRATEGIES)}."
-        )
+    strategy_defaults = defaults(strategy)
+    lr = strategy_defaults["lr"] if lr is None else lr
+    if head_lr_factor is None:
+        head_lr_factor = strategy_defaults["head_lr_factor"]
     target_labels = _check_labels(target_labels, "target labels")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise InputError(f"in_channels must be a positive whole number, not {in_channels!r}.")
@@ -575,9 +582,9 @@ def prepare(
         raise InputError(f"The learning rate must be a positive number, not {lr!r}.")
     if not (isinstance(head_lr_factor, (int, float)) and head_lr_factor > 0):
         raise InputError(f"head_lr_factor must be a positive number, not {head_lr_factor!r}.")
-    if freeze_depth is not None and strategy not in _FREEZING:
+    if freeze_depth is not None and strategy not in _DEPTH:
         raise InputError(
-            f"freeze_depth applies to {' and '.join(_FREEZING)} only, not {strategy}; "
+            f"freeze_depth applies to {' and '.join(_DEPTH)} only, not {strategy}; "
             "leave it unset."
         )
     if strategy != "scratch" and (base_model is None or base_card is None):
@@ -626,9 +633,11 @@ def prepare(
     head_module = networks.head(architecture, model)
     parameters = list(model.parameters())
     frozen_modules: list[nn.Module] = []
-    if strategy in _FREEZING:
+    if strategy in _DEPTH:
         encoder = networks.encoder_blocks(architecture, model)
-        if freeze_depth is not None:
+        if freeze_depth is None:
+            frozen_modules = list(encoder)
+        else:
             if isinstance(freeze_depth, bool) or not isinstance(freeze_depth, int) or not (
                     0 <= freeze_depth <= len(encoder)):
                 raise InputError(
@@ -636,20 +645,20 @@ def prepare(
                     f"{architecture}'s encoder blocks), not {freeze_depth!r}."
                 )
             frozen_modules = encoder[:freeze_depth]
-        else:
-            last_decoder = networks.decoder_blocks(architecture, model)[-1]
-            frozen_modules = _complement(model, [last_decoder, head_module])
+    elif strategy in _FREEZING:
+        last_decoder = networks.decoder_blocks(architecture, model)[-1]
+        frozen_modules = _complement(model, [last_decoder, head_module])
     held = _freeze(frozen_modules)
     frozen = _names(model, frozen_modules)
     trainable = [p for p in parameters if p.requires_grad]
 
-    if strategy == "discriminative":
+    if strategy != "scratch" and head_lr_factor != 1:
         named = dict(model.named_parameters())
         fast_ids = {id(p) for p in head_module.parameters()}
         if head_report is not None:
             fast_ids |= {id(named[key]) for key in head_report.reinitialised if key in named}
-        fast = [p for p in parameters if id(p) in fast_ids]
-        slow = [p for p in parameters if id(p) not in fast_ids]
+        fast = [p for p in trainable if id(p) in fast_ids]
+        slow = [p for p in trainable if id(p) not in fast_ids]
         param_groups = [
             {"params": slow, "lr": lr, "name": "pretrained"},
             {"params": fast, "lr": lr * head_lr_factor, "name": "head"},
@@ -676,7 +685,7 @@ def prepare(
         )
     else:
         lines.append(f"trainable: all {total:,} parameters.")
-    if strategy == "discriminative":
+    if len(param_groups) == 2:
         fast_count = _count(param_groups[-1]["params"])
         lines.append(
             f"learning rate {lr:g}; the head and new label channels ({fast_count:,} "

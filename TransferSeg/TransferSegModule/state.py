@@ -29,9 +29,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-# The same names, in the same order, as TransferSegLib.transfer.STRATEGIES (a test checks it);
+# The same names, in the same order, as TransferSegLib.strategies.STRATEGIES (a test checks it);
 # repeated here because the module must load before torch is installed.
-STRATEGIES = ("scratch", "vanilla", "finetune", "discriminative", "two-stage")
+STRATEGIES = ("scratch", "vanilla", "finetune", "finetune-last", "discriminative", "two-stage")
 DEVICES = ("auto", "cuda", "cpu")
 IGNORE = ""  # a segment mapped to this label is left out of training
 BACKGROUND = "background"

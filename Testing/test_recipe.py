@@ -1,0 +1,128 @@
+"""The base-model recipe and the training settings behind it: ignored voxels, strategy
+defaults, warm-up, threads, and a base that is only ever written when its run completed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import real_sample
+
+from TransferSegLib import checkpoint, ctbase, datasets, training, volumes
+from TransferSegLib.cli import build_parser
+from TransferSegLib.errors import TransferSegError
+from TransferSegLib.losses import SegmentationLoss
+
+
+def _card(labels: dict[int, str]) -> checkpoint.ModelCard:
+    return checkpoint.ModelCard(
+        architecture="dynunet", in_channels=1, out_channels=len(labels), labels=labels,
+        arguments=ctbase.ARGUMENTS, spacing=[6.0, 6.0, 6.0], patch_size=[48, 48, 48],
+        normalisation={"kind": "ct", "window": [-1000.0, 1000.0]}, modality="CT")
+
+
+def test_hidden_organs_are_ignored_voxels_not_background(tmp_path):
+    """A hidden organ's voxels get no loss and no score: not taught as background."""
+    csv = ctbase.case_dataset("totalseg_ct", tmp_path / "d", hide=ctbase.HIDDEN)
+    dataset = datasets.discover(csv)
+    assert dataset.labels.ignore_value is not None
+    assert not set(ctbase.HIDDEN) & set(dataset.labels.foreground.values())
+    case = dataset.labelled()[0]
+    assert not set(ctbase.HIDDEN) & case.annotated
+    names = list(dataset.labels.foreground.values())
+    card = _card({0: "background", **{i + 1: n for i, n in enumerate(names)}})
+    prepared = training.prepare_case(case, dataset.labels, card)
+    original = sitk.GetArrayFromImage(volumes.read_label(real_sample("totalseg_ct").label))
+    liver = real_sample("totalseg_ct").labels
+    liver_value = next(v for v, n in liver.items() if n == "liver")
+    # In model space (6 mm) the ignored voxels are about the hidden organs' volume.
+    hidden_ml = np.isin(original, [v for v, n in liver.items() if n in ctbase.HIDDEN]).sum() * 27
+    ignored_ml = (prepared.target == training.IGNORE).sum() * 216
+    assert 0.7 < ignored_ml / hidden_ml < 1.3
+    assert (original == liver_value).any()
+    # The loss gives exactly zero gradient on ignored voxels, whatever the prediction there.
+    loss = SegmentationLoss()
+    target = torch.from_numpy(prepared.target[None, :8, :8, :8].astype(np.int64))
+    target[0, :4] = training.IGNORE
+    logits = torch.randn(1, card.out_channels, 8, 8, 8, requires_grad=True)
+    loss(logits, target, torch.from_numpy(prepared.annotated)[None]).backward()
+    assert torch.all(logits.grad[0, :, :4] == 0)
+    assert torch.any(logits.grad[0, :, 4:] != 0)
+
+
+def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path):
+    out = tmp_path / "base"
+    cancel = tmp_path / "stop"
+    cancel.write_text("")
+    final = out / f"{ctbase.MODEL_ID}.safetensors"
+    with pytest.raises(TransferSegError, match="stopped at step 1 of 2"):
+        ctbase.train_base(out, steps=2, cancel_file=cancel, log=lambda text: None)
+    assert not final.exists()
+    assert (out / "run" / "model.safetensors").exists()  # the run itself kept its model
+    # A killed run leaves only its state: resuming completes it, and only then is it a base.
+    cancel.unlink()
+    path = ctbase.train_base(out, steps=2, resume=True, log=lambda text: None)
+    assert path == final and final.exists()
+    _, card = checkpoint.load_model(final)
+    assert card.metrics["steps"] == 2
+    assert "liver" not in card.labels.values() and "ignore" not in card.labels.values()
+    assert "Recipe" in card.description and "make base" in card.description
+    assert not ctbase.completed(training.TrainResult(final, "stopped early", 2, None), 2)
+    assert not ctbase.completed(training.TrainResult(final, "done", 1, None), 2)
+
+
+def test_warm_up_ramps_the_rate_then_decays():
+    rates = [training.poly_lr(1.0, step, 100, warmup=4) for step in range(100)]
+    assert rates[0] == pytest.approx(0.25)
+    assert rates[0] < rates[1] < rates[2] < rates[3]
+    assert rates[3] == pytest.approx((1 - 3 / 100) ** 0.9)
+    assert rates[50] == pytest.approx(0.5**0.9)
+    assert training.poly_lr(1.0, 0, 100) == 1.0
+
+
+def test_strategy_defaults_fill_only_what_is_unset():
+    config = training.TrainConfig(steps=10).for_strategy("vanilla")
+    assert config.lr == ctbase_default("vanilla", "lr") and config.warmup is not None
+    config = training.TrainConfig(steps=10, lr=0.5).for_strategy("scratch")
+    assert config.lr == 0.5
+    with pytest.raises(Exception, match="positive"):
+        training.TrainConfig(lr=-1.0)
+
+
+def ctbase_default(strategy: str, key: str) -> float:
+    from TransferSegLib.strategies import defaults
+
+    return defaults(strategy)[key]
+
+
+def test_threads_follow_the_request_and_leave_busy_cores(monkeypatch):
+    assert training.choose_threads(3) == 3
+    monkeypatch.setattr("os.getloadavg", lambda: (64.0, 0, 0))
+    assert training.choose_threads() == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0, 0))
+    assert training.choose_threads() >= 1
+
+
+def test_study_takes_one_rate_or_one_per_strategy_and_the_transfer_settings():
+    parser = build_parser()
+    args = parser.parse_args(["study", "--pool", "p", "--test", "t", "--out", "o",
+                              "--lr", "scratch=3e-3,finetune=1e-3", "--patch", "48", "48", "48",
+                              "--freeze-depth", "2", "--head-lr-factor", "4", "--threads", "1"])
+    assert args.lr == {"scratch": 3e-3, "finetune": 1e-3}
+    assert args.patch == [48, 48, 48] and args.freeze_depth == 2 and args.head_lr_factor == 4
+    args = parser.parse_args(["study", "--pool", "p", "--test", "t", "--out", "o", "--lr", "0.01"])
+    assert args.lr == 0.01
+    with pytest.raises(SystemExit):
+        parser.parse_args(["study", "--pool", "p", "--test", "t", "--out", "o",
+                           "--lr", "magic=1"])
+
+
+def test_the_base_recipe_names_its_data_and_licences():
+    text = ctbase.description()
+    for name in (*ctbase.SOURCES, *ctbase.HIDDEN, *ctbase.HELD_OUT):
+        assert name in text
+    assert "Apache-2.0" in text and "MIT" in text
+    assert json.dumps(ctbase.ARGUMENTS) in text

@@ -1,0 +1,33 @@
+"""The transfer strategies by name and their default training settings (no torch needed).
+
+One tuple used by the command line, the job format and the Slicer module. What each strategy
+does is in :mod:`TransferSegLib.transfer`.
+"""
+
+from __future__ import annotations
+
+from TransferSegLib.errors import InputError
+
+STRATEGIES = ("scratch", "vanilla", "finetune", "finetune-last", "discriminative", "two-stage")
+
+# Each strategy's own learning rate, the head's rate as a factor of it, and linear warm-up
+# steps, chosen by the controlled runs in bench/README.md: a transferred network wants a
+# different rate from one trained from scratch, and scratch, the control, gets its own best.
+DEFAULTS: dict[str, dict[str, float]] = {
+    "scratch": {"lr": 3e-3, "head_lr_factor": 1.0, "warmup": 0},
+    "vanilla": {"lr": 1e-3, "head_lr_factor": 1.0, "warmup": 0},
+    "finetune": {"lr": 3e-3, "head_lr_factor": 1.0, "warmup": 0},
+    "finetune-last": {"lr": 3e-3, "head_lr_factor": 1.0, "warmup": 0},
+    "discriminative": {"lr": 1e-3, "head_lr_factor": 10.0, "warmup": 0},
+    "two-stage": {"lr": 3e-3, "head_lr_factor": 1.0, "warmup": 0},
+}
+
+
+def defaults(strategy: str) -> dict[str, float]:
+    """The learning rate, head learning-rate factor and warm-up steps ``strategy`` uses unless
+    told otherwise (see :data:`DEFAULTS`)."""
+    if strategy not in DEFAULTS:
+        raise InputError(
+            f"Unknown transfer strategy {strategy!r}; known: {', '.join(STRATEGIES)}."
+        )
+    return dict(DEFAULTS[strategy])
