@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.transferseg-installed
 
-.PHONY: setup data demo test bench lint clean
+.PHONY: setup data demo test bench base lint clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,11 @@ bench: data
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/transfer.py
 
+base: data
+	$(BIN)/python -m TransferSegLib.ctbase --out transferseg-base
+
 lint: setup
 	$(BIN)/ruff check TransferSegLib Testing bench TransferSeg Resources
 
 clean:
-	rm -rf $(VENV) transferseg-demo .pytest_cache
+	rm -rf $(VENV) transferseg-demo transferseg-base .pytest_cache

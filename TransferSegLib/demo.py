@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,35 +28,17 @@ from TransferSegLib.training import TrainConfig
 
 TARGET = ("liver", "spleen", "stomach")
 BASE_ARGUMENTS = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1}
-BASE_FILE = "demo-ct-base-v3-{steps}steps.safetensors"  # bump v1 when the recipe changes
+BASE_FILE = "demo-ct-base-v4-{steps}steps.safetensors"  # bump v4 when the recipe changes
 
 
 def sample_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
                    hide: Sequence[str] = ()) -> Path:
-    """A one-case CSV dataset from a sample: only ``keep`` labels, ``hide`` ones unannotated.
+    """A one-case CSV dataset from a sample: only ``keep`` labels (the rest background);
+    ``hide`` labels become ignored voxels (no loss, no score), so a base never learns them,
+    not even as background. See :func:`TransferSegLib.ctbase.case_dataset`."""
+    from TransferSegLib.ctbase import case_dataset
 
-    Hidden labels stay in the label table but are erased from the label map and left out of
-    the case's ``annotated`` list: a partially labelled case.
-    """
-    case = samples.require_sample(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    label = volumes.read_label(case.label)
-    array = sitk.GetArrayFromImage(label)
-    table = {v: n for v, n in case.labels.items() if keep is None or n in keep}
-    array[~np.isin(array, list(table))] = 0
-    for value, name_ in table.items():
-        if name_ in hide:
-            array[array == value] = 0
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(label)
-    volumes.write_image(image, folder / "label.nii.gz", overwrite=True)
-    (folder / "labels.json").write_text(json.dumps({str(k): v for k, v in table.items()}),
-                                        encoding="utf-8")
-    annotated = ";".join(n for n in table.values() if n not in hide)
-    (folder / "cases.csv").write_text(
-        "image,label,name,annotated,modality\n"
-        f"{case.image},label.nii.gz,{name},{annotated},{case.modality}\n", encoding="utf-8")
-    return folder / "cases.csv"
+    return case_dataset(name, folder, keep=keep, hide=hide)
 
 
 class ProgressBar:
@@ -83,7 +64,8 @@ class ProgressBar:
 
 def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
     """The demo's CT base model, trained once and cached in the data folder."""
-    from TransferSegLib import training
+    from TransferSegLib import ctbase, training
+    from TransferSegLib.errors import TransferSegError
 
     path = samples.data_dir() / "models" / BASE_FILE.format(steps=steps)
     if path.exists():
@@ -103,7 +85,14 @@ def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
                                           checkpoint_every=steps, lr=3e-3),
         arguments=BASE_ARGUMENTS, spacing=[4.0, 4.0, 4.0], patch_size=[48, 48, 48],
         modality="CT", overwrite=True, events=ProgressBar(),
+        title="TransferSeg demo CT base", description=(
+            f"Pretrained by `transferseg demo` on the totalseg_ct sample ({steps} steps); "
+            f"{', '.join(TARGET)} hidden (ignored voxels) so that they are new to it."),
     )
+    if not ctbase.completed(result, steps):  # a cancelled run is never cached as the base
+        raise TransferSegError(
+            f"Pretraining the demo's base stopped at step {result.steps} of {steps} "
+            f"({result.status}); nothing was cached. Run the demo again to retrain it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     Path(result.model).replace(path)
     return path
