@@ -224,7 +224,7 @@ def test_discriminative_puts_the_head_at_a_higher_learning_rate():
 def test_head_surgery_copies_matched_labels_bit_exact():
     base, card = _base()
     model, report = transfer.head_surgery("unet", base, BASE_LABELS, TARGET_LABELS,
-                                          arguments=card.arguments)
+                                          arguments=card.arguments, keep_background=True)
     assert report.kept == [("background", 0, 0), ("kidney", 3, 1), ("liver", 1, 3)]
     assert report.new == ["pancreas"] and report.dropped == ["spleen"]
     assert "reused 3 of 4 target labels" in report.text() and "liver (1->3)" in report.text()
@@ -255,6 +255,25 @@ def test_head_surgery_copies_matched_labels_bit_exact():
         assert model.eval()(torch.randn(1, 1, SIZE, SIZE, SIZE)).shape == (1, 4, SIZE, SIZE, SIZE)
 
 
+def test_new_labels_give_a_fresh_background_and_known_ones_keep_it():
+    """The base's background means "none of its labels": with a label new to the base it is
+    initialised afresh; with only known labels it is copied."""
+    base, card = _base("segresnet")
+    head = "conv_final.2.conv."
+    model, report = transfer.head_surgery("segresnet", base, BASE_LABELS, TARGET_LABELS,
+                                          arguments=card.arguments, seed=3)
+    assert [name for name, _, _ in report.kept] == ["kidney", "liver"]
+    assert report.new == ["background", "pancreas"]
+    old, new = base.state_dict(), model.state_dict()
+    assert not torch.equal(new[head + "weight"][0], old[head + "weight"][0])
+    assert torch.equal(new[head + "weight"][1], old[head + "weight"][3])  # kidney, bit-exact
+    known = {0: "background", 1: "kidney", 2: "liver"}
+    model, report = transfer.head_surgery("segresnet", base, BASE_LABELS, known,
+                                          arguments=card.arguments)
+    assert report.kept[0] == ("background", 0, 0) and report.new == []
+    assert torch.equal(model.state_dict()[head + "weight"][0], old[head + "weight"][0])
+
+
 def test_head_surgery_with_the_same_labels_gives_the_same_model():
     base, card = _base()
     same = {0: "Background", 1: "Liver", 2: "spleen", 3: "KIDNEY"}  # names match ignoring case
@@ -271,7 +290,7 @@ def test_adding_a_label_keeps_the_logits_of_the_kept_ones(num_res_units):
     base, card = _base(num_res_units=num_res_units)
     target = {0: "background", 1: "pancreas", 2: "kidney", 3: "spleen", 4: "liver"}
     model, report = transfer.head_surgery("unet", base, BASE_LABELS, target,
-                                          arguments=card.arguments)
+                                          arguments=card.arguments, keep_background=True)
     if num_res_units == 0:  # the head is a ConvTranspose3d: labels on weight axis 1
         assert report.remapped == ["model.2.conv.bias", "model.2.conv.weight"]
     x = torch.randn(1, 1, SIZE, SIZE, SIZE)
@@ -286,7 +305,7 @@ def test_head_surgery_on_a_1x1_head_keeps_logits_even_when_dropping_labels():
     base, card = _base("segresnet")
     target = {0: "background", 1: "kidney", 2: "pancreas"}
     model, report = transfer.head_surgery("segresnet", base, BASE_LABELS, target,
-                                          arguments=card.arguments)
+                                          arguments=card.arguments, keep_background=True)
     assert report.dropped == ["liver", "spleen"]
     assert sorted(report.remapped) == ["conv_final.2.conv.bias", "conv_final.2.conv.weight"]
     x = torch.randn(1, 1, SIZE, SIZE, SIZE)
@@ -330,7 +349,8 @@ def test_prepare_adapts_channels_and_labels_together():
         assert torch.equal(out, again.model.eval()(x))  # the seed fixes the new channels
     assert "input channels 1 -> 2" in plan.report and "pancreas" in plan.report
     entry = plan.lineage()
-    assert json.loads(json.dumps(entry)) == entry and entry["new_labels"] == ["pancreas"]
+    assert json.loads(json.dumps(entry)) == entry
+    assert entry["new_labels"] == ["background", "pancreas"]
 
 
 # --- scratch and errors ------------------------------------------------------------------------

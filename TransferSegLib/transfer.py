@@ -298,12 +298,17 @@ def head_surgery(
     *,
     arguments: dict[str, Any],
     seed: int | None = None,
+    keep_background: bool | None = None,
 ) -> tuple[nn.Module, HeadReport]:
     """A copy of ``model`` whose output channels are ``target_labels``; the base is untouched.
 
+    ``keep_background`` (None: only when every target label is one of the base's): copy the
+    base's background channel. The base's background means "none of its labels", so for a
+    target with new labels it is freshly initialised like theirs.
+
     Labels are matched by name (ignoring case and separators), not by position as in the
     sparse-annotation study's code (which keeps the last N channels), so an organ keeps its
-    weights whatever its new index; channel 0 is the background in both and maps 0 -> 0
+    weights whatever its new index; channel 0 is the background in both and, when kept, maps 0 -> 0
     whatever its name. Every tensor with one entry per label (found by
     comparing two shape-only networks, see the module docstring) is rebuilt: entries of matched
     labels are copied bit-exact to their new index, on every such axis (the head's output and,
@@ -330,7 +335,7 @@ def head_surgery(
                       (base_out, base_out + 1), "labels", architecture)
 
     base_index = {_normalised(name): channel for channel, name in base_labels.items() if channel}
-    kept: list[tuple[str, int, int]] = [(target_labels[0], 0, 0)]
+    kept: list[tuple[str, int, int]] = []
     new: list[str] = []
     for channel, name in target_labels.items():
         if channel == 0:
@@ -339,10 +344,18 @@ def head_surgery(
             kept.append((name, base_index[_normalised(name)], channel))
         else:
             new.append(name)
+    if keep_background is None:
+        # The base's background means "none of the base's labels": a label new to the base is
+        # background to it, and a kept background channel fights the new one (bench/README.md).
+        keep_background = not new
+    if keep_background:
+        kept.insert(0, (target_labels[0], 0, 0))
+    else:
+        new.insert(0, target_labels[0])
     used = {old for _, old, _ in kept}
     dropped = [name for channel, name in base_labels.items() if channel not in used]
-    old_index = torch.tensor([old for _, old, _ in kept])
-    new_index = torch.tensor([channel for _, _, channel in kept])
+    old_index = torch.tensor([old for _, old, _ in kept], dtype=torch.long)
+    new_index = torch.tensor([channel for _, _, channel in kept], dtype=torch.long)
     fresh_index = torch.tensor([c for c, n in target_labels.items() if n in new], dtype=torch.long)
 
     with _seeded(seed):
