@@ -102,7 +102,7 @@ def test_hdbet_head_surgery_keeps_brain_and_adds_a_label():
     arguments = networks.resolve_kwargs("hdbet", base_filters=4, levels=3)
     new, report = transfer.head_surgery("hdbet", model, {0: "background", 1: "brain"},
                                         {0: "background", 1: "brain", 2: "tumour"},
-                                        arguments=arguments, seed=0)
+                                        arguments=arguments, seed=0, keep_background=True)
     assert report.remapped == ["head.weight"] and report.new == ["tumour"]
     assert torch.equal(new.head.weight[:2], model.head.weight)
     assert torch.equal(new.encoder[1].entry.weight, model.encoder[1].entry.weight)
