@@ -395,7 +395,7 @@ def _training_arguments(parser: argparse.ArgumentParser, per_strategy_lr: bool =
                         help="CPU threads (default: the cores other programs leave idle)")
 
 
-def _transfer_arguments(parser: argparse.ArgumentParser) -> None:
+def _transfer_arguments(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     from TransferSegLib.strategies import STRATEGIES
 
     parser.add_argument("--patch", type=int, nargs=3,

@@ -47,7 +47,7 @@ class TrainConfig:
 
     steps: int = 500
     batch_size: int = 2
-    lr: float | None = None  # None: the strategy's own (transfer.defaults); pretraining 3e-3
+    lr: float | None = None  # None: the strategy's own (strategies.DEFAULTS)
     weight_decay: float = 1e-5
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.99, nesterov, as nnU-Net)
     val_every: int = 50
@@ -62,7 +62,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision, CUDA only
     cache_gb: float = 8.0  # RAM for preprocessed cases; the rest are re-read when needed
     val_overlap: float = 0.25
-    head_lr_factor: float | None = None  # None: the strategy's own (transfer.defaults)
+    head_lr_factor: float | None = None  # None: the strategy's own (strategies.DEFAULTS)
     freeze_depth: int | None = None
     warmup: int | None = None  # steps of linear learning-rate warm-up; None: the strategy's
     threads: int | None = None  # CPU threads for torch; None: the idle cores (choose_threads)
@@ -97,8 +97,9 @@ def choose_threads(requested: int | None = None) -> int:
     """CPU threads for torch: ``requested``, else the cores not busy with other work.
 
     torch starts one thread per core; when another program keeps a core busy, its threads wait
-    for each other at every operation and a step can take several times as long (measured in
-    bench/README.md). The 1-minute load average before training starts counts the busy cores.
+    for each other at every operation and a step can take several times as long (on two busy
+    cores one thread has run a step 5x faster than two). The 1-minute load average before
+    training starts counts the busy cores.
     """
     if requested:
         return int(requested)
