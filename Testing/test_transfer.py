@@ -73,6 +73,19 @@ def _is_statistic(key: str) -> bool:
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
+def _assert_only_these_frozen(plan, frozen_keys: set[str]) -> None:
+    """Train ``plan`` a few steps: the ``frozen_keys`` tensors stay bit-identical, every other
+    tensor changes."""
+    before = _snapshot(plan.model)
+    _train(plan)
+    after = plan.model.state_dict()
+    for key in before:
+        if key in frozen_keys:
+            assert torch.equal(before[key], after[key]), f"frozen {key} changed"
+        elif not key.endswith("num_batches_tracked"):
+            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+
+
 # --- freezing ----------------------------------------------------------------------------------
 
 def test_finetune_freezes_the_encoder_and_trains_the_decoder_and_head():
@@ -84,14 +97,7 @@ def test_finetune_freezes_the_encoder_and_trains_the_decoder_and_head():
     assert {k for k, p in params.items() if not p.requires_grad} == frozen_keys & set(params)
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     assert 0.05 < trainable / sum(p.numel() for p in params.values()) < 0.95
-    before = _snapshot(model)
-    _train(plan)
-    after = model.state_dict()
-    for key in before:
-        if key in frozen_keys:
-            assert torch.equal(before[key], after[key]), f"frozen {key} changed"
-        elif not key.endswith("num_batches_tracked"):
-            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+    _assert_only_these_frozen(plan, frozen_keys)
 
 
 def test_head_lr_factor_gives_finetune_a_fast_head_group_of_trainable_tensors():
@@ -159,14 +165,7 @@ def test_freeze_depth_freezes_only_the_first_encoder_blocks():
     encoder = networks.encoder_blocks("unet", plan.model)
     frozen_keys = _keys_under(plan.model, encoder[:2])
     assert plan.frozen == ["model.0", "model.1.submodule.0"]
-    before = _snapshot(plan.model)
-    _train(plan)
-    after = plan.model.state_dict()
-    for key in before:
-        if key in frozen_keys:
-            assert torch.equal(before[key], after[key]), f"frozen {key} changed"
-        elif not key.endswith("num_batches_tracked"):
-            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+    _assert_only_these_frozen(plan, frozen_keys)
 
 
 def test_vanilla_trains_every_weight():
