@@ -13,8 +13,9 @@ from conftest import real_sample
 
 from TransferSegLib import checkpoint, ctbase, datasets, training, volumes
 from TransferSegLib.cli import build_parser
-from TransferSegLib.errors import TransferSegError
+from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.losses import SegmentationLoss
+from TransferSegLib.strategies import defaults
 
 
 def _card(labels: dict[int, str]) -> checkpoint.ModelCard:
@@ -85,17 +86,11 @@ def test_warm_up_ramps_the_rate_then_decays():
 
 def test_strategy_defaults_fill_only_what_is_unset():
     config = training.TrainConfig(steps=10).for_strategy("vanilla")
-    assert config.lr == ctbase_default("vanilla", "lr") and config.warmup is not None
+    assert config.lr == defaults("vanilla")["lr"] and config.warmup is not None
     config = training.TrainConfig(steps=10, lr=0.5).for_strategy("scratch")
     assert config.lr == 0.5
-    with pytest.raises(Exception, match="positive"):
+    with pytest.raises(InputError, match="positive"):
         training.TrainConfig(lr=-1.0)
-
-
-def ctbase_default(strategy: str, key: str) -> float:
-    from TransferSegLib.strategies import defaults
-
-    return defaults(strategy)[key]
 
 
 def test_threads_follow_the_request_and_leave_busy_cores(monkeypatch):

@@ -375,7 +375,11 @@ def poly_lr(base: float, step: int, steps: int, warmup: int = 0) -> float:
 
 
 def make_optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
-    lr = config.lr if config.lr is not None else 3e-3
+    if config.lr is None:  # a config not yet resolved for a strategy: scratch's own rate
+        from TransferSegLib.strategies import defaults
+
+        config = replace(config, lr=defaults("scratch")["lr"])
+    lr = config.lr
     groups = [dict(g, initial_lr=g.get("lr", lr)) for g in param_groups]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.99, nesterov=True,
