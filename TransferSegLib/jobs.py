@@ -31,12 +31,13 @@ case ``case``, ``segmented`` or ``scores``, a final ``done`` for segment and eva
 
 :class:`JobProcess` starts that command in its own process group, reads its output on two
 threads into a queue and hands events out through :meth:`JobProcess.poll`, so a GUI can poll
-it from a timer without ever blocking; it imports no Qt.
+it from a timer without ever blocking; it imports no Qt. Cancelling writes the job folder's
+``cancel`` file first (the job stops by itself and says so), then ends what is left of the
+process tree (:mod:`TransferSegLib.process`).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import csv
 import dataclasses
@@ -44,13 +45,10 @@ import hashlib
 import json
 import math
 import os
-import queue
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -60,17 +58,17 @@ from pathlib import Path
 from TransferSegLib import __version__
 from TransferSegLib.errors import InputError, OutputExistsError, TransferSegError
 from TransferSegLib.files import atomic_output
+from TransferSegLib.process import STOP_SIGNALS, ChildProcess
 
 FORMAT = "transferseg-job"
 VERSION = 1
 KINDS = ("finetune", "segment", "evaluate")
 JOB_FILE = "job.json"
 INPUTS = "inputs"
-CANCEL_FILE = "cancel"  # its appearance stops a training job cleanly, as SIGTERM does
+CANCEL_FILE = "cancel"  # its appearance stops a job cleanly, as SIGTERM does
 ROLES = ("image", "label", "prediction")  # the images a case may carry
 
 EXIT_DONE, EXIT_CRASH, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 1, 2, 3
-TERMINAL_EVENTS = ("done", "cancelled", "error")
 
 Emit = Callable[[dict], None]
 
@@ -428,12 +426,13 @@ class Cancelled(Exception):
 
 @contextlib.contextmanager
 def _cancel_on_signals():
-    """SIGTERM/SIGINT raise :class:`Cancelled`, so a job stops between two Python steps."""
+    """SIGTERM/SIGINT (and SIGBREAK, Windows' CTRL_BREAK) raise :class:`Cancelled`, so a job
+    stops between two Python steps."""
     def stop(*_: object) -> None:
         raise Cancelled()
 
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(ValueError):  # not the main thread: no signal handling
             previous[sig] = signal.signal(sig, stop)
     try:
@@ -453,11 +452,15 @@ def run_job(job_json: str | os.PathLike, emit: Emit) -> int:
     """
     path = Path(job_json)
     watch: _JobWatch | None = None
+    stops_on_file = False  # the trainer watches the cancel file itself
 
     def checked_emit(event: dict) -> None:
         problem = watch.problem() if watch else None
         if problem:
             raise InputError(problem)
+        if stops_on_file and event.get("event") == "case" \
+                and (path.parent / CANCEL_FILE).exists():
+            raise Cancelled()  # a segmentation or evaluation stops before its next case
         emit(event)
 
     def report(message: str, **extra) -> None:
@@ -467,6 +470,7 @@ def run_job(job_json: str | os.PathLike, emit: Emit) -> int:
     try:
         watch = _JobWatch(path)  # before reading: an edit right after the read is noticed
         job = read_job(path)
+        stops_on_file = job.kind != "finetune"
         runner = {"finetune": _run_finetune, "segment": _run_segment,
                   "evaluate": _run_evaluate}[job.kind]
         return runner(job, checked_emit)
@@ -615,55 +619,25 @@ def _started_as_job_process() -> bool:
 
 
 # ---------------------------------------------------------------------------- the child process
-LOG_LINES = 2000  # lines of output kept for the log tail
-LINE_LIMIT = 4000  # characters kept of one line
-
-
-def _describe_exit(returncode: int) -> str:
-    kill = getattr(signal, "SIGKILL", 9)
-    if returncode in (-kill, 128 + kill):
-        return ("The job was killed (SIGKILL), most likely because the computer ran out of "
-                "memory; use a smaller batch size or patch, fewer cases, or a machine with more "
-                "memory.")
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"The job was stopped by {name}."
-    return f"The job stopped with exit code {returncode} without saying why."
-
-
-class JobProcess:
+class JobProcess(ChildProcess):
     """A job running in a child process: start, poll events, cancel; no Qt, never blocks.
 
-    The child is ``python -m TransferSegLib run JOB.json`` in a new process group (session)
-    of its own, so :meth:`cancel` ends it with everything it started. Two threads read its
-    stdout (JSON events; other lines become ``{"event": "log"}``) and stderr (``log``) into a
-    queue; :meth:`poll` returns what arrived. When the child ends without reporting an error
-    or being cancelled, an ``error`` event with its exit status and log tail is added.
+    The child is ``python -m TransferSegLib run JOB.json`` (see
+    :class:`~TransferSegLib.process.ChildProcess` for how it is read and stopped). Cancel writes
+    the job's cancel file first: a training job saves its model and reports ``cancelled``
+    (within :data:`GRACE_S` seconds), a segmentation or evaluation job stops between two cases
+    (within a few seconds, else it is ended; its outputs are written atomically).
     """
 
     def __init__(self, job_json: str | os.PathLike, python: str | os.PathLike = sys.executable,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None, grace_s: float | None = None):
         self.job_json = Path(job_json)
         self.python = str(python)
-        self.env = dict(env) if env is not None else None
-        self._events: queue.Queue[dict] = queue.Queue()
-        self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
-        self._readers: list[threading.Thread] = []
-        self._finished = threading.Event()
-        self._cancelled = False
-        self._returncode: int | None = None
-        self._reported_error: str | None = None
-        self._crash_error: str | None = None
-        self._terminal: str | None = None
-
-    # -- starting
-    def command(self) -> list[str]:
-        return [self.python, "-m", "TransferSegLib", "run", str(self.job_json)]
+        if grace_s is None:
+            grace_s = GRACE_S.get(_kind_of(self.job_json), min(GRACE_S.values()))
+        super().__init__([self.python, "-m", "TransferSegLib", "run", str(self.job_json)], env,
+                         cancel_file=self.job_json.parent / CANCEL_FILE, grace_s=grace_s,
+                         cleanup=[self.job_json.parent])
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)
@@ -673,163 +647,14 @@ class JobProcess:
                    PYTHONIOENCODING="utf-8")
         return env
 
-    def start(self) -> JobProcess:
-        """Start the child; InputError if the program cannot be started."""
-        if self._process is not None:
-            raise RuntimeError("This job was already started; make a new JobProcess.")
-        if os.name == "nt":
-            group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-        else:
-            group = {"start_new_session": True}
-        try:
-            self._process = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=self._environment(), text=True, encoding="utf-8",
-                errors="replace", bufsize=1, **group,
-            )
-        except OSError as error:
-            raise InputError(f"Could not start the job with {self.python}: "
-                             f"{error.strerror or error}; check the Python program.") from None
-        self._readers = [
-            threading.Thread(target=self._read, args=(self._process.stdout, True), daemon=True),
-            threading.Thread(target=self._read, args=(self._process.stderr, False), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        threading.Thread(target=self._watch, daemon=True).start()
-        return self
 
-    # -- reading
-    def _read(self, stream, events: bool) -> None:
-        for line in stream:
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            event = _event_of(line) if events else None
-            if event is None:
-                with self._lock:
-                    self._log.append(line[:LINE_LIMIT])
-                event = {"event": "log", "text": line[:LINE_LIMIT],
-                         "stream": "stdout" if events else "stderr"}
-            elif event["event"] in TERMINAL_EVENTS:
-                self._terminal = event["event"]
-                if event["event"] == "error":
-                    self._reported_error = str(event.get("message", ""))
-            self._events.put(event)
-        stream.close()
-
-    def _watch(self) -> None:
-        """Wait for the child and its output, then add the event that explains its end."""
-        process = self._process
-        returncode = process.wait()
-        for reader in self._readers:
-            reader.join(timeout=1.0)
-        if any(reader.is_alive() for reader in self._readers):
-            # Something the job started still holds its output open: it is an orphan now.
-            self._signal_group(signal.SIGKILL if os.name != "nt" else None)
-            for reader in self._readers:
-                reader.join(timeout=5.0)
-        self._returncode = returncode
-        if self._cancelled:
-            if self._terminal != "cancelled":
-                self._events.put({"event": "cancelled", "status": "cancelled",
-                                  "returncode": returncode})
-        elif returncode != EXIT_DONE and self._reported_error is None:
-            self._crash_error = (f"{_describe_exit(returncode)}\nLast lines of its log:\n"
-                                 f"{self.log_tail(20)}")
-            self._events.put({"event": "error", "message": self._crash_error,
-                              "returncode": returncode})
-        self._finished.set()
-
-    # -- the public state
-    def poll(self) -> list[dict]:
-        """The events received since the last call (never blocks)."""
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
-
-    @property
-    def running(self) -> bool:
-        """True from :meth:`start` until the child has ended and all its output is read."""
-        return self._process is not None and not self._finished.is_set()
-
-    @property
-    def returncode(self) -> int | None:
-        """The child's exit status once it has ended (negative: killed by that signal)."""
-        return self._returncode if self._finished.is_set() else None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    @property
-    def error(self) -> str | None:
-        """What went wrong: the job's own error message, else (after a crash or a kill) its
-        exit status and log tail; None while running, when done, or after :meth:`cancel`."""
-        if self._reported_error is not None:
-            return self._reported_error
-        return self._crash_error
-
-    def log_tail(self, lines: int = 50) -> str:
-        """The last ``lines`` lines the child printed that were not events."""
-        with self._lock:
-            kept = list(self._log)
-        return "\n".join(kept[-lines:] if lines > 0 else [])
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the end (at most ``timeout`` seconds); the exit status, or None."""
-        if self._process is None:
-            raise RuntimeError("The job was not started.")
-        self._finished.wait(timeout)
-        return self.returncode
-
-    # -- stopping
-    def _signal_group(self, sig) -> None:
-        """Send ``sig`` to the child's process group (POSIX) or kill its tree (Windows)."""
-        if self._process is None:
-            return
-        if os.name == "nt":
-            if sig is None:  # forceful: the whole tree
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
-                               capture_output=True, check=False)
-            else:
-                with contextlib.suppress(OSError):
-                    self._process.send_signal(signal.CTRL_BREAK_EVENT)
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, sig)
-
-    def cancel(self, timeout: float = 2.0) -> None:
-        """Stop the job and every process it started.
-
-        The group first gets SIGTERM (a training job then saves and reports ``cancelled``);
-        whatever is left after ``timeout`` seconds gets SIGKILL.
-        """
-        if self._process is None or self._finished.is_set():
-            return
-        self._cancelled = True
-        gentle = signal.SIGTERM if os.name != "nt" else signal.CTRL_BREAK_EVENT
-        self._signal_group(gentle)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(timeout=timeout)
-        self._signal_group(signal.SIGKILL if os.name != "nt" else None)
-        self._process.wait()
-        self._finished.wait(timeout=5.0)
+# Seconds a cancelled job may take to stop by itself: a training step plus saving the model;
+# a segmentation stops between cases and its outputs are atomic, so it is ended sooner.
+GRACE_S = {"finetune": 120.0, "segment": 5.0, "evaluate": 5.0}
 
 
-def _event_of(line: str) -> dict | None:
-    """The event a line of the child's stdout holds, or None for other output."""
-    if not line.startswith("{"):
-        return None
+def _kind_of(job_json: Path) -> str | None:
     try:
-        event = json.loads(line)
-    except ValueError:
+        return json.loads(job_json.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
         return None
-    return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None

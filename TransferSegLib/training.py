@@ -37,6 +37,7 @@ from TransferSegLib.datasets import Case, LabelTable
 from TransferSegLib.errors import InputError, ModelFileError, TransferSegError
 from TransferSegLib.files import atomic_output, pid_alive, remove_stale_partials, write_error
 from TransferSegLib.losses import IGNORE  # target of padding voxels: not in the loss
+from TransferSegLib.process import STOP_SIGNALS
 
 Events = Callable[[dict], None]
 
@@ -340,7 +341,8 @@ class TrainResult:
 
 
 class Cancellation:
-    """Cancel on SIGTERM/SIGINT or when ``cancel_file`` appears; checked once per step."""
+    """Cancel on SIGTERM/SIGINT (SIGBREAK on Windows) or when ``cancel_file`` appears;
+    checked once per step."""
 
     def __init__(self, cancel_file: Path | None = None):
         self.cancel_file = cancel_file
@@ -348,7 +350,7 @@ class Cancellation:
         self._previous = {}
 
     def __enter__(self) -> Cancellation:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._set)
             except ValueError:  # not the main thread: rely on the cancel file
