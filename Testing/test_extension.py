@@ -251,10 +251,15 @@ def test_module_uses_only_what_exists():
 
     tree = module_tree()
     fields = set(annotated_fields("TransferSegParameterNode"))
-    logic = class_node("TransferSegLogic")
-    logic_names = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
-    logic_names |= {t.attr for n in ast.walk(logic) if isinstance(n, ast.Assign)
-                    for t in ast.walk(n) if isinstance(t, ast.Attribute)}
+    logic_source = ast.parse((MODULE_DIR / "TransferSegModule" / "logic.py").read_text(
+        encoding="utf-8"))
+    logics = [class_node("TransferSegLogic"), next(
+        n for n in logic_source.body if isinstance(n, ast.ClassDef) and n.name == "Logic")]
+    logic_names = {n.name for logic in logics for n in logic.body
+                   if isinstance(n, ast.FunctionDef)}
+    logic_names |= {t.attr for logic in logics for n in ast.walk(logic)
+                    if isinstance(n, ast.Assign) for t in ast.walk(n)
+                    if isinstance(t, ast.Attribute)}
     modules = {"state": state, "scene": scene, "dependencies": dependencies}
     for node in ast.walk(tree):
         if not isinstance(node, ast.Attribute):
@@ -309,6 +314,88 @@ def test_requirements_leave_core_packages_alone_and_cap_every_range():
     expected = {state.requirement_name(d): d.replace(" ", "") for d in declared
                 if state.requirement_name(d) not in state.CORE_PACKAGES}
     assert {state.requirement_name(line): line.replace(" ", "") for line in lines} == expected
+
+
+def test_monai_is_narrowed_to_the_releases_that_support_the_installed_torch():
+    # Each MONAI release's own torch floor (Requires-Dist): 1.6.0 torch>=2.8.0,
+    # 1.5.1 torch>=2.4.1, 1.4.0 torch>=1.9.
+    assert state.monai_requirement("2.13.0") == "monai>=1.5.1,<1.7"
+    assert state.monai_requirement("2.8.0+cu128") == "monai>=1.5.1,<1.7"
+    assert state.monai_requirement("2.7.1+cu118") == "monai>=1.5.1,<1.6"
+    assert state.monai_requirement("2.4.1") == "monai>=1.5.1,<1.6"
+    assert state.monai_requirement("2.4.0") == "monai>=1.3,<1.5"
+    with pytest.raises(ValueError, match="PyTorch 2.1 or newer.*2.0.1 is installed"):
+        state.monai_requirement("2.0.1")
+    lines = state.read_requirements(dependencies.REQUIREMENTS.read_text(encoding="utf-8"))
+    narrowed = state.install_requirements(lines, {"torch": "2.5.1+cu121", "numpy": "2.1.0"})
+    assert "monai>=1.5.1,<1.6" in narrowed and len(narrowed) == len(lines)
+    assert [line for line in narrowed if not line.startswith("monai")] == [
+        line for line in lines if not line.startswith("monai")]
+    with pytest.raises(ValueError, match="install it with the PyTorch extension"):
+        state.install_requirements(lines, {"numpy": "2.1.0"})
+    assert state.version_tuple("2.5.1+cu121") == (2, 5, 1) and state.version_tuple("x") == ()
+
+
+def fake_slicer(tmp_path, pydeps: bool):
+    """``slicer`` as the module's installer sees it: ``app.temporaryPath``,
+    ``util.pip_install``, and on 5.11+ ``slicer.pydeps`` with ``pip_ensure`` and
+    ``load_requirements`` (the signatures of Slicer's Base/Python/slicer/pydeps.py)."""
+    import types
+
+    calls = []
+    slicer = types.ModuleType("slicer")
+    slicer.app = types.SimpleNamespace(temporaryPath=str(tmp_path))
+    slicer.util = types.SimpleNamespace(pip_install=lambda args: calls.append(("pip", args)))
+    modules = {"slicer": slicer}
+    if pydeps:
+        module = types.ModuleType("slicer.pydeps")
+
+        def pip_ensure(requirements, constraints=None, skip_packages=None, prompt_install=True,
+                       prompt_restart=True, requester=None, skip_in_testing=True,
+                       show_progress=True):
+            calls.append(("ensure", requirements, constraints, prompt_install, requester))
+
+        module.pip_ensure = pip_ensure
+        module.load_requirements = lambda path: state.read_requirements(
+            Path(path).read_text(encoding="utf-8"))
+        slicer.pydeps = module
+        modules["slicer.pydeps"] = module
+    return modules, calls
+
+
+@pytest.mark.parametrize("pydeps", [True, False], ids=["slicer 5.11+", "slicer 5.10"])
+def test_install_constrains_the_core_packages_and_asks_nothing_itself(tmp_path, monkeypatch,
+                                                                      pydeps):
+    modules, calls = fake_slicer(tmp_path, pydeps)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    if not pydeps:
+        monkeypatch.delitem(sys.modules, "slicer.pydeps", raising=False)
+    dependencies.install()
+    installed = dependencies.installed_core_versions()
+    pins = (tmp_path / "TransferSeg-constraints.txt").read_text(encoding="utf-8")
+    assert pins == state.constraints(installed) and f"torch=={installed['torch']}" in pins
+    wanted = state.read_requirements(
+        (tmp_path / "TransferSeg-requirements.txt").read_text(encoding="utf-8"))
+    assert state.monai_requirement(installed["torch"]) in wanted
+    if pydeps:
+        assert calls == [("ensure", wanted, str(tmp_path / "TransferSeg-constraints.txt"),
+                          False, "TransferSeg")]
+    else:
+        assert calls == [("pip", ["-r", str(tmp_path / "TransferSeg-requirements.txt"),
+                                  "-c", str(tmp_path / "TransferSeg-constraints.txt")])]
+
+
+def test_an_old_slicer_gets_one_message(monkeypatch):
+    assert dependencies.unsupported() is None
+    monkeypatch.setattr(sys, "version_info", (3, 9, 10, "final", 0))
+    message = dependencies.unsupported()
+    assert "Slicer 5.10 or newer" in message and "Python 3.9" in message
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "Supported: Slicer 5.10 and newer" in text
+    assert 'VERSION_LESS "5.10"' in top_cmake()
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]*)"', top_cmake()).group(1)
+    assert "Needs Slicer 5.10 or newer." in description
 
 
 def test_requirement_helpers():
@@ -568,57 +655,6 @@ def test_dependencies_are_found_in_this_environment(tmp_path, monkeypatch):
     first, second = dependencies.run_folder("segment"), dependencies.run_folder("segment")
     assert first != second and first.is_dir() and second.is_dir()
     assert first.parent == tmp_path / "slicer-runs"
-
-
-# --- a child process read by polling ----------------------------------------------------------
-
-def wait_for(process: state.LineProcess, timeout: float = 60.0) -> list[dict]:
-    import time
-
-    events, deadline = [], time.monotonic() + timeout
-    while process.running and time.monotonic() < deadline:
-        events += process.poll()
-        time.sleep(0.05)
-    return events + process.poll()
-
-
-def test_line_process_reads_json_lines_from_its_file(tmp_path):
-    script = ("import json, sys, time\n"
-              "print(json.dumps({'event': 'progress', 'done': 1, 'total': 2}), flush=True)\n"
-              "print('plain text', flush=True)\n"
-              "time.sleep(0.3)\n"
-              "sys.stdout.write(json.dumps({'event': 'done', 'model': 'm'}))\n")
-    process = state.LineProcess([sys.executable, "-c", script], tmp_path / "out.jsonl")
-    assert process.poll() == [] and process.returncode is None
-    process.start()
-    events = wait_for(process)
-    assert events == [{"event": "progress", "done": 1, "total": 2},
-                      {"event": "log", "message": "plain text"},
-                      {"event": "done", "model": "m"}]
-    assert process.returncode == 0 and not process.running
-    assert process.log_tail(1) == '{"event": "done", "model": "m"}'
-
-
-def test_line_process_cancel(tmp_path):
-    process = state.LineProcess([sys.executable, "-c", "import time; time.sleep(60)"],
-                                tmp_path / "out.jsonl")
-    process.start()
-    assert process.running
-    process.cancel(timeout=5)
-    assert not process.running and process.returncode is not None
-
-
-def test_fetch_command_reports_an_unknown_model_as_an_error(tmp_path):
-    env = state.job_environment({**os.environ, "TRANSFERSEG_HOME": str(tmp_path)}, str(ROOT))
-    process = state.LineProcess(state.fetch_command(sys.executable, "no-such-model"),
-                                tmp_path / "out.jsonl", env=env)
-    process.start()
-    events = wait_for(process, timeout=120)
-    monitor = state.JobMonitor("fetch")
-    monitor.start()
-    monitor.update(events)
-    assert monitor.state == state.FAILED and "no-such-model" in monitor.error
-    assert process.returncode == 2
 
 
 # --- the scene (real MRML from slicer-core) ---------------------------------------------------

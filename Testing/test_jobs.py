@@ -115,6 +115,49 @@ def test_write_job_writes_exact_nrrd_inputs_and_a_versioned_job_json(tmp_path, b
     dataset = datasets.discover(job.dataset)
     assert [c.name for c in dataset.cases] == ["a/b", "a b"]
     assert dataset.labels.foreground == LABELS
+    # No case is marked for validation: the trainer validates on the training cases.
+    assert job.validation == "training" and document["validation"] == "training"
+    assert [c.name for c in datasets.discover(job.validation_dataset).cases] == ["a/b", "a b"]
+
+
+def test_validation_cases_are_the_trainers_validation_set_and_not_trained_on(tmp_path,
+                                                                            base_model):
+    from TransferSegLib import datasets
+
+    image, label = synthetic_case()
+    path = jobs.write_job(tmp_path / "job", "finetune", labels=LABELS,
+                          cases=[{"name": "train", "image": image, "label": label},
+                                 {"name": "held", "image": image, "label": label,
+                                  "validation": True}],
+                          params=finetune_params(base_model))
+    job = jobs.read_job(path)
+    assert job.validation == "held-out"
+    assert [c.name for c in datasets.discover(job.dataset).cases] == ["train"]
+    assert [c.name for c in datasets.discover(job.validation_dataset).cases] == ["held"]
+    events = []
+    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    validations = [e for e in events if e["event"] == "validation"]
+    assert validations and not any("training cases" in e.get("message", "") for e in events)
+    # A job written before validation sets were passed: the trainer splits its cases itself.
+    document = json.loads(path.read_text(encoding="utf-8"))
+    del document["validation_dataset"], document["validation"]
+    path.write_text(json.dumps(document), encoding="utf-8")
+    old = jobs.read_job(path)
+    assert old.validation == "split" and old.validation_dataset is None
+
+    folder = tmp_path / "bad"
+    with pytest.raises(InputError, match="at least one case to train on"):
+        jobs.write_job(folder, "finetune", labels=LABELS, params=finetune_params(base_model),
+                       cases=[{"name": "held", "image": image, "label": label,
+                               "validation": True}])
+    with pytest.raises(InputError, match="'validation' must be true or false"):
+        jobs.write_job(folder, "finetune", labels=LABELS, params=finetune_params(base_model),
+                       cases=[{"name": "x", "image": image, "label": label,
+                               "validation": "yes"}])
+    with pytest.raises(InputError, match="only a finetune job has validation cases"):
+        jobs.write_job(folder, "segment", params={"model": str(base_model)},
+                       cases=[{"name": "x", "image": image, "validation": True}])
+    assert not folder.exists()
 
 
 def test_write_job_refuses_a_foreign_folder_and_an_existing_job(tmp_path, base_model):
@@ -182,6 +225,8 @@ BAD_JOBS = [
     (lambda d: d["cases"][0].pop("label"), "cases[0]'.label is missing"),
     (lambda d: d.update(labels={"one": "ball"}), "field 'labels'"),
     (lambda d: d.update(cases=[]), "field 'cases'"),
+    (lambda d: d.update(validation_dataset="inputs/none.csv"), "field 'validation_dataset'"),
+    (lambda d: d.update(validation="some"), "field 'validation' is 'some'"),
 ]
 
 

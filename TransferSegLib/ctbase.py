@@ -97,7 +97,7 @@ def datasets(folder: Path) -> list[Path]:
             for name, drop in SOURCES.items()]
 
 
-def description() -> str:
+def description(steps: int = STEPS) -> str:
     """The model card's description: data, licences, what was hidden, the recipe."""
     licences = sorted({samples.PACKAGES[samples.SPEC_BY_NAME[n].package].licence
                        for n in SOURCES})
@@ -108,8 +108,10 @@ def description() -> str:
         f"{', '.join(HIDDEN)} (ignored voxels). Never seen: {', '.join(HELD_OUT)}. Data "
         f"licences: {'; '.join(licences)}. Recipe: {ARCHITECTURE} {json.dumps(ARGUMENTS)}, "
         f"{SPACING[0]:g} mm isotropic, {PATCH[0]}^3 patches, batch 2, AdamW lr {LR:g} with "
-        f"polynomial decay, {STEPS} steps, Dice + cross-entropy (partial labels excluded), CT "
-        "window -1000..1000 HU. Reproduce with `make base`."
+        f"polynomial decay, {steps} steps, Dice + cross-entropy (partial labels excluded), CT "
+        "window -1000..1000 HU. Reproduce with "
+        + ("`make base`." if steps == STEPS else
+           f"`python -m TransferSegLib.ctbase --out DIR --steps {steps}`.")
     )
 
 
@@ -132,7 +134,7 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     result = training.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,
-        title=f"TransferSeg CT base {VERSION}", description=description(),
+        title=f"TransferSeg CT base {VERSION}", description=description(steps),
         resume=resume, overwrite=not resume, events=events or (lambda event: None),
         cancel_file=cancel_file,
     )

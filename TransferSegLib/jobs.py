@@ -6,8 +6,10 @@ A job folder, as :func:`write_job` makes it::
     job.json                what to do (below); written last, so its presence means the
                             inputs are complete
     inputs/<case>_image.nrrd, inputs/<case>_label.nrrd, inputs/<case>_prediction.nrrd
-    inputs/cases.csv, inputs/labels.json
-                            (finetune) the same cases as a dataset the trainer reads
+    inputs/cases.csv, inputs/validation.csv, inputs/labels.json
+                            (finetune) the training cases and the validation cases as
+                            datasets the trainer reads; without validation cases,
+                            validation.csv lists the training cases
     output/                 results: model.safetensors (finetune), <case>.seg.nrrd (segment),
                             <case>_scores.json (evaluate)
 
@@ -16,13 +18,19 @@ A job folder, as :func:`write_job` makes it::
     {"format": "transferseg-job", "version": 1, "kind": "finetune",
      "created": "2025-05-04T10:00:00Z", "transferseg": "0.1.0",
      "cases": [{"name": "CT 1", "image": "inputs/CT_1_image.nrrd",
-                "label": "inputs/CT_1_label.nrrd"}],
+                "label": "inputs/CT_1_label.nrrd"},
+               {"name": "CT 2", "image": "inputs/CT_2_image.nrrd",
+                "label": "inputs/CT_2_label.nrrd", "validation": true}],
      "labels": {"1": "liver", "2": "spleen"},
-     "dataset": "inputs/cases.csv",
+     "dataset": "inputs/cases.csv", "validation_dataset": "inputs/validation.csv",
+     "validation": "held-out",
      "params": {"base": "/models/ct-base.safetensors", "strategy": "finetune", "steps": 200,
                 "lr": 0.001, "device": "auto", "output": "output"}}
 
-Relative paths are relative to the job folder. ``python -m TransferSegLib run job.json`` runs
+A finetune case with ``"validation": true`` is not trained on: the trainer validates on it
+(and keeps its best model by it). ``"validation"`` says which: ``"held-out"`` cases, or, when
+no case is marked, the ``"training"`` cases themselves. Relative paths are relative to the
+job folder. ``python -m TransferSegLib run job.json`` runs
 it (:func:`run_job`) and prints one JSON object per line: the trainer's events (``start``,
 ``step``, ``validation``, ``stage``, ``checkpoint``, ``done``, ``cancelled``, ``message``), per
 case ``case``, ``segmented`` or ``scores``, a final ``done`` for segment and evaluate jobs, or
@@ -161,6 +169,10 @@ def _check_case(index: int, case: object, kind: str, names: set[str]) -> None:
         if value is not None and not isinstance(value, sitk.Image):
             raise InputError(f"The {role} of case {case['name']!r} must be a SimpleITK image, "
                              f"not {type(value).__name__}.")
+    held = case.get("validation", False)
+    if not isinstance(held, bool) or (held and kind != "finetune"):
+        raise InputError(f"Case {case['name']!r}: 'validation' must be true or false, and only "
+                         "a finetune job has validation cases.")
 
 
 def write_job(
@@ -175,7 +187,8 @@ def write_job(
     """Write a job folder (see the module docstring) and return the path of its ``job.json``.
 
     ``cases``: dicts with ``"name"`` and SimpleITK images under ``"image"``, ``"label"``
-    and (evaluate) ``"prediction"``; written as NRRD. ``labels``: {value: name} of the label
+    and (evaluate) ``"prediction"``; written as NRRD. A finetune case with
+    ``"validation": True`` is validated on, not trained on. ``labels``: {value: name} of the label
     maps. ``params``: the kind's options (JSON values), checked now as :func:`run_job` will.
     A non-empty folder is refused unless it holds a job and ``overwrite`` is given.
     """
@@ -188,6 +201,9 @@ def write_job(
     names: set[str] = set()
     for index, case in enumerate(cases):
         _check_case(index, case, kind, names)
+    if all(case.get("validation", False) for case in cases):
+        raise InputError("Every case is marked for validation; a finetune job needs at least "
+                         "one case to train on.")
     table = _check_labels({str(k): v for k, v in (labels or {}).items()}, "labels", kind)
     params = dict(params or {})
     try:
@@ -214,22 +230,33 @@ def write_job(
                 relative = f"{INPUTS}/{slug}_{role}.nrrd"
                 write_image(case[role], folder / relative)
                 entry[role] = relative
+        if case.get("validation"):
+            entry["validation"] = True
         entries.append(entry)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     document = {"format": FORMAT, "version": VERSION, "kind": kind, "created": created,
                 "transferseg": __version__, "cases": entries,
                 "labels": {str(v): n for v, n in table.items()}, "params": params}
     if kind == "finetune":
-        document["dataset"] = _write_dataset(folder, entries, table)
+        training = [e for e in entries if not e.get("validation")]
+        held_out = [e for e in entries if e.get("validation")]
+        with atomic_output(folder / INPUTS / "labels.json") as tmp:
+            tmp.write_text(json.dumps({str(v): n for v, n in table.items()}, indent=2) + "\n",
+                           encoding="utf-8")
+        document["dataset"] = _write_dataset(folder, "cases", training)
+        document["validation_dataset"] = _write_dataset(folder, "validation",
+                                                        held_out or training)
+        document["validation"] = "held-out" if held_out else "training"
     path = folder / JOB_FILE
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return path
 
 
-def _write_dataset(folder: Path, entries: list[dict], table: dict[int, str]) -> str:
-    """The cases as a CSV dataset (with ``labels.json`` beside it) for ``datasets.discover``."""
-    relative = f"{INPUTS}/cases.csv"
+def _write_dataset(folder: Path, stem: str, entries: list[dict]) -> str:
+    """The cases as a CSV dataset (``labels.json`` beside it names the labels) for
+    ``datasets.discover``."""
+    relative = f"{INPUTS}/{stem}.csv"
     with atomic_output(folder / relative) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -237,9 +264,6 @@ def _write_dataset(folder: Path, entries: list[dict], table: dict[int, str]) -> 
             for entry in entries:
                 writer.writerow([Path(entry["image"]).name, Path(entry["label"]).name,
                                  entry["name"]])
-    with atomic_output(folder / INPUTS / "labels.json") as tmp:
-        tmp.write_text(json.dumps({str(v): n for v, n in table.items()}, indent=2) + "\n",
-                       encoding="utf-8")
     return relative
 
 
@@ -264,6 +288,8 @@ class Job:
     labels: dict[int, str]
     params: dict = field(default_factory=dict)
     dataset: Path | None = None
+    validation_dataset: Path | None = None  # None: the trainer splits ``dataset`` itself
+    validation: str = "split"  # which cases it validates on: held-out, training or split
 
     @property
     def folder(self) -> Path:
@@ -378,6 +404,17 @@ def read_job(path: str | os.PathLike) -> Job:
             raise InputError(f"{where} 'dataset' must name the job's case list (a CSV file in "
                              f"the job folder), not {dataset!r}; write the job again.")
         job.dataset = path.parent / dataset
+        held = document.get("validation_dataset")
+        if held is not None:
+            if not isinstance(held, str) or not (path.parent / held).is_file():
+                raise InputError(f"{where} 'validation_dataset' must name the job's validation "
+                                 f"case list (a CSV file in the job folder), not {held!r}; "
+                                 "write the job again.")
+            which = document.get("validation", "held-out")
+            if which not in ("held-out", "training"):
+                raise InputError(f"{where} 'validation' is {which!r}; use 'held-out' or "
+                                 "'training'.")
+            job.validation_dataset, job.validation = path.parent / held, which
     for option in ("base", "model"):
         file = job.path_of(option)
         if file is not None and not file.is_file():
@@ -498,12 +535,16 @@ def _run_finetune(job: Job, emit: Emit) -> int:
     params = job.params
     config = training.TrainConfig(**{k: params[k] for k in TRAIN_SETTINGS if k in params})
     job.output.mkdir(parents=True, exist_ok=True)
+    if job.validation == "training":
+        emit({"event": "message", "message": "no case is marked for validation: validation "
+              "uses the training cases, so its Dice says how well they are fitted"})
     # While it trains, the trainer's own handler turns SIGTERM into a clean stop with a saved
     # model; before and after, _cancel_on_signals stops the job.
     with _cancel_on_signals():
         result = training.finetune(
             job.path_of("base"), job.dataset, job.output, params["strategy"], config,
-            architecture=params["architecture"], arguments=params["arguments"], events=emit,
+            val_data=job.validation_dataset, architecture=params["architecture"],
+            arguments=params["arguments"], events=emit,
             resume=params["resume"], overwrite=params["overwrite"],
             cancel_file=job.folder / CANCEL_FILE,
         )

@@ -407,9 +407,11 @@ def _write_registry(models: list[dict]) -> None:
         temporary.write_text(json.dumps({"models": models}, indent=2), encoding="utf-8")
 
 
-def register(path: str | os.PathLike, model_id: str | None = None) -> dict:
+def register(path: str | os.PathLike, model_id: str | None = None,
+             title: str | None = None) -> dict:
     """List a TransferSeg model file (typically fine-tuned) beside the published models, with
-    the lineage its card records (base, strategy, training cases, Dice). Returns the record."""
+    the lineage its card records (base, strategy, training cases, Dice) and ``title`` (default:
+    the card's). Returns the record."""
     path = Path(path).resolve()
     card = read_card(path)
     model_id = model_id or path.stem
@@ -419,7 +421,7 @@ def register(path: str | os.PathLike, model_id: str | None = None) -> dict:
     dice = card.metrics.get("validation_dice", card.metrics.get("dice"))
     record = {
         "id": model_id, "kind": "fine-tuned", "path": str(path),
-        "title": card.title or model_id, "modality": card.modality, "anatomy": "",
+        "title": title or card.title or model_id, "modality": card.modality, "anatomy": "",
         "task": ", ".join(name for index, name in sorted(card.labels.items()) if index),
         "labels": {str(k): v for k, v in card.labels.items()}, "licence": "",
         "base": lineage.get("base", ""), "strategy": lineage.get("strategy", ""),

@@ -60,9 +60,21 @@ def installed_core_versions() -> dict[str, str]:
     return versions
 
 
+def unsupported() -> str | None:
+    """Why this Slicer cannot run TransferSeg (None when it can)."""
+    if sys.version_info < state.PYTHON_MINIMUM:
+        return (f"TransferSeg needs {state.SUPPORTED_SLICER} (Python "
+                f"{'.'.join(map(str, state.PYTHON_MINIMUM))} or newer); this Slicer runs Python "
+                f"{sys.version_info[0]}.{sys.version_info[1]}. Install a newer Slicer "
+                "from download.slicer.org.")
+    return None
+
+
 def install() -> None:
-    """torch through the PyTorch extension (it asks the user and picks the CUDA build), then
-    the requirements with Slicer's installer; numpy, SimpleITK and torch stay as they are."""
+    """Install what is missing, after the user agreed once (the caller asks): torch through
+    the PyTorch extension (it picks the build that fits the GPU), then the requirements with
+    Slicer's installer, constrained so that numpy, SimpleITK and torch stay as they are and
+    MONAI is a release that supports the installed torch."""
     import slicer
 
     if importlib.util.find_spec("torch") is None:
@@ -71,19 +83,27 @@ def install() -> None:
         except ModuleNotFoundError:
             raise RuntimeError("TransferSeg needs the PyTorch extension: install 'PyTorch' from "
                                "the Extensions Manager and restart Slicer.") from None
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+        torch_floor = ">=" + ".".join(map(str, state.TORCH_MINIMUM))
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=torch_floor) is None:
             raise RuntimeError("PyTorch was not installed, so TransferSeg cannot run yet.")
+        importlib.invalidate_caches()
+    installed = installed_core_versions()
+    folder = Path(slicer.app.temporaryPath)
+    wanted, pins = folder / "TransferSeg-requirements.txt", folder / "TransferSeg-constraints.txt"
+    wanted.write_text("\n".join(state.install_requirements(requirements(), installed)) + "\n",
+                      encoding="utf-8")
+    pins.write_text(state.constraints(installed), encoding="utf-8")
     try:
-        packaging = importlib.import_module("slicer.packaging")
+        pydeps = importlib.import_module("slicer.pydeps")  # Slicer 5.11 and later
     except ImportError:
-        packaging = None
-    if hasattr(packaging, "pip_ensure"):  # Slicer 5.12 and later
-        packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS)),
-                             requester="TransferSeg")
-        return
-    pins = Path(slicer.app.temporaryPath) / "TransferSeg-constraints.txt"
-    pins.write_text(state.constraints(installed_core_versions()), encoding="utf-8")
-    slicer.util.pip_install(["-r", str(REQUIREMENTS), "-c", str(pins)])
+        pydeps = None
+    if hasattr(pydeps, "pip_ensure"):
+        pydeps.pip_ensure(pydeps.load_requirements(str(wanted)), constraints=str(pins),
+                          prompt_install=False, requester="TransferSeg")
+    else:
+        slicer.util.pip_install(["-r", str(wanted), "-c", str(pins)])
+    importlib.invalidate_caches()
 
 
 def gpus() -> list[tuple[str, float]]:

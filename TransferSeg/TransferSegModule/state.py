@@ -10,8 +10,6 @@ them without Slicer:
 - :func:`dice_colour`: a Dice value -> a colour from red (0) over amber to green (1);
 - :class:`RoundHistory`: the annotate loop's rounds and every case's Dice per round, so a case
   that gets worse after a later round (forgetting) shows;
-- :class:`LineProcess`: a child process whose JSON lines go to a file read by polling (model
-  downloads), no thread;
 - small helpers for the catalog list, the GPU line, requirements and the child's Python.
 
 Only the standard library and numpy are imported here.
@@ -20,11 +18,9 @@ Only the standard library and numpy are imported here.
 from __future__ import annotations
 
 import colorsys
-import json
 import math
 import os
 import re
-import subprocess
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +33,9 @@ IGNORE = ""  # a segment mapped to this label is left out of training
 BACKGROUND = "background"
 # Packages Slicer or the PyTorch extension own: the module never installs or upgrades them.
 CORE_PACKAGES = ("torch", "simpleitk", "numpy")
+# The Slicer releases the module supports: the library needs Python 3.10 (Slicer 5.8 has 3.9).
+SUPPORTED_SLICER = "Slicer 5.10 or newer"
+PYTHON_MINIMUM = (3, 10)
 
 
 # --- segment names -> model labels ---------------------------------------------------------------
@@ -521,6 +520,44 @@ def read_requirements(text: str) -> list[str]:
             if line.split("#", 1)[0].strip()]
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"2.5.1+cu121"`` -> ``(2, 5, 1)``: the release numbers of a version string."""
+    numbers = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(n) for n in numbers.group(0).split(".")) if numbers else ()
+
+
+# What each MONAI release asks of torch (their published Requires-Dist): 1.3.x and 1.4.0
+# torch>=1.9 (1.4.0 also numpy<2), 1.5.0 torch>=2.4.1,<2.7, 1.5.1 and 1.5.2 torch>=2.4.1,
+# 1.6.0 torch>=2.8.0. A MONAI whose floor is above the installed torch would make pip replace
+# the torch the PyTorch extension chose (a CUDA build by a CPU one from PyPI on Windows).
+TORCH_MINIMUM = (2, 1)
+
+
+def monai_requirement(torch_version: str) -> str:
+    """The MONAI releases TransferSeg may install next to this torch."""
+    version = version_tuple(torch_version)
+    if version < TORCH_MINIMUM:
+        raise ValueError(
+            f"TransferSeg needs PyTorch {'.'.join(map(str, TORCH_MINIMUM))} or newer, and "
+            f"PyTorch {torch_version} is installed: update it in the PyTorch Utils module "
+            "(PyTorch extension), then restart Slicer.")
+    if version >= (2, 8):
+        return "monai>=1.5.1,<1.7"
+    if version >= (2, 4, 1):
+        return "monai>=1.5.1,<1.6"
+    return "monai>=1.3,<1.5"
+
+
+def install_requirements(lines: Sequence[str], installed: Mapping[str, str]) -> list[str]:
+    """The module's requirement lines with MONAI narrowed to what the installed torch supports."""
+    torch = next((v for name, v in installed.items() if requirement_name(name) == "torch"), None)
+    if torch is None:
+        raise ValueError("PyTorch is not installed yet: install it with the PyTorch extension "
+                         "first.")
+    return [monai_requirement(torch) if requirement_name(line) == "monai" else line
+            for line in lines]
+
+
 def constraints(installed: Mapping[str, str]) -> str:
     """A pip constraints file holding the core packages at their installed versions, so that
     installing the module's requirements can never replace Slicer's numpy or SimpleITK or the
@@ -529,89 +566,26 @@ def constraints(installed: Mapping[str, str]) -> str:
                    if requirement_name(name) in CORE_PACKAGES and version)
 
 
-# --- a child process read by polling -------------------------------------------------------------
-
-class LineProcess:
-    """A child process whose stdout (JSON lines) goes to a file that :meth:`poll` reads.
-
-    No thread and no pipe: the file is read from where the last poll stopped, so the widget's
-    timer can call :meth:`poll` as often as it likes. Lines that are not JSON become
-    ``{"event": "log", "message": line}``.
-    """
-
-    def __init__(self, command: Sequence[str], output: Path, env: Mapping | None = None):
-        self.command, self.output, self.env = list(command), Path(output), env
-        self._process: subprocess.Popen | None = None
-        self._offset, self._partial = 0, ""
-
-    def start(self) -> None:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.output, "wb") as sink:
-            self._process = subprocess.Popen(
-                self.command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(self.env) if self.env is not None else None)
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._process is None else self._process.poll()
-
-    def poll(self) -> list[dict]:
-        if not self.output.exists():
-            return []
-        finished = not self.running  # before reading: a finished process wrote everything
-        with open(self.output, "rb") as source:
-            source.seek(self._offset)
-            chunk = source.read()
-        self._offset += len(chunk)
-        text = self._partial + chunk.decode("utf-8", errors="replace")
-        *lines, self._partial = text.split("\n")
-        if finished and self._partial:  # the last line, without a newline
-            lines, self._partial = [*lines, self._partial], ""
-        events = []
-        for line in (raw.strip() for raw in lines):
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = None
-            events.append(event if isinstance(event, dict) and "event" in event
-                          else {"event": "log", "message": line})
-        return events
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines the process wrote."""
-        if not self.output.exists():
-            return ""
-        text = self.output.read_bytes()[-65536:].decode("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def cancel(self, timeout: float = 2.0) -> None:
-        if not self.running:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-
 # The child that downloads a catalog model: zoo.fetch with its progress as JSON lines.
 _FETCH = """\
-import json, sys
+import json, os, sys
 from TransferSegLib import zoo
 
+class Cancelled(Exception):
+    pass
+
 def progress(*args, **kwargs):
+    if sys.argv[3:] and os.path.exists(sys.argv[3]):
+        raise Cancelled()  # the partial download is kept and resumed next time
     done, total = (list(args) + [0, None])[:2]
     print(json.dumps({"event": "progress", "done": done, "total": total}), flush=True)
 
 try:
+    progress(0, None)  # a cancel that came while this program started
     path = zoo.fetch(sys.argv[1], accept_unverified=sys.argv[2] == "accept", progress=progress)
+except Cancelled:
+    print(json.dumps({"event": "cancelled", "status": "cancelled"}), flush=True)
+    sys.exit(3)
 except Exception as error:
     print(json.dumps({"event": "error", "message": str(error)}), flush=True)
     sys.exit(2)
@@ -619,7 +593,10 @@ print(json.dumps({"event": "done", "model": str(path)}), flush=True)
 """
 
 
-def fetch_command(python: str, model_id: str, accept_unverified: bool = False) -> list[str]:
+def fetch_command(python: str, model_id: str, accept_unverified: bool = False,
+                  cancel_file: str | os.PathLike | None = None) -> list[str]:
     """The command that downloads catalog model ``model_id`` in a child process (JSON lines:
-    ``progress`` with bytes ``done`` of ``total``, then ``done`` with ``model`` or ``error``)."""
-    return [python, "-c", _FETCH, model_id, "accept" if accept_unverified else "verified"]
+    ``progress`` with bytes ``done`` of ``total``, then ``done`` with ``model`` or ``error``;
+    ``cancelled`` when ``cancel_file`` appears)."""
+    return [python, "-c", _FETCH, model_id, "accept" if accept_unverified else "verified",
+            *([str(cancel_file)] if cancel_file is not None else [])]

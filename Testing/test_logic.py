@@ -1,0 +1,279 @@
+"""The Slicer module's logic (``TransferSegModule.logic.Logic``) on a real MRML scene.
+
+The scene is ``slicer-core``'s: real volume, segmentation and table nodes. Jobs run through
+the logic's injected process factory: an in-process stand-in that runs the same
+``jobs.run_job`` a child would run, on a thread, and that cancels the way ``JobProcess`` does
+(the job folder's cancel file). Model downloads run in a real child process. What stays
+outside (Qt, the widget, PythonSlicer) is listed in the README's Slicer section.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "TransferSeg"))
+
+from conftest import catalog_entry, write_catalog  # noqa: E402
+from TransferSegModule import logic as module_logic  # noqa: E402
+from TransferSegModule import scene, state  # noqa: E402
+
+from TransferSegLib import jobs  # noqa: E402
+
+
+class InProcessJob:
+    """Runs a job folder's ``job.json`` with ``jobs.run_job`` on a thread: the events, exit
+    status and cancel file of a ``JobProcess`` child, without a child."""
+
+    def __init__(self, job_json: Path):
+        self.job_json, self.events, self.returncode = Path(job_json), queue.Queue(), None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> InProcessJob:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        self.returncode = jobs.run_job(self.job_json, self.events.put)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def poll(self) -> list[dict]:
+        events = []
+        while not self.events.empty():
+            events.append(self.events.get())
+        return events
+
+    def log_tail(self, lines: int = 20) -> str:
+        return ""
+
+    def cancel(self, timeout: float | None = None) -> None:
+        (self.job_json.parent / jobs.CANCEL_FILE).write_text("", encoding="utf-8")
+
+
+@dataclass
+class Pair:
+    volume: object
+    segmentation: object
+    validation: bool = False
+
+
+@dataclass
+class Parameters:
+    """The parameter node's fields the logic reads and writes."""
+
+    model: str = ""
+    pairs: list = None
+    labelMapping: dict = None
+    strategy: str = "vanilla"
+    steps: int = 4
+    learningRate: float = 0.0
+    device: str = "cpu"
+    prediction: object = None
+    loopSegmentation: object = None
+
+    def __post_init__(self):
+        self.pairs, self.labelMapping = self.pairs or [], self.labelMapping or {}
+
+
+@pytest.fixture()
+def mrml_scene():
+    slicer = pytest.importorskip("slicer")
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFERSEG_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def make_logic(mrml_scene, parameters, folders, **factories):
+    def run_folder(kind):
+        folder = folders / f"{len(list(folders.glob('*'))) + 1}-{kind}"
+        folder.mkdir(parents=True)
+        return folder
+
+    return module_logic.Logic(mrml_scene, lambda: parameters, Pair,
+                              make_job_process=factories.get("job", InProcessJob),
+                              make_fetch_process=factories.get(
+                                  "fetch", module_logic.fetch_process),
+                              run_folder=factories.get("run_folder", run_folder))
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A small untrained UNet for one label, on the 2 mm grid of ``scene.sphere_case``."""
+    import torch
+
+    from TransferSegLib import checkpoint, networks
+
+    torch.manual_seed(0)
+    arguments = networks.resolve_kwargs("unet", channels=[8, 16, 32], strides=[2, 2],
+                                        num_res_units=1)
+    return checkpoint.save_model(
+        tmp_path_factory.mktemp("base") / "base.safetensors",
+        networks.build_network("unet", 1, 2, **arguments),
+        checkpoint.ModelCard(
+            architecture="unet", in_channels=1, out_channels=2, arguments=arguments,
+            labels={0: "background", 1: "tumour"}, spacing=[2.0] * 3, patch_size=[32] * 3,
+            normalisation={"kind": "ct", "window": [-100.0, 400.0]}, modality="CT"))
+
+
+def run_until_idle(logic, timeout_s=300.0) -> list:
+    results, deadline = [], time.monotonic() + timeout_s
+    while logic.busy and time.monotonic() < deadline:
+        result = logic.poll()
+        if result.finished is not None:
+            results.append(result)
+        time.sleep(0.05)
+    assert not logic.busy, "the job did not end"
+    return results
+
+
+def test_validation_pairs_are_the_trainers_validation_set_and_are_rescored(
+        mrml_scene, home, tmp_path, tiny_base):
+    train = scene.sphere_case(mrml_scene, 0, "train", size=32)
+    held = scene.sphere_case(mrml_scene, 1, "held", size=32)
+    p = Parameters(pairs=[Pair(*train), Pair(*held, validation=True)])
+    logic = make_logic(mrml_scene, p, tmp_path / "runs")
+    logic.startTraining(tiny_base, [(*train, False), (*held, True)], {"tumour": "tumour"},
+                        "vanilla", 4, 0.01, "cpu", base_id="")
+    assert logic.diceLabel == "held-out Dice" and "1 held-out pair" in logic.validationNote
+    job_json = next((tmp_path / "runs").glob("*-finetune/job.json"))
+    document = json.loads(job_json.read_text(encoding="utf-8"))
+    assert document["validation"] == "held-out"
+    folder = job_json.parent
+    assert "train" in (folder / document["dataset"]).read_text(encoding="utf-8")
+    assert "held" not in (folder / document["dataset"]).read_text(encoding="utf-8")
+    assert "held" in (folder / document["validation_dataset"]).read_text(encoding="utf-8")
+
+    finished = run_until_idle(logic)
+    assert [r.error for r in finished] == [None, None]
+    assert finished[0].finished.startswith("Round 1: model new-vanilla-1")
+    assert "held-out pair" in finished[0].finished and "Re-scoring 1" in finished[0].finished
+    assert "none got worse" in finished[1].finished
+    assert p.model == "new-vanilla-1"
+    # The re-scored held-out case is in the rounds table; the training case is not.
+    table = logic.roundsTable().GetTable()
+    assert table.GetNumberOfRows() == 1
+    assert table.GetValueByName(0, "case").ToString() == "held"
+
+
+def test_without_validation_pairs_the_training_pairs_are_validated_and_the_panel_says_so(
+        mrml_scene, home, tmp_path, tiny_base):
+    train = scene.sphere_case(mrml_scene, 0, "train", size=32)
+    p = Parameters(pairs=[Pair(*train)])
+    logic = make_logic(mrml_scene, p, tmp_path / "runs")
+    logic.startTraining(tiny_base, [(*train, False)], {"tumour": "tumour"}, "vanilla", 2, 0.01,
+                        "cpu")
+    assert logic.diceLabel == "Dice on the training pairs"
+    assert "mark a pair for validation" in logic.validationNote
+    job = jobs.read_job(next((tmp_path / "runs").glob("*-finetune/job.json")))
+    assert job.validation == "training"
+    assert job.validation_dataset.read_text() == job.dataset.read_text()
+    lines = []
+    while logic.busy:
+        lines += logic.poll().lines
+        time.sleep(0.05)
+    assert any("validation uses the training cases" in line for line in lines)
+    with pytest.raises(ValueError, match="every pair is marked for validation"):
+        logic.startTraining(tiny_base, [(*train, True)], {"tumour": "tumour"}, "vanilla", 2,
+                            0.01, "cpu")
+
+
+def test_an_error_while_completing_a_job_is_returned_and_leaves_the_logic_idle(
+        mrml_scene, home, tmp_path, tiny_base):
+    volume, _ = scene.sphere_case(mrml_scene, 2, "to segment", size=32)
+    p = Parameters()
+    logic = make_logic(mrml_scene, p, tmp_path / "runs")
+    logic.startSegment(volume, str(tiny_base), "cpu")
+    mrml_scene.RemoveNode(volume)  # while the job runs
+    (result,) = run_until_idle(logic)
+    assert "no longer in the scene" in result.error and result.finished.startswith("failed")
+    assert not logic.busy and logic.jobKind == "" and p.prediction is None
+    # The logic is usable again: the next job starts and completes.
+    other, _ = scene.sphere_case(mrml_scene, 3, "next", size=32)
+    logic.startSegment(other, str(tiny_base), "cpu")
+    (result,) = run_until_idle(logic)
+    assert result.error is None and p.prediction is not None
+    assert p.prediction.GetName() == "next TransferSeg"
+
+
+def test_a_cancelled_fine_tune_is_registered_as_cancelled_at_its_step(
+        mrml_scene, home, tmp_path, tiny_base):
+    from TransferSegLib import checkpoint, zoo
+
+    train = scene.sphere_case(mrml_scene, 0, "train", size=32)
+    p = Parameters(pairs=[Pair(*train)])
+    logic = make_logic(mrml_scene, p, tmp_path / "runs")
+    logic.startTraining(tiny_base, [(*train, False)], {"tumour": "tumour"}, "vanilla", 100000,
+                        0.01, "cpu")
+    deadline = time.monotonic() + 300
+    while logic.monitor.step < 2 and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.05)
+    logic.cancel()
+    assert logic.monitor.state == state.CANCELLING and logic.busy
+    (result,) = run_until_idle(logic)
+    assert result.error is None and "cancelled at step" in result.finished
+    step = logic.rounds.rounds[-1]
+    entry = zoo.entry(p.model)
+    assert entry["title"].startswith(f"{p.model} (cancelled at step ")
+    assert step["model"] == p.model
+    model, card = checkpoint.load_model(Path(entry["path"]))  # the model so far is usable
+    assert card.labels == {0: "background", 1: "tumour"}
+
+
+def test_a_model_download_can_be_cancelled_and_then_completes(
+        mrml_scene, home, tmp_path, tiny_base, monkeypatch):
+    """The download child stops by itself once the cancel file is there (at its start or its
+    next chunk; zoo keeps a partial file to resume); a cancel file left from an earlier run
+    does not stop the next one."""
+    published = tmp_path / "published"
+    published.mkdir()
+    weights = published / "model.safetensors"
+    weights.write_bytes(tiny_base.read_bytes())
+    write_catalog(tmp_path / "resources", catalog_entry(
+        "tiny-sphere", weights, "model.safetensors", "tumour", urls=[weights.as_uri()]))
+    monkeypatch.setenv("TRANSFERSEG_RESOURCES", str(tmp_path / "resources"))
+    made = []
+
+    def fetch(command, folder):
+        made.append(module_logic.fetch_process(command, folder))
+        return made[-1]
+
+    logic = make_logic(mrml_scene, Parameters(), tmp_path / "runs", fetch=fetch)
+    logic.startFetch("tiny-sphere")
+    logic.cancel()  # before the child has read its first chunk (it is still importing)
+    assert logic.monitor.state == state.CANCELLING
+    (result,) = run_until_idle(logic, 120)
+    assert result.error is None and logic.monitor.state == state.CANCELLED, logic.monitor.log
+    assert result.finished.startswith("fetch: cancelled")
+    assert made[0].wait(60) == 3, made[0].log_tail()  # it stopped by itself
+    assert not list((home / "models").glob("tiny-sphere/*.safetensors"))
+
+    # Not cancelled, the same download completes.
+    logic.startFetch("tiny-sphere")
+    (result,) = run_until_idle(logic, 120)
+    assert result.finished == "tiny-sphere is ready.", logic.monitor.log
+    assert not list((home / "downloads").glob("tiny-sphere-*.part"))
+
+
+def test_a_fetch_of_an_unknown_model_fails_with_its_name(mrml_scene, home, tmp_path):
+    logic = make_logic(mrml_scene, Parameters(), tmp_path / "runs")
+    logic.startFetch("no-such-model")
+    (result,) = run_until_idle(logic, 120)
+    assert logic.monitor.state == state.FAILED and "no-such-model" in logic.monitor.error
+    assert result.finished.startswith("fetch: ") and not logic.busy
