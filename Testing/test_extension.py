@@ -6,6 +6,7 @@ TransferSeg/TransferSeg.py."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import py_compile
@@ -280,6 +281,46 @@ def test_module_uses_only_what_exists():
     assert "['Segmentation']" in text
 
 
+def run_self_test(problem, missing, sample_missing=False):
+    """TransferSegTest.runTest called as Slicer calls it (``ScriptedLoadableModule.runTest``
+    makes the test case and calls ``testCase.runTest()`` itself, no unittest runner, so a
+    ``skipTest`` there is an exception: "Reload and Test failed"), with stand-ins for the
+    dependency checks. Returns what it displayed and which tests it ran."""
+    import types
+
+    test = class_node("TransferSegTest")
+    shown, ran = [], []
+    namespace = {
+        "dependencies": types.SimpleNamespace(unsupported=lambda: problem),
+        "TransferSegLogic": lambda: types.SimpleNamespace(missingDependencies=lambda: missing),
+    }
+    for name in ("runTest",):
+        function = next(n for n in test.body if isinstance(n, ast.FunctionDef) and n.name == name)
+        exec(compile(ast.Module([function], []), "TransferSeg.py", "exec"), namespace)
+    case = types.SimpleNamespace(
+        delayDisplay=shown.append, setUp=lambda: None, skipTest=None,
+        test_synthetic=lambda: ran.append("synthetic"),
+        test_real_sample=lambda: ran.append("real"))
+    namespace["runTest"](case)
+    return shown, ran
+
+
+def test_the_self_test_reports_what_is_missing_and_passes_as_skipped():
+    shown, ran = run_self_test(None, ["torch", "monai"])
+    assert ran == [] and shown == ["TransferSeg self-test skipped: install torch, monai first "
+                                   "(any TransferSeg button offers to)"]
+    shown, ran = run_self_test("TransferSeg needs Slicer 5.10 or newer", [])
+    assert ran == [] and "needs Slicer 5.10" in shown[0]
+    shown, ran = run_self_test(None, [])
+    assert ran == ["synthetic", "real"] and shown == []
+    # Nothing in the module's test raises a skip, and torch is imported only after the check.
+    source = ast.unparse(class_node("TransferSegTest"))
+    assert "skipTest" not in source
+    run = ast.unparse(next(n for n in class_node("TransferSegTest").body
+                           if isinstance(n, ast.FunctionDef) and n.name == "runTest"))
+    assert "import torch" not in run and run.index("missingDependencies") < run.index("test_")
+
+
 def test_strategies_and_devices_match_the_library():
     from TransferSegLib.strategies import STRATEGIES
 
@@ -384,6 +425,26 @@ def test_install_constrains_the_core_packages_and_asks_nothing_itself(tmp_path, 
     else:
         assert calls == [("pip", ["-r", str(tmp_path / "TransferSeg-requirements.txt"),
                                   "-c", str(tmp_path / "TransferSeg-constraints.txt")])]
+
+
+def test_weights_that_need_onnx_or_h5py_ask_for_them_with_the_projects_ranges(
+        tmp_path, monkeypatch):
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    extra = re.search(r"^import = \[(.*?)\]", pyproject, re.M).group(1)
+    assert sorted(state.IMPORT_PACKAGES.values()) == sorted(re.findall(r'"([^"]+)"', extra))
+    assert state.import_requirements(["model_v1.onnx", "unet3d_Isomulti1v810.h5", "x.pth",
+                                      "other.ONNX"]) == ["onnx>=1.14,<2", "h5py>=3.8,<4"]
+    assert dependencies.missing_for_import(["model_v1.onnx"]) == []  # installed here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert dependencies.missing_for_import(["model_v1.onnx", "a.h5"]) == ["onnx>=1.14,<2"]
+    modules, calls = fake_slicer(tmp_path, pydeps=True)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    dependencies.install_packages(["onnx>=1.14,<2"])
+    assert calls == [("ensure", ["onnx>=1.14,<2"], str(tmp_path / "TransferSeg-constraints.txt"),
+                      False, "TransferSeg")]
 
 
 def test_an_old_slicer_gets_one_message(monkeypatch):

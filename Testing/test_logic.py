@@ -277,3 +277,44 @@ def test_a_fetch_of_an_unknown_model_fails_with_its_name(mrml_scene, home, tmp_p
     (result,) = run_until_idle(logic, 120)
     assert logic.monitor.state == state.FAILED and "no-such-model" in logic.monitor.error
     assert result.finished.startswith("fetch: ") and not logic.busy
+
+
+class SampleDataLogicStandIn:
+    """Slicer's ``SampleData.SampleDataLogic.registerCustomSampleDataSource`` as its source
+    has it: the keyword arguments, and ``SampleDataSource``'s rule that uris, fileNames and
+    nodeNames are lists of one length; the widget's button calls
+    ``source.customDownloader(source)``."""
+
+    sources: dict = {}
+
+    @staticmethod
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None,
+                                       fileNames=None, nodeNames=None, customDownloader=None,
+                                       thumbnailFileName=None, loadFileTypes=None,
+                                       loadFiles=None, loadFileProperties=None, checksums=None,
+                                       loadFileType=None):
+        assert isinstance(uris, (list, tuple)) and len(uris) == len(fileNames) == len(nodeNames)
+        source = {"name": sampleName, "downloader": customDownloader,
+                  "thumbnail": thumbnailFileName}
+        SampleDataLogicStandIn.sources.setdefault(category, []).append(source)
+
+
+def test_the_samples_are_in_the_sample_data_module_and_load_as_volume_and_segmentation(
+        mrml_scene):
+    from conftest import real_sample
+    from TransferSegModule import sampledata
+
+    from TransferSegLib import samples
+
+    icon = ROOT / "TransferSeg" / "Resources" / "Icons" / "TransferSeg.png"
+    names = sampledata.register(SampleDataLogicStandIn, lambda: mrml_scene, icon)
+    registered = SampleDataLogicStandIn.sources[sampledata.CATEGORY]
+    assert [s["name"] for s in registered] == names and len(names) == len(sampledata.SAMPLES)
+    assert set(sampledata.SAMPLES) <= set(samples.SPEC_BY_NAME)
+    assert all(Path(s["thumbnail"]).is_file() for s in registered)
+    chest = real_sample("slicerio_chest")
+    source = registered[list(sampledata.SAMPLES).index("slicerio_chest")]
+    volume, segmentation = source["downloader"](source)  # the button's call
+    assert volume.GetScene() is mrml_scene and segmentation.GetScene() is mrml_scene
+    assert sorted(scene.segment_names(segmentation)) == sorted(chest.labels.values())
+    assert volume.GetImageData().GetDimensions() == tuple(chest.size)

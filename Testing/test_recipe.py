@@ -121,3 +121,6 @@ def test_the_base_recipe_names_its_data_and_licences():
         assert name in text
     assert "Apache-2.0" in text and "MIT" in text
     assert json.dumps(ctbase.ARGUMENTS) in text
+    assert f"{ctbase.STEPS} steps" in text and "`make base`" in text
+    longer = ctbase.description(2 * ctbase.STEPS)  # the card says how it was really made
+    assert f"{2 * ctbase.STEPS} steps" in longer and f"--steps {2 * ctbase.STEPS}" in longer

@@ -60,6 +60,17 @@ class TransferSeg(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "TransferSeg builds on PyTorch, MONAI and SimpleITK, and on the published models "
             "of its catalog; each keeps its own licence, shown beside the model.")
+        if not dependencies.unsupported():
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """TransferSeg's samples in the Sample Data module (fetched on first click)."""
+    import SampleData
+    from TransferSegModule import sampledata
+
+    icon = Path(__file__).resolve().parent / "Resources" / "Icons" / "TransferSeg.png"
+    sampledata.register(SampleData.SampleDataLogic, lambda: slicer.mrmlScene, icon)
 
 
 @parameterPack
@@ -285,15 +296,30 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             f"The weights of {entry['title']} cannot be verified (the catalog does not know "
             "their checksum). Use them anyway?")
 
+    def requireImportPackages(self, entry, path=None):
+        """Install (after asking) what importing this model's weights needs, e.g. onnx."""
+        missing = self.logic.importRequirements(entry["id"], path)
+        if not missing:
+            return
+        names = ", ".join(state.requirement_name(line) for line in missing)
+        if not slicer.util.confirmOkCancelDisplay(
+                f"Importing {entry['title']} needs {names} (from the Python package index; "
+                "Slicer's numpy and SimpleITK and your PyTorch are not changed). Install now?",
+                windowTitle="TransferSeg set-up"):
+            raise RuntimeError(f"{entry['title']} cannot be imported without {names}.")
+        dependencies.install_packages(missing)
+
     def onFetch(self):
         entry = self.logic.modelEntry(self._parameterNode.model)
         if self._trusted(entry):
+            self.requireImportPackages(entry)
             self._begin(lambda: self.logic.startFetch(entry["id"], not entry["verified"]))
 
     def onImport(self):
         entry = self.logic.modelEntry(self._parameterNode.model)
         path = qt.QFileDialog.getOpenFileName(self.parent, "Weights file you downloaded")
         if path and self._trusted(entry):
+            self.requireImportPackages(entry, path)
             self.logic.importModel(entry["id"], path, not entry["verified"])
             self.showModels()
 

@@ -117,7 +117,7 @@ def description(steps: int = STEPS) -> str:
 
 def train_base(out: Path, steps: int = STEPS, resume: bool = False,
                log: Callable[[str], None] = print, events=None,
-               cancel_file: Path | None = None) -> Path:
+               cancel_file: Path | None = None, threads: int | None = None) -> Path:
     """Train the base into ``out`` and return ``out/<MODEL_ID>.safetensors``.
 
     The model file appears only when the run completed all ``steps``; otherwise a
@@ -130,7 +130,7 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     out = Path(out)
     data = datasets(out / "data")
     config = training.TrainConfig(steps=steps, batch_size=2, lr=LR, val_every=max(steps // 10, 1),
-                                  checkpoint_every=max(steps // 20, 1))
+                                  checkpoint_every=max(steps // 20, 1), threads=threads)
     result = training.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,
@@ -160,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="work folder")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the cores other programs leave idle)")
     args = parser.parse_args(argv)
     from TransferSegLib.demo import ProgressBar
 
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(event)
 
     progress = ProgressBar()
-    train_base(Path(args.out), args.steps, args.resume, events=events)
+    train_base(Path(args.out), args.steps, args.resume, events=events, threads=args.threads)
     return 0
 
 

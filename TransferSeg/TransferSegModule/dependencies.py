@@ -75,8 +75,6 @@ def install() -> None:
     the PyTorch extension (it picks the build that fits the GPU), then the requirements with
     Slicer's installer, constrained so that numpy, SimpleITK and torch stay as they are and
     MONAI is a release that supports the installed torch."""
-    import slicer
-
     if importlib.util.find_spec("torch") is None:
         try:
             import PyTorchUtils
@@ -88,12 +86,30 @@ def install() -> None:
                 askConfirmation=False, torchVersionRequirement=torch_floor) is None:
             raise RuntimeError("PyTorch was not installed, so TransferSeg cannot run yet.")
         importlib.invalidate_caches()
-    installed = installed_core_versions()
+    _pip_ensure(state.install_requirements(requirements(), installed_core_versions()))
+
+
+def missing_for_import(file_names) -> list[str]:
+    """Requirement lines (onnx, h5py) that importing the weight files ``file_names`` needs
+    and that are not installed."""
+    return [line for line in state.import_requirements(file_names)
+            if importlib.util.find_spec(state.requirement_name(line)) is None]
+
+
+def install_packages(lines) -> None:
+    """Install requirement ``lines`` the way :func:`install` does (the caller has asked)."""
+    _pip_ensure(list(lines))
+
+
+def _pip_ensure(lines: list[str]) -> None:
+    """pip-install ``lines`` with Slicer's installer, never changing numpy, SimpleITK or torch
+    (a constraints file holds them at their installed versions)."""
+    import slicer
+
     folder = Path(slicer.app.temporaryPath)
     wanted, pins = folder / "TransferSeg-requirements.txt", folder / "TransferSeg-constraints.txt"
-    wanted.write_text("\n".join(state.install_requirements(requirements(), installed)) + "\n",
-                      encoding="utf-8")
-    pins.write_text(state.constraints(installed), encoding="utf-8")
+    wanted.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pins.write_text(state.constraints(installed_core_versions()), encoding="utf-8")
     try:
         pydeps = importlib.import_module("slicer.pydeps")  # Slicer 5.11 and later
     except ImportError:

@@ -151,6 +151,14 @@ class Logic:
             return dict(read_card(self.modelFile(model_id)).labels)
         return state.catalog_labels(entry.get("labels"))
 
+    def importRequirements(self, model_id, path=None) -> list:
+        """Packages (onnx, h5py) that importing ``model_id`` from its catalog files, or from
+        the file ``path`` the user downloaded, needs and that are not installed."""
+        from TransferSegLib import zoo
+
+        names = [path] if path else [f["name"] for f in zoo.entry(model_id).get("files", [])]
+        return dependencies.missing_for_import(names)
+
     def startFetch(self, model_id, accept_unverified=False):
         folder = self.run_folder("fetch")
         command = state.fetch_command(dependencies.job_python(), model_id, accept_unverified,

@@ -520,6 +520,17 @@ def read_requirements(text: str) -> list[str]:
             if line.split("#", 1)[0].strip()]
 
 
+# Packages an importer needs only for some weight files, installed (after asking) when such a
+# model is fetched or imported: the ranges of pyproject.toml's "import" extra.
+IMPORT_PACKAGES = {".onnx": "onnx>=1.14,<2", ".h5": "h5py>=3.8,<4"}
+
+
+def import_requirements(file_names: Iterable[str]) -> list[str]:
+    """The requirement lines the weight files ``file_names`` need to be imported."""
+    needed = [IMPORT_PACKAGES.get(Path(str(name)).suffix.lower()) for name in file_names]
+    return list(dict.fromkeys(line for line in needed if line))
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """``"2.5.1+cu121"`` -> ``(2, 5, 1)``: the release numbers of a version string."""
     numbers = re.match(r"\d+(?:\.\d+)*", version.strip())
