@@ -618,6 +618,24 @@ def test_segmentation_job_outputs_in_case_order():
         state.job_outputs(monitor, ["a"])
 
 
+def test_the_panel_shows_what_a_job_costs():
+    monitor = state.JobMonitor("segment")
+    monitor.start()
+    lines = monitor.update([{"event": "segmented", "case": "a", "path": "/a.seg.nrrd",
+                             "seconds": 3.21, "gpu_peak_gb": 2.5},
+                            {"event": "segmented", "case": "b", "path": "/b.seg.nrrd",
+                             "seconds": 1.0, "gpu_peak_gb": 1.5},
+                            {"event": "done"}])
+    assert lines[:2] == ["segmented a (3.2 s, GPU peak 2.5 GB)",
+                         "segmented b (1.0 s, GPU peak 1.5 GB)"]
+    assert monitor.gpu_peak_gb == 2.5 and monitor.status == "done, GPU peak 2.5 GB"
+    training = state.JobMonitor("finetune")
+    training.start(100)
+    training.update([{"event": "step", "step": 10, "steps": 100, "loss": 1.0,
+                      "cpu_peak_rss_gb": 1.2}])
+    assert training.status == "step 10 / 100" and training.gpu_peak_gb is None  # CPU run
+
+
 # --- the annotate loop ------------------------------------------------------------------------
 
 def test_rounds_show_forgetting():

@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import numpy as np
@@ -581,3 +582,53 @@ def test_the_job_command_runs_this_library():
     process = jobs.JobProcess("/data/job 1/job.json", python=sys.executable)
     assert process.command() == [sys.executable, "-m", "TransferSegLib", "run",
                                  str(Path("/data/job 1/job.json"))]
+
+
+# --- what a run costs ------------------------------------------------------------------------
+
+def test_the_gpu_need_a_card_records_scales_with_batch_and_patch_and_warns(monkeypatch):
+    from TransferSegLib import resources
+
+    metrics = {"train_gpu_peak_gb": 4.0, "train_batch_size": 2, "train_patch_size": [64] * 3}
+    assert resources.training_need_gb({}, [64] * 3, 2) is None  # nothing measured: no guess
+    assert resources.training_need_gb(metrics, [64] * 3, 2) == pytest.approx(
+        4.0 * resources.MARGIN)
+    assert resources.training_need_gb(metrics, [128, 64, 64], 4) == pytest.approx(
+        16.0 * resources.MARGIN)
+    assert resources.memory_warning(metrics, [64] * 3, 2, "cpu") is None  # no GPU, no warning
+    monkeypatch.setattr(resources, "free_gpu_gb", lambda device: 3.0)
+    warning = resources.memory_warning(metrics, [64] * 3, 2, "cuda")
+    assert "3.0 GB free" in warning and "4.6 GB" in warning and "batch size" in warning
+    monkeypatch.setattr(resources, "free_gpu_gb", lambda device: 40.0)
+    assert resources.memory_warning(metrics, [64] * 3, 2, "cuda") is None
+    used = resources.peak("cpu")
+    assert "gpu_peak_gb" not in used and used.get("cpu_peak_rss_gb", 1) > 0
+
+
+def test_jobs_report_what_they_cost_and_a_short_gpu_is_warned_before_training(
+        tmp_path, base_model, monkeypatch):
+    from TransferSegLib import resources
+
+    model, card = checkpoint.load_model(base_model)
+    recorded = checkpoint.save_model(tmp_path / "measured.safetensors", model, dataclasses_replace(
+        card, metrics={"train_gpu_peak_gb": 9.0, "train_batch_size": 1,
+                       "train_patch_size": [16, 16, 16]}))
+    monkeypatch.setattr(resources, "free_gpu_gb", lambda device: 2.0)  # a GPU short of memory
+    events = []
+    path = finetune_job(tmp_path / "job", recorded, steps=2)
+    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    messages = [e["message"] for e in events if e["event"] == "message"]
+    assert any("2.0 GB free" in m and "10.3 GB" in m for m in messages)
+    done = next(e for e in events if e["event"] == "done")
+    assert done["cpu_peak_rss_gb"] > 0 and "gpu_peak_gb" not in done  # trained on the CPU
+    # The new model keeps the base's measured need (nothing was measured on a GPU here).
+    _, trained = checkpoint.load_model(Path(done["model"]))
+    assert trained.metrics["train_gpu_peak_gb"] == 9.0
+
+    image, _ = synthetic_case()
+    segment = jobs.write_job(tmp_path / "seg", "segment", cases=[{"name": "a", "image": image}],
+                             params={"model": str(base_model), "device": "cpu"})
+    events = []
+    assert jobs.run_job(segment, events.append) == jobs.EXIT_DONE
+    segmented = next(e for e in events if e["event"] == "segmented")
+    assert segmented["seconds"] >= 0 and segmented["cpu_peak_rss_gb"] > 0

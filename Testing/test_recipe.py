@@ -70,7 +70,8 @@ def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path):
     _, card = checkpoint.load_model(final)
     assert card.metrics["steps"] == 2
     assert "liver" not in card.labels.values() and "ignore" not in card.labels.values()
-    assert "Recipe" in card.description and "make base" in card.description
+    assert "Recipe" in card.description and "2 steps" in card.description
+    assert "--steps 2`" in card.description  # how to make this very base again
     assert not ctbase.completed(training.TrainResult(final, "stopped early", 2, None), 2)
     assert not ctbase.completed(training.TrainResult(final, "done", 1, None), 2)
 

@@ -566,22 +566,28 @@ def _case_files(job: Job, suffix: str) -> dict[str, Path]:
 
 
 def _run_segment(job: Job, emit: Emit) -> int:
-    from TransferSegLib.inference import segment_file
+    from TransferSegLib import resources
+    from TransferSegLib.inference import segment_file, select_device
 
     params, start = job.params, time.perf_counter()
     job.output.mkdir(parents=True, exist_ok=True)
     outputs = _case_files(job, ".seg.nrrd")
+    device = select_device(params["device"])
     with _cancel_on_signals():
         for index, case in enumerate(job.cases):
             emit({"event": "case", "case": case.name, "index": index, "count": len(job.cases),
                   "message": f"segmenting {case.name}"})
+            resources.reset(device)
+            case_start = time.perf_counter()
             result = segment_file(
                 job.path_of("model"), case.image, outputs[case.name],
                 overwrite=params["overwrite"], device=params["device"],
                 overlap=float(params["overlap"]), batch_size=params["batch_size"],
             )
             emit({"event": "segmented", "case": case.name, "path": str(outputs[case.name]),
-                  "labels": {str(v): n for v, n in result.labels.items()}})
+                  "labels": {str(v): n for v, n in result.labels.items()},
+                  "seconds": round(time.perf_counter() - case_start, 2),
+                  **resources.peak(device)})
     emit({"event": "done", "status": "done", "outputs": [str(p) for p in outputs.values()],
           "seconds": round(time.perf_counter() - start, 1)})
     return EXIT_DONE

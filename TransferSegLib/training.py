@@ -443,7 +443,7 @@ def train(
     ``model.safetensors``/``last.safetensors`` (head 0), every head is written as its own model
     file, ``model-<k>-<name>.safetensors``; any of them is a base model for fine-tuning.
     """
-    from TransferSegLib import distributed, transfer
+    from TransferSegLib import distributed, resources, transfer
     from TransferSegLib.inference import out_of_memory, select_device
     from TransferSegLib.losses import SegmentationLoss
 
@@ -451,6 +451,7 @@ def train(
     device = distributed.device(select_device(config.device))
     if device.type == "cpu":
         torch.set_num_threads(choose_threads(config.threads))
+    resources.reset(device)
     model = plan.model.to(device)
     multi = isinstance(model, transfer.MultiHeadNetwork)
     if multi:
@@ -503,6 +504,9 @@ def train(
           "lr": config.lr, "head_lr_factor": config.head_lr_factor, "warmup": config.warmup,
           "steps": config.steps, "from_step": meta["step"], "cases": len(train_cases),
           "validation_cases": len(val_cases), "report": plan.report})
+    warning = resources.memory_warning(card.metrics, card.patch_size, config.batch_size, device)
+    if warning:
+        emit({"event": "message", "message": warning})
 
     start_time, status = time.perf_counter(), "done"
     first_step = meta["step"]
@@ -550,10 +554,12 @@ def train(
             elapsed = time.perf_counter() - start_time
             done = step + 1 - first_step
             if rank == 0 and (step % 10 == 0 or step + 1 == config.steps):
+                meta["resources"] = resources.peak(device)
                 emit({"event": "step", "step": step + 1, "steps": config.steps,
                       "loss": round(loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
                       "patches_per_s": round(done * config.batch_size * world / elapsed, 2),
-                      "eta_s": round(elapsed / done * (config.steps - step - 1), 1)})
+                      "eta_s": round(elapsed / done * (config.steps - step - 1), 1),
+                      **meta["resources"]})
 
             decision = CONTINUE
             if val_cases and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
@@ -585,6 +591,7 @@ def train(
     last = out_dir / "last.safetensors"
     best = out_dir / "model.safetensors"
     if rank == 0:
+        meta["resources"] = resources.peak(device)
         model.cpu()
         _save_models(last, model, card, cards, meta, config)
         if meta["best"] is None or not best.exists():
@@ -592,7 +599,7 @@ def train(
         seconds = time.perf_counter() - start_time
         emit({"event": "cancelled" if status == "cancelled" else "done", "status": status,
               "model": str(best), "last": str(last), "step": meta["step"],
-              "best_dice": meta["best"], "seconds": round(seconds, 1)})
+              "best_dice": meta["best"], "seconds": round(seconds, 1), **meta["resources"]})
     distributed.barrier()
     return TrainResult(best, status, meta["step"], meta["best"], meta["history"],
                        time.perf_counter() - start_time)
@@ -672,6 +679,11 @@ def _card_with(card: ModelCard, meta: dict, config: TrainConfig) -> ModelCard:
     data = asdict(card)
     data["metrics"] = dict(card.metrics, validation_dice=meta["best"], steps=meta["step"],
                            history=meta["history"][-20:])
+    used = meta.get("resources", {})
+    if "gpu_peak_gb" in used:  # what the next run of this model will need (resources.py)
+        data["metrics"].update(train_gpu_peak_gb=used["gpu_peak_gb"],
+                               train_batch_size=config.batch_size,
+                               train_patch_size=list(card.patch_size))
     data["lineage"] = list(card.lineage)
     return ModelCard(**data)
 
@@ -974,7 +986,7 @@ def _modality(name: str) -> str:
 
 def _target_card(base_card, target, dataset, in_channels, architecture, arguments, cases,
                  spacing, strategy, base, config) -> ModelCard:
-    from TransferSegLib import networks
+    from TransferSegLib import networks, resources
     from TransferSegLib.preprocess import default_normalisation
 
     value_of = {name: value for value, name in dataset.labels.names.items()}
@@ -982,7 +994,9 @@ def _target_card(base_card, target, dataset, in_channels, architecture, argument
     if base_card is not None:
         data = asdict(base_card)
         data.update(labels=target, out_channels=len(target), label_values=label_values,
-                    in_channels=in_channels, metrics={}, created=ModelCard.__dataclass_fields__[
+                    in_channels=in_channels, metrics={  # the base's GPU need, until measured
+                        k: v for k, v in base_card.metrics.items()
+                        if k in resources.TRAINING_KEYS}, created=ModelCard.__dataclass_fields__[
                         "created"].default_factory())
         if _modality(dataset.modality) and _modality(dataset.modality) != _modality(
                 base_card.modality):

@@ -178,7 +178,8 @@ class JobMonitor:
     show: ``state`` (idle, running, cancelling, done, cancelled, failed), ``percent``,
     ``losses`` and ``dices`` as ``[(step, value)]``, the last validation's ``dice`` and
     ``per_label`` Dice, ``model`` (the file a training job wrote), ``outputs`` (case name ->
-    file a segmentation job wrote), ``error``.
+    file a segmentation job wrote), ``gpu_peak_gb`` (the job's GPU memory peak so far, None
+    off the GPU), ``error``.
     ``log`` keeps the last ``log_limit`` lines.
     """
 
@@ -200,6 +201,7 @@ class JobMonitor:
         self.outputs: dict = {}
         self.error: str | None = None
         self.done_event: dict = {}
+        self.gpu_peak_gb: float | None = None
 
     def start(self, steps: int = 0) -> None:
         self.reset(steps)
@@ -223,13 +225,16 @@ class JobMonitor:
     @property
     def status(self) -> str:
         """One line for the panel: where the job is and how long it still needs."""
+        gpu = f", GPU peak {self.gpu_peak_gb:.1f} GB" if self.gpu_peak_gb is not None else ""
         if self.state == RUNNING and self.steps:
             line = f"step {self.step} / {self.steps}"
             if self.eta_s is not None:
                 line += f", about {_duration(self.eta_s)} left"
-            return line
+            return line + gpu
         if self.state == DONE and self.best_dice is not None:
-            return f"done; best validation Dice {self.best_dice:.3f}"
+            return f"done; best validation Dice {self.best_dice:.3f}{gpu}"
+        if self.state == DONE and gpu:
+            return f"done{gpu}"
         if self.state == FAILED:
             return f"failed: {self.error}"
         return self.state
@@ -260,6 +265,8 @@ class JobMonitor:
 
     def _apply(self, event: Mapping) -> str | None:
         kind = event.get("event")
+        if event.get("gpu_peak_gb") is not None:
+            self.gpu_peak_gb = max(float(event["gpu_peak_gb"]), self.gpu_peak_gb or 0.0)
         if kind == "start":
             self.steps = int(event.get("steps") or self.steps)
             self.step = int(event.get("from_step") or 0)
@@ -288,7 +295,10 @@ class JobMonitor:
             return str(event.get("message") or event.get("text") or "")
         if kind == "segmented":  # one case of a segmentation job is written
             self.outputs[str(event["case"])] = str(event["path"])
-            return f"segmented {event['case']}"
+            cost = [f"{event['seconds']:.1f} s"] if event.get("seconds") is not None else []
+            if event.get("gpu_peak_gb") is not None:
+                cost.append(f"GPU peak {event['gpu_peak_gb']:.1f} GB")
+            return f"segmented {event['case']}" + (f" ({', '.join(cost)})" if cost else "")
         if kind == "progress":  # a download: bytes so far of a total (None: unknown)
             self.step, self.steps = int(event.get("done") or 0), int(event.get("total") or 0)
             return None
