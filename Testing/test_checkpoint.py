@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -300,3 +301,22 @@ def test_call_scanner_finds_unsafe_loads():
     unsafe = _call_text("torch.load(f, map_location=g(x)) + weights_only=True", 11)
     assert not re.search(r"weights_only\s*=\s*True", unsafe)
     assert "weights_only=True" in _call_text("torch.load(f, weights_only=True)", 11)
+
+
+def test_a_card_keeps_terminology_for_its_own_labels_only(tmp_path):
+    from TransferSegLib.errors import ModelFileError
+
+    arguments = networks.resolve_kwargs("unet", channels=[4, 8], strides=[2], num_res_units=0)
+    model = networks.build_network("unet", 1, 2, **arguments)
+    card = checkpoint.ModelCard(
+        architecture="unet", in_channels=1, out_channels=2, arguments=arguments,
+        labels={0: "background", 1: "liver"}, spacing=[2.0] * 3, patch_size=[16] * 3,
+        normalisation={"kind": "none"}, terminology={"liver": "SCT^10200004^Liver"})
+    path = checkpoint.save_model(tmp_path / "m.safetensors", model, card)
+    assert checkpoint.read_card(path).terminology == {"liver": "SCT^10200004^Liver"}
+    bad = dataclasses.replace(card, terminology={"spleen": "SCT^78961009^Spleen"})
+    with pytest.raises(ModelFileError, match="'terminology' names 'spleen'"):
+        checkpoint.save_model(tmp_path / "bad.safetensors", model, bad)
+    with pytest.raises(ModelFileError, match="terminology entries"):
+        checkpoint.save_model(tmp_path / "bad2.safetensors", model,
+                              dataclasses.replace(card, terminology={"liver": 3}))

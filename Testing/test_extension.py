@@ -791,7 +791,7 @@ def test_segmentation_result_and_its_scores(mrml_scene, tmp_path):
     label, names, _ = mrml.segmentation_to_labelmap(truth, volume)
     output = tmp_path / "held.seg.nrrd"
     volumes.write_segmentation(volumes.Segmentation.from_label_map(label, {1: "tumour"}), output)
-    read, table, colours = scene.read_output(output, {1: "ignored: the file names it"})
+    read, table, colours, _ = scene.read_output(output, {1: "ignored: the file names it"})
     assert table == {1: "tumour"} and set(colours) == {1}
     node = scene.new_segmentation(mrml_scene, read, table, colours, volume, "held out TransferSeg")
     assert node.GetID() != truth.GetID() and scene.segment_names(node) == ["tumour"]

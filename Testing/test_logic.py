@@ -318,3 +318,28 @@ def test_the_samples_are_in_the_sample_data_module_and_load_as_volume_and_segmen
     assert volume.GetScene() is mrml_scene and segmentation.GetScene() is mrml_scene
     assert sorted(scene.segment_names(segmentation)) == sorted(chest.labels.values())
     assert volume.GetImageData().GetDimensions() == tuple(chest.size)
+
+
+TUMOUR_CODE = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^"
+               "Morphologically Altered Structure~SCT^108369006^Neoplasm~^^~Anatomic codes - "
+               "DICOM master list~^^~^^")
+
+
+def test_terminology_of_the_training_segments_reaches_the_model_and_its_segmentations(
+        mrml_scene, home, tmp_path, tiny_base):
+    from TransferSegLib import checkpoint, mrml
+
+    train = scene.sphere_case(mrml_scene, 0, "train", size=32)
+    segment = train[1].GetSegmentation().GetNthSegment(0)
+    segment.SetTag(segment.GetTerminologyEntryTagName(), TUMOUR_CODE)
+    p = Parameters(pairs=[Pair(*train)])
+    logic = make_logic(mrml_scene, p, tmp_path / "runs")
+    logic.startTraining(tiny_base, [(*train, False)], {"tumour": "tumour"}, "vanilla", 2, 0.01,
+                        "cpu")
+    run_until_idle(logic)
+    _, card = checkpoint.load_model(Path(logic.monitor.model))
+    assert card.terminology == {"tumour": TUMOUR_CODE}
+    other, _ = scene.sphere_case(mrml_scene, 5, "new scan", size=32)
+    logic.startSegment(other, logic.monitor.model, "cpu")
+    run_until_idle(logic)
+    assert mrml.segment_terminology(p.prediction) == {"tumour": TUMOUR_CODE}

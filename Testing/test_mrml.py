@@ -363,3 +363,26 @@ def test_a_job_written_from_nodes_comes_back_as_a_new_segmentation_node(scene, t
         expected[array(result) == value_of[name]] = value
     assert np.array_equal(array(back), expected)
     assert json.loads(segment.read_text(encoding="utf-8"))["kind"] == "segment"
+
+
+def test_terminology_survives_seg_nrrd_and_the_scene(tmp_path):
+    """Slicer's TerminologyEntry tags (SNOMED CT codes) of the slicerio sample: read from its
+    .seg.nrrd, written back, and carried into and out of segmentation nodes."""
+
+    chest = real_sample("slicerio_chest")
+    original = volumes.read_segmentation(chest.extras["seg_nrrd"])
+    codes = original.terminology()
+    assert len(codes) == 7 and "SCT^113197003^Rib" in codes["ribs"]
+    again = volumes.write_segmentation(original, tmp_path / "again.seg.nrrd")
+    assert volumes.read_segmentation(again).terminology() == codes
+    assert all(s.tags.get("Segmentation.Status") == "inprogress"
+               for s in volumes.read_segmentation(again).segments)
+
+    scene = slicer.vtkMRMLScene()
+    label, table = original.to_label_map()
+    node = mrml.labelmap_to_segmentation(label, table, scene, "chest", terminology=codes)
+    # "tissue" holds Slicer's default entry for new segments, which counts as not coded.
+    assert mrml.segment_terminology(node) == {n: c for n, c in codes.items() if n != "tissue"}
+    assert mrml.segment_terminology(mrml.labelmap_to_segmentation(label, table, scene, "x")) == {}
+    assert volumes.parse_tags("A:1|B:x:y|bad|") == {"A": "1", "B": "x:y"}
+    assert volumes.format_tags({"A": "a|b", "C|D": "no"}) == "A:a b|"

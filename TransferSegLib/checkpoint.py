@@ -57,6 +57,8 @@ class ModelCard:
     normalisation: dict[str, Any]  # {"kind": "ct", "window": [-1000, 1000]}, {"kind": "none"}
     arguments: dict[str, Any] = field(default_factory=dict)  # networks.resolve_kwargs(...)
     label_values: dict[str, int] = field(default_factory=dict)  # name -> voxel value written
+    # label name -> Slicer's TerminologyEntry (coded concept, e.g. SNOMED CT), where known
+    terminology: dict[str, str] = field(default_factory=dict)
     # Direction each voxel axis (x, y, z) points to, patient-based as in DICOM: "LPS" means x
     # grows toward the patient's left, y posterior, z superior (ITK's physical space).
     orientation: str = "LPS"
@@ -169,6 +171,13 @@ def _label_values(value: Any) -> dict[str, int]:
     return dict(value)
 
 
+def _terminology(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) < 2000 for k, v in value.items()):
+        raise ValueError("must map label names to terminology entries (text)")
+    return dict(value)
+
+
 def _orientation(value: Any) -> str:
     if not isinstance(value, str) or len(value) != 3:
         raise ValueError("must be three letters such as 'LPS'")
@@ -205,6 +214,7 @@ _CHECKS = {
     "normalisation": _normalisation,
     "arguments": _json_object,
     "label_values": _label_values,
+    "terminology": _terminology,
     "orientation": _orientation,
     "modality": _string,
     "lineage": _list_of("JSON objects", _is_dict),
@@ -260,6 +270,11 @@ def _check_consistency(card: dict[str, Any], where: str) -> None:
             f"In {where}, field 'labels' must name each output channel 0..{count - 1} "
             f"once, not {sorted(card['labels'])[:20]}; re-export the model."
         )
+    unknown = sorted(set(card.get("terminology") or {}) - set(card["labels"].values()))
+    if unknown:
+        raise ModelFileError(
+            f"In {where}, field 'terminology' names {unknown[0]!r}, which is not one of the "
+            "model's labels; re-export the model.")
     values = card.get("label_values")
     if values and set(values) != set(card["labels"].values()):
         raise ModelFileError(

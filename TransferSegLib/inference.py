@@ -276,7 +276,8 @@ def segment_file(
     model, card = load_model(model_path, device="cpu")
     result = segment(model, card, images, device=device, overlap=overlap, batch_size=batch_size,
                      keep_probabilities=probabilities_output is not None, progress=progress)
-    segmentation = volumes.Segmentation.from_label_map(result.label, result.labels)
+    segmentation = volumes.Segmentation.from_label_map(result.label, result.labels,
+                                                       card.terminology)
     volumes.write_segmentation(segmentation, output, overwrite=overwrite)
     if probabilities_output is not None:
         probabilities = sitk.GetImageFromArray(

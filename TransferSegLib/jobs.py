@@ -24,10 +24,13 @@ A job folder, as :func:`write_job` makes it::
      "labels": {"1": "liver", "2": "spleen"},
      "dataset": "inputs/cases.csv", "validation_dataset": "inputs/validation.csv",
      "validation": "held-out",
+     "terminology": {"liver": "Segmentation category and type - 3D Slicer General ..."},
      "params": {"base": "/models/ct-base.safetensors", "strategy": "finetune", "steps": 200,
                 "lr": 0.001, "device": "auto", "output": "output"}}
 
-A finetune case with ``"validation": true`` is not trained on: the trainer validates on it
+``terminology`` (finetune, optional) gives label names their Slicer ``TerminologyEntry``; the
+new model's card keeps them, and its segmentations carry them. A finetune case with
+``"validation": true`` is not trained on: the trainer validates on it
 (and keeps its best model by it). ``"validation"`` says which: ``"held-out"`` cases, or, when
 no case is marked, the ``"training"`` cases themselves. Relative paths are relative to the
 job folder. ``python -m TransferSegLib run job.json`` runs
@@ -183,6 +186,7 @@ def write_job(
     labels: Mapping[int, str] | None = None,
     params: Mapping | None = None,
     overwrite: bool = False,
+    terminology: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a job folder (see the module docstring) and return the path of its ``job.json``.
 
@@ -212,6 +216,7 @@ def write_job(
         raise InputError(f"Job options must be JSON values (text, numbers, lists): {error}.") \
             from None
     _check_params(params, kind, "the job options")
+    terminology = _check_terminology(dict(terminology or {}), table, "terminology", kind)
     _prepare_folder(folder, overwrite)
 
     from TransferSegLib.volumes import write_image
@@ -247,6 +252,8 @@ def write_job(
         document["validation_dataset"] = _write_dataset(folder, "validation",
                                                         held_out or training)
         document["validation"] = "held-out" if held_out else "training"
+        if terminology:
+            document["terminology"] = terminology
     path = folder / JOB_FILE
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -290,6 +297,7 @@ class Job:
     dataset: Path | None = None
     validation_dataset: Path | None = None  # None: the trainer splits ``dataset`` itself
     validation: str = "split"  # which cases it validates on: held-out, training or split
+    terminology: dict[str, str] = field(default_factory=dict)  # label name -> entry
 
     @property
     def folder(self) -> Path:
@@ -320,6 +328,22 @@ def _check_labels(labels: object, where: str, kind: str) -> dict[int, str]:
     if len(set(table.values())) != len(table):
         raise InputError(f"{where} gives two values the same name; names must differ.")
     return dict(sorted(table.items()))
+
+
+def _check_terminology(terminology: object, table: Mapping[int, str], where: str,
+                       kind: str) -> dict[str, str]:
+    """Label name -> TerminologyEntry text, for names of the job's labels only."""
+    if not terminology:
+        return {}
+    if kind != "finetune" or not isinstance(terminology, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) < 2000
+            for k, v in terminology.items()):
+        raise InputError(f"{where} must map label names to terminology entries (text), and "
+                         "only a finetune job has it.")
+    unknown = sorted(set(terminology) - set(table.values()))
+    if unknown:
+        raise InputError(f"{where} names {unknown[0]!r}, which is not one of the job's labels.")
+    return dict(terminology)
 
 
 def _check_params(params: object, kind: str, where: str) -> dict:
@@ -415,6 +439,8 @@ def read_job(path: str | os.PathLike) -> Job:
                 raise InputError(f"{where} 'validation' is {which!r}; use 'held-out' or "
                                  "'training'.")
             job.validation_dataset, job.validation = path.parent / held, which
+        job.terminology = _check_terminology(document.get("terminology") or {}, table,
+                                             f"{where} 'terminology'", kind)
     for option in ("base", "model"):
         file = job.path_of(option)
         if file is not None and not file.is_file():
@@ -544,7 +570,7 @@ def _run_finetune(job: Job, emit: Emit) -> int:
         result = training.finetune(
             job.path_of("base"), job.dataset, job.output, params["strategy"], config,
             val_data=job.validation_dataset, architecture=params["architecture"],
-            arguments=params["arguments"], events=emit,
+            arguments=params["arguments"], events=emit, terminology=job.terminology,
             resume=params["resume"], overwrite=params["overwrite"],
             cancel_file=job.folder / CANCEL_FILE,
         )

@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -881,6 +881,7 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     cancel_file: Path | None = None,
+    terminology: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Make a model for the labels of ``data`` from the base model file ``base``.
 
@@ -889,6 +890,8 @@ def finetune(
     base). The new model's labels are the dataset's (or ``labels``, a subset, in that order).
     ``patch_size`` (voxels, x y z) replaces the base's training and inference patch, e.g. a
     smaller one to fit a published model's training into a small GPU or a CPU.
+    ``terminology`` (label name -> Slicer ``TerminologyEntry``) goes into the new model's card
+    beside the base's entries for the labels they share.
     """
     from TransferSegLib import datasets, transfer
     from TransferSegLib.checkpoint import load_model
@@ -930,6 +933,10 @@ def finetune(
                         cases, spacing, strategy, base, config)
     if patch_size is not None:
         card = replace(card, patch_size=_checked_patch(card, patch_size))
+    if terminology:
+        card = replace(card, terminology={**card.terminology, **{
+            name: entry for name, entry in terminology.items()
+            if name in card.labels.values() and entry}})
     ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
     if card.modality != (base_card.modality if base_card else card.modality):
         events({"event": "message", "message": (
@@ -994,6 +1001,8 @@ def _target_card(base_card, target, dataset, in_channels, architecture, argument
     if base_card is not None:
         data = asdict(base_card)
         data.update(labels=target, out_channels=len(target), label_values=label_values,
+                    terminology={name: entry for name, entry in base_card.terminology.items()
+                                 if name in target.values()},
                     in_channels=in_channels, metrics={  # the base's GPU need, until measured
                         k: v for k, v in base_card.metrics.items()
                         if k in resources.TRAINING_KEYS}, created=ModelCard.__dataclass_fields__[

@@ -505,15 +505,41 @@ def label_values(label: sitk.Image) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- segmentations
+TERMINOLOGY_TAG = "TerminologyEntry"  # Slicer's segment tag holding its coded meaning
+STATUS_TAG = "Segmentation.Status"
+
+
 @dataclass
 class Segment:
-    """One segment of a segmentation: a name, the value it has in its layer, an RGB colour."""
+    """One segment of a segmentation: a name, the value it has in its layer, an RGB colour,
+    and Slicer's segment tags (``TerminologyEntry``: the coded concept, e.g. SNOMED CT)."""
 
     name: str
     value: int
     color: tuple[float, float, float] = (0.5, 0.5, 0.5)
     layer: int = 0
     id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def terminology(self) -> str:
+        return self.tags.get(TERMINOLOGY_TAG, "")
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """Slicer's ``Segment<i>_Tags`` text (``key:value|key:value|``) as a dict."""
+    tags = {}
+    for item in text.split("|"):
+        key, colon, value = item.partition(":")
+        if colon and key.strip():
+            tags[key.strip()] = value
+    return tags
+
+
+def format_tags(tags: Mapping[str, str]) -> str:
+    """The ``Segment<i>_Tags`` text of ``tags`` (a '|' inside a value would end it: dropped)."""
+    return "".join(f"{key}:{str(value).replace('|', ' ')}|" for key, value in tags.items()
+                   if key and "|" not in key and ":" not in key)
 
 
 @dataclass
@@ -529,15 +555,22 @@ class Segmentation:
 
     @classmethod
     def from_label_map(
-        cls, label: sitk.Image, names: Mapping[int, str] | None = None
+        cls, label: sitk.Image, names: Mapping[int, str] | None = None,
+        terminology: Mapping[str, str] | None = None,
     ) -> Segmentation:
-        """A one-layer segmentation from a label map; unnamed values become ``Segment_<v>``."""
-        names = dict(names or {})
-        segments = [
-            Segment(names.get(v, f"Segment_{v}"), v, default_color(v), 0, f"Segment_{v}")
-            for v in label_values(label)
-        ]
+        """A one-layer segmentation from a label map; unnamed values become ``Segment_<v>``.
+        ``terminology`` gives segments their ``TerminologyEntry`` by name."""
+        names, terminology = dict(names or {}), dict(terminology or {})
+        segments = []
+        for v in label_values(label):
+            name = names.get(v, f"Segment_{v}")
+            tags = {TERMINOLOGY_TAG: terminology[name]} if terminology.get(name) else {}
+            segments.append(Segment(name, v, default_color(v), 0, f"Segment_{v}", tags))
         return cls([label], segments)
+
+    def terminology(self) -> dict[str, str]:
+        """Segment name -> ``TerminologyEntry``, for the segments that have one."""
+        return {s.name: s.terminology for s in self.segments if s.terminology}
 
     def mask(self, name: str) -> np.ndarray:
         """Boolean (z, y, x) array of the segment called ``name``."""
@@ -626,7 +659,8 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
             )
         color = _floats(meta("Color", " ".join(map(str, default_color(value)))), 3, path,
                         f"Segment{index}_Color")
-        segments.append(Segment(name, value, color, layer, meta("ID", f"Segment_{index + 1}")))
+        segments.append(Segment(name, value, color, layer, meta("ID", f"Segment_{index + 1}"),
+                                parse_tags(meta("Tags"))))
         index += 1
     numbered = {int(found.group(1)) for key in image.GetMetaDataKeys()
                 if (found := re.match(r"Segment(\d+)_", key))}
@@ -709,7 +743,8 @@ def write_segmentation(
         image.SetMetaData(f"Segment{i}_LabelValue", str(segment.value))
         image.SetMetaData(f"Segment{i}_Layer", str(segment.layer))
         image.SetMetaData(f"Segment{i}_Extent", _extent(array))
-        image.SetMetaData(f"Segment{i}_Tags", "Segmentation.Status:inprogress|")
+        image.SetMetaData(f"Segment{i}_Tags",
+                          format_tags({STATUS_TAG: "inprogress", **segment.tags}))
     with atomic_output(path, overwrite) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path

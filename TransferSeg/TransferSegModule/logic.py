@@ -211,11 +211,12 @@ class Logic:
     def jobKind_of(context) -> str:
         return {FetchJob: "fetch", TrainJob: "finetune"}.get(type(context)) or context.purpose
 
-    def _startJob(self, kind, purpose, cases, labels, params, context, steps=0):
+    def _startJob(self, kind, purpose, cases, labels, params, context, steps=0, terminology=None):
         from TransferSegLib import jobs
 
         folder = self.run_folder(purpose)
-        job_json = jobs.write_job(folder, kind, cases=cases, labels=labels, params=params)
+        job_json = jobs.write_job(folder, kind, cases=cases, labels=labels, params=params,
+                                  terminology=terminology)
         self._begin(self.make_job_process(job_json), context, steps)
 
     def startFineTune(self, p):
@@ -250,7 +251,9 @@ class Logic:
             params["architecture"] = "unet"
         context = TrainJob(base_id, strategy, [c["name"] for c in cases],
                            [c["name"] for c in validation])
-        self._startJob("finetune", "finetune", cases + validation, labels, params, context, steps)
+        terminology = scene.training_terminology([s for _, s, _ in pairs], mapping)
+        self._startJob("finetune", "finetune", cases + validation, labels, params, context, steps,
+                       terminology={n: t for n, t in terminology.items() if n in labels.values()})
         self.validationNote = (
             f"validation Dice on {len(validation)} held-out pair(s)" if validation else
             "validation Dice on the training pairs (mark a pair for validation to measure on "
@@ -329,7 +332,7 @@ class Logic:
         names = scene.output_names(context.model)
         if context.purpose == "rescore":
             for output, pair in zip(outputs, context.pairs, strict=True):
-                label, table, _ = scene.read_output(output, names)
+                label, table, _, _ = scene.read_output(output, names)
                 self.rounds.record(context.round, pair.volume.GetName(), scene.mean_dice(
                     scene.score(label, table, pair.segmentation, pair.volume)))
             self._writeRounds()
@@ -340,12 +343,13 @@ class Logic:
         if volume is None:
             raise ValueError("The volume that was segmented is no longer in the scene; the "
                              f"result is kept in {outputs[0]}.")
-        label, table, colours = scene.read_output(outputs[0], names)
+        label, table, colours, terminology = scene.read_output(outputs[0], names)
         title = f"{volume.GetName()} TransferSeg"
         if context.purpose == "loop":
             number = self.rounds.current or self.rounds.begin(context.model_id, [])
             title += f" round {number}"
-        node = scene.new_segmentation(self.scene, label, table, colours, volume, title)
+        node = scene.new_segmentation(self.scene, label, table, colours, volume, title,
+                                      terminology)
         p, self.lastVolume = self.parameters(), volume
         if context.purpose == "loop":
             self.loopPredictions[node.GetID()] = (label, table, self.rounds.current)

@@ -118,6 +118,19 @@ def training_case(volume, segmentation, mapping, labels, taken: set) -> dict:
             "label": _relabelled(label, state.relabel(values, mapping, labels))}
 
 
+def training_terminology(segmentations, mapping) -> dict:
+    """Label name -> ``TerminologyEntry`` from the segments of ``segmentations`` (nodes),
+    renamed by ``mapping`` (segment name -> label name; "" ignores the segment)."""
+    from TransferSegLib import mrml
+
+    found = {}
+    for node in segmentations:
+        for segment, entry in mrml.segment_terminology(node).items():
+            if mapping.get(segment):
+                found.setdefault(mapping[segment], entry)
+    return found
+
+
 def output_names(model_path) -> dict:
     """``{label-map value: name}`` a model writes (its card's labels and values)."""
     from TransferSegLib.checkpoint import read_card
@@ -128,23 +141,25 @@ def output_names(model_path) -> dict:
 
 
 def read_output(path, names) -> tuple:
-    """A segmentation job's output: ``(label map, {value: name}, {value: rgb})``; a plain label
-    map (no names of its own) is named from ``names``."""
+    """A segmentation job's output: ``(label map, {value: name}, {value: rgb}, {name:
+    TerminologyEntry})``; a plain label map (no names of its own) is named from ``names``."""
     from TransferSegLib import volumes
 
     segmentation = volumes.read_segmentation(path)
     label, table = segmentation.to_label_map()
     if volumes.image_format(path) != "Slicer segmentation":
         table = {value: names.get(value, name) for value, name in table.items()}
-    return label, {**names, **table}, {s.value: s.color for s in segmentation.segments}
+    return (label, {**names, **table}, {s.value: s.color for s in segmentation.segments},
+            segmentation.terminology())
 
 
-def new_segmentation(scene, label, table, colours, volume, name):
+def new_segmentation(scene, label, table, colours, volume, name, terminology=None):
     """A NEW segmentation node (never one of the user's), shown in 2D and 3D."""
     from TransferSegLib import mrml
 
     node = mrml.labelmap_to_segmentation(label, table, scene, scene.GenerateUniqueName(name),
-                                         colours=colours, reference_volume=volume)
+                                         colours=colours, reference_volume=volume,
+                                         terminology=terminology)
     node.CreateDefaultDisplayNodes()
     node.CreateClosedSurfaceRepresentation()
     return node
