@@ -15,22 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from TransferSegModule import state
+from TransferSegModule import MODULE_FOLDER, library_root, make_library_importable, state
 
-MODULE_FOLDER = Path(__file__).resolve().parent.parent  # the folder of TransferSeg.py
+__all__ = ["library_root", "make_library_importable"]  # used by the module file and the jobs
+
 REQUIREMENTS = MODULE_FOLDER / "Resources" / "requirements.txt"
-
-
-def library_root() -> Path:
-    """The folder holding TransferSegLib: the module's folder once installed (the extension
-    puts the library beside the module), else the root of a source checkout."""
-    candidates = (MODULE_FOLDER, MODULE_FOLDER.parent)
-    return next((f for f in candidates if (f / "TransferSegLib").is_dir()), MODULE_FOLDER)
-
-
-def make_library_importable() -> None:
-    if importlib.util.find_spec("TransferSegLib") is None:
-        sys.path.append(str(library_root()))
 
 
 def requirements() -> list[str]:

@@ -12,7 +12,8 @@ them without Slicer:
   that gets worse after a later round (forgetting) shows;
 - small helpers for the catalog list, the GPU line, requirements and the child's Python.
 
-Only the standard library and numpy are imported here.
+Only the standard library, numpy and TransferSegLib's torch-free ``strategies`` are imported
+here.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-# The same names, in the same order, as TransferSegLib.strategies.STRATEGIES (a test checks it);
-# repeated here because the module must load before torch is installed.
-STRATEGIES = ("scratch", "vanilla", "finetune", "finetune-last", "discriminative", "two-stage")
+from TransferSegLib.strategies import STRATEGIES  # the library's one tuple (torch-free)
+
 DEVICES = ("auto", "cuda", "cpu")
 IGNORE = ""  # a segment mapped to this label is left out of training
 BACKGROUND = "background"
