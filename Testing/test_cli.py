@@ -76,8 +76,10 @@ def test_evaluate_matches_seg_nrrd_segments_by_name(tmp_path, capsys):
         renumbered[array == value] = 10 + (8 - value)
     image = sitk.GetImageFromArray(renumbered)
     image.CopyInformation(label)
+    # ... and spelt otherwise ("right lung" -> "Right_Lung"): names match as they do in head
+    # surgery and the Slicer module (TransferSegLib.names.normalised).
     shuffled = volumes.Segmentation.from_label_map(
-        image, {10 + (8 - v): n for v, n in table.items()})
+        image, {10 + (8 - v): n.title().replace(" ", "_") for v, n in table.items()})
     volumes.write_segmentation(shuffled, tmp_path / "shuffled.seg.nrrd")
     code, out, _ = run(capsys, "evaluate", "--prediction", str(tmp_path / "shuffled.seg.nrrd"),
                        "--reference", str(case.extras["seg_nrrd"]),

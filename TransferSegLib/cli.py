@@ -196,21 +196,24 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _match_by_name(prediction, prediction_names: dict, reference_names: dict, args):
-    """Renumber the prediction so each segment name has the reference's value for it."""
+    """Renumber the prediction so each segment name has the reference's value for it (names
+    matched as everywhere: :func:`TransferSegLib.names.normalised`)."""
     import numpy as np
     import SimpleITK as sitk
 
-    value_of = {name: value for value, name in reference_names.items()}
-    missing = [n for n in prediction_names.values() if n not in value_of]
+    from TransferSegLib.names import normalised
+
+    value_of = {normalised(name): value for value, name in reference_names.items()}
+    missing = [n for n in prediction_names.values() if normalised(n) not in value_of]
     if missing:
         raise InputError(
             f"Segments {missing} of {args.prediction} have no segment of the same name in "
-            f"{args.reference}; rename them or pass --labels."
+            f"{args.reference} (case and separators aside); rename them or pass --labels."
         )
     array = sitk.GetArrayViewFromImage(prediction)
     out = np.zeros(array.shape, np.uint16)
     for value, name in prediction_names.items():
-        out[array == value] = value_of[name]
+        out[array == value] = value_of[normalised(name)]
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(prediction)
     return image

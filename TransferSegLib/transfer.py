@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +50,7 @@ from torch import nn
 from TransferSegLib import networks
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import InputError
+from TransferSegLib.names import normalised
 from TransferSegLib.strategies import DEFAULTS, STRATEGIES, defaults  # noqa: F401 (re-exported)
 
 _FREEZING = ("finetune", "finetune-last", "two-stage")
@@ -259,12 +259,6 @@ def _output_axis(model: nn.Module, key: str) -> int | None:
     return None
 
 
-def _normalised(name: str) -> str:
-    """Label names match ignoring case and the spelling of separators: "Left_kidney" ==
-    "left kidney"."""
-    return re.sub(r"[\s_\-]+", " ", name.strip()).casefold()
-
-
 def _check_labels(labels: Any, what: str) -> dict[int, str]:
     if not isinstance(labels, dict) or not labels:
         raise InputError(f"The {what} must map output channels to label names, 0 = background.")
@@ -280,7 +274,7 @@ def _check_labels(labels: Any, what: str) -> dict[int, str]:
         )
     if not all(isinstance(name, str) and name.strip() for name in labels.values()):
         raise InputError(f"Every one of the {what} needs a name; got {dict(labels)}.")
-    folded = [_normalised(name) for name in labels.values()]
+    folded = [normalised(name) for name in labels.values()]
     if len(set(folded)) != len(folded):
         raise InputError(
             f"The {what} name a label twice (ignoring case and separators): {dict(labels)}."
@@ -334,14 +328,14 @@ def head_surgery(
     tied = _tied_axes(base_shapes, _shapes(architecture, in_channels, base_out + 1, arguments),
                       (base_out, base_out + 1), "labels", architecture)
 
-    base_index = {_normalised(name): channel for channel, name in base_labels.items() if channel}
+    base_index = {normalised(name): channel for channel, name in base_labels.items() if channel}
     kept: list[tuple[str, int, int]] = []
     new: list[str] = []
     for channel, name in target_labels.items():
         if channel == 0:
             continue
-        if _normalised(name) in base_index:
-            kept.append((name, base_index[_normalised(name)], channel))
+        if normalised(name) in base_index:
+            kept.append((name, base_index[normalised(name)], channel))
         else:
             new.append(name)
     if keep_background is None:

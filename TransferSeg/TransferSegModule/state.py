@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from TransferSegLib.names import normalised  # the library's one matching rule (torch-free)
 from TransferSegLib.strategies import STRATEGIES  # the library's one tuple (torch-free)
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -39,11 +40,6 @@ PYTHON_MINIMUM = (3, 10)
 
 
 # --- segment names -> model labels ---------------------------------------------------------------
-
-def normalised(name: str) -> str:
-    """A label name for matching: case and separators ignored ("Left_kidney" == "left kidney")."""
-    return re.sub(r"[\s_\-]+", " ", name.strip()).casefold()
-
 
 def match_segments(segment_names: Iterable[str], model_labels: Mapping[int, str]) -> dict:
     """Each segment name -> the model label of the same name, or the segment's own name.
