@@ -436,7 +436,7 @@ def test_a_valid_convolution_base_fine_tunes_and_segments_whole_volumes(tmp_path
     from conftest import real_sample
     from test_training import organ_dataset, quick
 
-    from TransferSegLib import checkpoint, inference, networks, training, volumes
+    from TransferSegLib import checkpoint, inference, networks, recipes, volumes
 
     torch.manual_seed(0)
     arguments = networks.resolve_kwargs("diag_unet", filters=2)
@@ -448,7 +448,7 @@ def test_a_valid_convolution_base_fine_tunes_and_segments_whole_volumes(tmp_path
         normalisation={"kind": "ct", "window": [-500, 400], "scale": False}, modality="CT")
     base = checkpoint.save_model(tmp_path / "base.safetensors", model, card)
     data = organ_dataset(tmp_path / "data", keep={1: "spleen", 5: "liver"})
-    result = training.finetune(base, data, tmp_path / "run", "vanilla",
+    result = recipes.finetune(base, data, tmp_path / "run", "vanilla",
                                quick(steps=2, val_every=2))
     assert result.status == "done" and result.best_dice is not None
     tuned, tuned_card = checkpoint.load_model(result.model)

@@ -35,7 +35,16 @@ import SimpleITK as sitk
 import torch
 from conftest import catalog_entry, real_sample, reduced_label, write_catalog
 
-from TransferSegLib import checkpoint, inference, networks, preprocess, training, volumes
+from TransferSegLib import (
+    checkpoint,
+    files,
+    inference,
+    networks,
+    preprocess,
+    recipes,
+    training,
+    volumes,
+)
 from TransferSegLib.errors import InputError, TransferSegError
 
 POSIX = pytest.mark.skipif(os.name == "nt", reason="SIGKILL, SIGSTOP and rlimits are POSIX")
@@ -324,14 +333,14 @@ def test_a_stale_lock_is_taken_over_only_when_its_process_is_gone(tmp_path):
     lock = folder / LOCK
     for text in (f"{dead}\n{host}\n", f"{dead}"):  # this format, and the older PID alone
         lock.write_text(text)
-        with training.OutputLock(folder) as taken:
+        with files.OutputLock(folder) as taken:
             assert taken.stale_pid == dead
             assert lock.read_text(encoding="utf-8").split() == [str(os.getpid()), host]
         assert not lock.exists()
     for owner in (f"{os.getpid()}\n{host}\n", f"{dead}\nanother-computer\n", "garbage"):
         lock.write_text(owner)
         with pytest.raises(TransferSegError, match="Another TransferSeg job is writing"):
-            training.OutputLock(folder).__enter__()
+            files.OutputLock(folder).__enter__()
         # a live (or unknowable) owner keeps its lock
         assert lock.read_text(encoding="utf-8") == owner
 
@@ -413,8 +422,8 @@ def _fault_cases(root: Path, base: Path, data: Path) -> dict:
     f = folder("training")
     config = training.TrainConfig(steps=2, batch_size=1, val_every=2, checkpoint_every=1,
                                   device="cpu")
-    training.finetune(base, data, f, "vanilla", config)
-    cases["training run"] = (f, lambda f=f: training.finetune(
+    recipes.finetune(base, data, f, "vanilla", config)
+    cases["training run"] = (f, lambda f=f: recipes.finetune(
         base, data, f, "vanilla", dataclasses.replace(config, steps=4), resume=True))
 
     other_file = checkpoint.save_model(root / "other.safetensors", other, card)
@@ -587,7 +596,7 @@ def test_training_out_of_memory_names_the_batch_size(tmp_path, material, monkeyp
     monkeypatch.setattr(losses.SegmentationLoss, "forward", no_memory)
     config = training.TrainConfig(steps=2, batch_size=4, device="cpu")
     with pytest.raises(TransferSegError, match="--batch-size 2") as error:
-        training.finetune(material["base"], material["data"], tmp_path / "run", "vanilla",
+        recipes.finetune(material["base"], material["data"], tmp_path / "run", "vanilla",
                           config)
     assert str(error.value).startswith("The computer ran out of memory")
     assert not (tmp_path / "run" / LOCK).exists()

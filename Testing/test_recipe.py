@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from conftest import real_sample
 
-from TransferSegLib import checkpoint, ctbase, datasets, training, volumes
+from TransferSegLib import checkpoint, ctbase, datasets, sampling, training, volumes
 from TransferSegLib.cli import build_parser
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.losses import SegmentationLoss
@@ -35,7 +35,7 @@ def test_hidden_organs_are_ignored_voxels_not_background(tmp_path):
     assert not set(ctbase.HIDDEN) & case.annotated
     names = list(dataset.labels.foreground.values())
     card = _card({0: "background", **{i + 1: n for i, n in enumerate(names)}})
-    prepared = training.prepare_case(case, dataset.labels, card)
+    prepared = sampling.prepare_case(case, dataset.labels, card)
     original = sitk.GetArrayFromImage(volumes.read_label(real_sample("totalseg_ct").label))
     liver = real_sample("totalseg_ct").labels
     liver_value = next(v for v, n in liver.items() if n == "liver")

@@ -15,7 +15,7 @@ import torch
 from conftest import real_sample, reduced_label
 from safetensors.torch import load_file
 
-from TransferSegLib import checkpoint, datasets, networks, training, volumes
+from TransferSegLib import checkpoint, datasets, networks, recipes, sampling, training, volumes
 from TransferSegLib.cli import main
 from TransferSegLib.errors import InputError, TransferSegError
 
@@ -61,7 +61,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_resumed_training_equals_uninterrupted(tmp_path, base_model):
     data = organ_dataset(tmp_path / "data")
-    whole = training.finetune(base_model, data, tmp_path / "whole", "vanilla", quick())
+    whole = recipes.finetune(base_model, data, tmp_path / "whole", "vanilla", quick())
     assert whole.status == "done" and whole.steps == 6
 
     cancel = tmp_path / "cancel"
@@ -70,11 +70,11 @@ def test_resumed_training_equals_uninterrupted(tmp_path, base_model):
         if event["event"] == "checkpoint" and event["step"] == 3:
             cancel.touch()
 
-    cut = training.finetune(base_model, data, tmp_path / "cut", "vanilla", quick(),
+    cut = recipes.finetune(base_model, data, tmp_path / "cut", "vanilla", quick(),
                             events=stop_after_first_checkpoint, cancel_file=cancel)
     assert cut.status == "cancelled" and cut.steps == 4
     cancel.unlink()
-    resumed = training.finetune(base_model, data, tmp_path / "cut", "vanilla", quick(),
+    resumed = recipes.finetune(base_model, data, tmp_path / "cut", "vanilla", quick(),
                                 resume=True)
     assert resumed.status == "done" and resumed.steps == 6
     a, b = weights(tmp_path / "whole" / "last.safetensors"), weights(
@@ -88,7 +88,7 @@ def test_cancel_leaves_a_loadable_model_and_progress_log(tmp_path, base_model):
     data = organ_dataset(tmp_path / "data")
     cancel = tmp_path / "cancel"
     cancel.touch()
-    result = training.finetune(base_model, data, tmp_path / "run", "finetune", quick(),
+    result = recipes.finetune(base_model, data, tmp_path / "run", "finetune", quick(),
                                cancel_file=cancel)
     assert result.status == "cancelled" and result.steps == 1
     model, card = checkpoint.load_model(result.model)
@@ -104,7 +104,7 @@ def test_short_training_beats_the_untrained_model_on_a_held_out_volume(tmp_path,
     data = organ_dataset(tmp_path / "data", keep={1: "spleen", 5: "liver"})
     config = quick(steps=80, batch_size=2, val_every=80, checkpoint_every=80, lr=3e-3,
                    foreground_ratio=0.8)
-    result = training.finetune(base_model, data, tmp_path / "run", "vanilla", config)
+    result = recipes.finetune(base_model, data, tmp_path / "run", "vanilla", config)
     held_out = real_sample("totalseg_dicom")
     image, truth = volumes.read_volume(held_out.image), volumes.read_label(held_out.label)
 
@@ -121,13 +121,13 @@ def test_short_training_beats_the_untrained_model_on_a_held_out_volume(tmp_path,
 def test_pretrain_with_partial_labels_marks_unannotated_classes(tmp_path):
     spleen = organ_dataset(tmp_path / "a", keep={1: "spleen"})
     liver = organ_dataset(tmp_path / "b", "totalseg_mr", keep={5: "liver"})
-    result = training.pretrain([spleen, liver], tmp_path / "base", quick(steps=2),
+    result = recipes.pretrain([spleen, liver], tmp_path / "base", quick(steps=2),
                                architecture="unet", arguments=TINY, spacing=[6, 6, 6],
                                patch_size=[32, 32, 32], modality="CT")
     model, card = checkpoint.load_model(result.model)
     assert card.labels == {0: "background", 1: "spleen", 2: "liver"}
     a = datasets.discover(spleen)
-    prepared = training.prepare_case(a.cases[0], a.labels, card)
+    prepared = sampling.prepare_case(a.cases[0], a.labels, card)
     assert prepared.annotated.tolist() == [True, True, False]
     assert set(np.unique(prepared.target)) <= {0, 1}
 
@@ -138,7 +138,7 @@ def test_volume_smaller_than_the_patch_is_padded(tmp_path):
     folder.mkdir()
     (folder / "labels.json").write_text(json.dumps({"1": "lesion"}))
     (folder / "cases.csv").write_text(f"image,label\n{case.image},{case.label}\n")
-    result = training.finetune(None, folder / "cases.csv", tmp_path / "run", "scratch",
+    result = recipes.finetune(None, folder / "cases.csv", tmp_path / "run", "scratch",
                                quick(steps=2), architecture="unet")
     model, card = checkpoint.load_model(result.model)
     assert card.patch_size == [64, 64, 64] and card.labels[1] == "lesion"
@@ -149,25 +149,25 @@ def test_bad_input_is_refused_clearly(tmp_path, base_model):
     unlabelled = tmp_path / "unlabelled.csv"
     unlabelled.write_text(f"image\n{case.image}\n")
     with pytest.raises(InputError, match="no labelled case"):
-        training.finetune(base_model, unlabelled, tmp_path / "run", "finetune", quick())
+        recipes.finetune(base_model, unlabelled, tmp_path / "run", "finetune", quick())
     data = organ_dataset(tmp_path / "data")
     with pytest.raises(InputError, match="needs a base model"):
-        training.finetune(None, data, tmp_path / "run", "finetune", quick())
+        recipes.finetune(None, data, tmp_path / "run", "finetune", quick())
     with pytest.raises(InputError, match="not in dataset"):
-        training.finetune(base_model, data, tmp_path / "run", "finetune", quick(),
+        recipes.finetune(base_model, data, tmp_path / "run", "finetune", quick(),
                           labels=["pancreas"])
-    training.finetune(base_model, data, tmp_path / "done", "finetune", quick(steps=1))
+    recipes.finetune(base_model, data, tmp_path / "done", "finetune", quick(steps=1))
     with pytest.raises(TransferSegError, match="--resume"):
-        training.finetune(base_model, data, tmp_path / "done", "finetune", quick(steps=1))
+        recipes.finetune(base_model, data, tmp_path / "done", "finetune", quick(steps=1))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / ".transferseg.lock").write_text("1")
     with pytest.raises(TransferSegError, match="Another TransferSeg job"):
-        training.finetune(base_model, data, tmp_path / "busy", "finetune", quick(steps=1))
+        recipes.finetune(base_model, data, tmp_path / "busy", "finetune", quick(steps=1))
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, base_model, monkeypatch):
     data = organ_dataset(tmp_path / "data")
-    training.finetune(base_model, data, tmp_path / "run", "vanilla", quick(steps=3))
+    recipes.finetune(base_model, data, tmp_path / "run", "vanilla", quick(steps=3))
     state = tmp_path / "run" / "state.safetensors"
     before = state.read_bytes()
 
@@ -177,7 +177,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, base_model, mo
 
     monkeypatch.setattr(training, "save_file", disk_full)
     with pytest.raises(TransferSegError, match="No space left"):
-        training.finetune(base_model, data, tmp_path / "run", "vanilla", quick(steps=6),
+        recipes.finetune(base_model, data, tmp_path / "run", "vanilla", quick(steps=6),
                           resume=True)
     assert state.read_bytes() == before
     assert not [p for p in (tmp_path / "run").iterdir() if ".partial-" in p.name]
@@ -240,7 +240,7 @@ def test_base_with_one_input_channel_is_adapted_to_two(tmp_path, base_model):
         "channel_names": {"0": "CT", "1": "CT"}, "labels": {"background": 0, "liver": 1},
         "numTraining": 1, "file_ending": ".nii.gz"}))
     reports = []
-    result = training.finetune(base_model, folder, tmp_path / "run", "vanilla", quick(steps=2),
+    result = recipes.finetune(base_model, folder, tmp_path / "run", "vanilla", quick(steps=2),
                                events=lambda e: reports.append(e.get("report", "")))
     model, card = checkpoint.load_model(result.model)
     assert card.in_channels == 2 and card.labels == {0: "background", 1: "liver"}
@@ -253,7 +253,7 @@ def test_cross_modality_transfer_takes_the_data_normalisation(tmp_path, base_mod
     (tmp_path / "cases.csv").write_text(
         f"image,label,modality\n{case.image},{case.label},MR\n")
     messages = []
-    result = training.finetune(base_model, tmp_path / "cases.csv", tmp_path / "run", "vanilla",
+    result = recipes.finetune(base_model, tmp_path / "cases.csv", tmp_path / "run", "vanilla",
                                quick(steps=2), events=lambda e: messages.append(
                                    e.get("message", "")))
     card = checkpoint.read_card(result.model)
@@ -266,7 +266,7 @@ def test_two_stage_unfreezes_everything_on_a_plateau(tmp_path, base_model):
     data = organ_dataset(tmp_path / "data")
     events = []
     # lr 1e-12: validation Dice cannot improve, so the second stage starts after one round.
-    result = training.finetune(base_model, data, tmp_path / "run", "two-stage",
+    result = recipes.finetune(base_model, data, tmp_path / "run", "two-stage",
                                quick(steps=4, val_every=1, patience=1, lr=1e-12),
                                events=events.append)
     stages = [e for e in events if e["event"] == "stage"]
@@ -306,7 +306,7 @@ def test_pretrain_with_a_head_per_dataset_writes_one_base_per_head(tmp_path):
     spleen = organ_dataset(tmp_path / "a", keep={1: "spleen"})
     organs = organ_dataset(tmp_path / "b", "totalseg_mr", keep={5: "liver", 2: "kidney_right"})
     events = []
-    result = training.pretrain([spleen, organs], tmp_path / "base", quick(steps=4, val_every=2),
+    result = recipes.pretrain([spleen, organs], tmp_path / "base", quick(steps=4, val_every=2),
                                architecture="unet", arguments=TINY, spacing=[6, 6, 6],
                                patch_size=[32, 32, 32], modality="CT", heads="per-dataset",
                                events=events.append)
@@ -327,18 +327,18 @@ def test_pretrain_with_a_head_per_dataset_writes_one_base_per_head(tmp_path):
     assert validation and any(k.startswith("b: ") for k in validation[-1]["labels"])
     # The default model file is head 0's; fine-tuning from a head works like any base.
     assert checkpoint.read_card(result.model).labels == a_card.labels
-    tuned = training.finetune(tmp_path / "base" / files[1], spleen, tmp_path / "tuned",
+    tuned = recipes.finetune(tmp_path / "base" / files[1], spleen, tmp_path / "tuned",
                               "finetune", quick(steps=1))
     assert checkpoint.read_card(tuned.model).labels == {0: "background", 1: "spleen"}
     with pytest.raises(InputError, match="per-dataset"):
-        training.pretrain([spleen], tmp_path / "x", quick(), heads="several")
+        recipes.pretrain([spleen], tmp_path / "x", quick(), heads="several")
 
 
 def test_finetune_can_replace_the_base_models_patch(tmp_path, base_model):
     data = organ_dataset(tmp_path / "data", keep={5: "liver"})
-    result = training.finetune(base_model, data, tmp_path / "run", "finetune", quick(steps=1),
+    result = recipes.finetune(base_model, data, tmp_path / "run", "finetune", quick(steps=1),
                                patch_size=[48, 40, 24])
     assert checkpoint.read_card(result.model).patch_size == [48, 40, 24]
     with pytest.raises(InputError, match="multiple of 4"):
-        training.finetune(base_model, data, tmp_path / "bad", "finetune", quick(steps=1),
+        recipes.finetune(base_model, data, tmp_path / "bad", "finetune", quick(steps=1),
                           patch_size=[30, 32, 32])

@@ -306,11 +306,11 @@ def _cancel_file(args: argparse.Namespace) -> Path | None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from TransferSegLib import training
+    from TransferSegLib import recipes
     from TransferSegLib.zoo import require_model
 
     base = require_model(args.base) if args.base else None  # a file, or a catalog id
-    return _in_process_group(lambda: training.finetune(
+    return _in_process_group(lambda: recipes.finetune(
         base, Path(args.data), Path(args.out),
         args.strategy, _train_config(args), val_data=Path(args.val) if args.val else None,
         labels=args.labels.split(",") if args.labels else None,
@@ -321,9 +321,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from TransferSegLib import training
+    from TransferSegLib import recipes
 
-    return _in_process_group(lambda: training.pretrain(
+    return _in_process_group(lambda: recipes.pretrain(
         [Path(p) for p in args.data], Path(args.out), _train_config(args),
         architecture=args.architecture, spacing=args.spacing, patch_size=args.patch,
         modality=args.modality, heads=args.heads, events=EventPrinter(args.events),

@@ -123,7 +123,7 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     The model file appears only when the run completed all ``steps``; otherwise a
     :class:`~TransferSegLib.errors.TransferSegError` says how to continue.
     """
-    from TransferSegLib import training
+    from TransferSegLib import recipes, training
     from TransferSegLib.checkpoint import load_model, save_model
     from TransferSegLib.errors import TransferSegError
 
@@ -131,7 +131,7 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     data = datasets(out / "data")
     config = training.TrainConfig(steps=steps, batch_size=2, lr=LR, val_every=max(steps // 10, 1),
                                   checkpoint_every=max(steps // 20, 1), threads=threads)
-    result = training.pretrain(
+    result = recipes.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,
         title=f"TransferSeg CT base {VERSION}", description=description(steps),

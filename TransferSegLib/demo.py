@@ -64,7 +64,7 @@ class ProgressBar:
 
 def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
     """The demo's CT base model, trained once and cached in the data folder."""
-    from TransferSegLib import ctbase, training
+    from TransferSegLib import ctbase, recipes
     from TransferSegLib.errors import TransferSegError
 
     path = samples.data_dir() / "models" / BASE_FILE.format(steps=steps)
@@ -80,7 +80,7 @@ def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
     keep = [n for v, n in case.labels.items() if sizes[v] * voxel_ml >= 50 or n in TARGET]
     data = sample_dataset("totalseg_ct", work / "data", keep=keep, hide=TARGET)
     log(f"pretraining the CT base model ({steps} steps, once) ...")
-    result = training.pretrain(
+    result = recipes.pretrain(
         [data], work / "run", TrainConfig(steps=steps, batch_size=2, val_every=steps,
                                           checkpoint_every=steps, lr=3e-3),
         arguments=BASE_ARGUMENTS, spacing=[4.0, 4.0, 4.0], patch_size=[48, 48, 48],

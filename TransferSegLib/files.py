@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +157,71 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+class OutputLock:
+    """An exclusive claim on an output folder, so two jobs never write into the same one.
+
+    The lock file holds the owner's process id and computer name. A lock left by a process
+    that no longer exists on this computer (killed, crashed) is taken over; its id is then in
+    ``stale_pid``.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".transferseg.lock"
+        self.stale_pid: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                if not self._take_over_stale():
+                    raise TransferSegError(
+                        f"Another TransferSeg job is writing to {self.path.parent} (if none "
+                        f"is, delete {self.path.name} there); choose another output folder."
+                    ) from None
+        else:
+            raise TransferSegError(f"Another TransferSeg job took {self.path.parent} just now; "
+                                   "choose another output folder.")
+        os.write(fd, f"{os.getpid()}\n{socket.gethostname()}\n".encode())
+        os.close(fd)
+        return self
+
+    def _take_over_stale(self) -> bool:
+        """Remove the lock if its process is gone; False if it is (or may be) alive."""
+        try:
+            text = self.path.read_text(errors="replace", encoding="utf-8")
+        except FileNotFoundError:
+            return True  # released meanwhile: try again
+        except OSError:
+            return False
+        fields = text.split()
+        if not fields or not fields[0].isdigit():
+            return False
+        if len(fields) > 1 and fields[1] != socket.gethostname():
+            return False  # a process on another computer: no way to tell
+        pid = int(fields[0])
+        if pid_alive(pid):
+            return False
+        # Move it aside first: of two jobs taking over at once only one can, and a live lock
+        # written meanwhile by the other is put back.
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        if aside.read_text(errors="replace", encoding="utf-8") != text:
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        self.stale_pid = pid
+        return True
+
+    def __exit__(self, *_: object) -> None:
+        self.path.unlink(missing_ok=True)
+

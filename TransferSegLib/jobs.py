@@ -556,7 +556,7 @@ def run_job(job_json: str | os.PathLike, emit: Emit) -> int:
 
 
 def _run_finetune(job: Job, emit: Emit) -> int:
-    from TransferSegLib import training
+    from TransferSegLib import recipes, training
 
     params = job.params
     config = training.TrainConfig(**{k: params[k] for k in TRAIN_SETTINGS if k in params})
@@ -567,7 +567,7 @@ def _run_finetune(job: Job, emit: Emit) -> int:
     # While it trains, the trainer's own handler turns SIGTERM into a clean stop with a saved
     # model; before and after, _cancel_on_signals stops the job.
     with _cancel_on_signals():
-        result = training.finetune(
+        result = recipes.finetune(
             job.path_of("base"), job.dataset, job.output, params["strategy"], config,
             val_data=job.validation_dataset, architecture=params["architecture"],
             arguments=params["arguments"], events=emit, terminology=job.terminology,

@@ -26,7 +26,8 @@ import numpy as np
 from TransferSegLib import datasets
 from TransferSegLib.errors import InputError, OutputExistsError
 from TransferSegLib.files import atomic_output
-from TransferSegLib.training import TrainConfig, finetune
+from TransferSegLib.recipes import finetune
+from TransferSegLib.training import TrainConfig
 
 
 def _cases_csv(cases: Sequence[datasets.Case], table: datasets.LabelTable, folder: Path) -> Path:

@@ -13,16 +13,11 @@ bar): ``start``, ``step``, ``validation``, ``stage``, ``checkpoint``, ``done``, 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
-import re
 import signal
-import socket
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,13 +26,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from TransferSegLib import preprocess
 from TransferSegLib.checkpoint import ModelCard, save_model
-from TransferSegLib.datasets import Case, LabelTable
 from TransferSegLib.errors import InputError, ModelFileError, TransferSegError
-from TransferSegLib.files import atomic_output, pid_alive, remove_stale_partials, write_error
+from TransferSegLib.files import (
+    OutputLock,
+    atomic_output,
+    remove_stale_partials,
+    write_error,
+)
 from TransferSegLib.losses import IGNORE  # target of padding voxels: not in the loss
 from TransferSegLib.process import STOP_SIGNALS
+from TransferSegLib.sampling import (
+    CaseCache,
+    LabelledCase,
+    PreparedCase,
+    augment,
+    prepare_case,
+    sample_patch,
+)
 
 Events = Callable[[dict], None]
 
@@ -115,172 +121,6 @@ def choose_threads(requested: int | None = None) -> int:
     return max(1, min(cores, torch.get_num_threads(), cores - busy))
 
 
-# ------------------------------------------------------------------------------------- the data
-@dataclass
-class PreparedCase:
-    """A case in model space: image (C, Z, Y, X) float32, target (Z, Y, X) int16 of channel
-    indices, the channels annotated in it (bool, (out_channels,)), and its foreground voxels
-    per channel (flat indices), for class-balanced patch sampling."""
-
-    name: str
-    image: np.ndarray
-    target: np.ndarray
-    annotated: np.ndarray
-    foreground: dict[int, np.ndarray]  # annotated channel -> flat indices of its voxels
-
-    @property
-    def nbytes(self) -> int:
-        return (self.image.nbytes + self.target.nbytes
-                + sum(v.nbytes for v in self.foreground.values()))
-
-
-def channel_map(card: ModelCard, table: LabelTable, source: str,
-                others_background: bool = False) -> dict[int, int]:
-    """Dataset label value -> model output channel, matched by label name.
-
-    Labels the model lacks are an error, or background with ``others_background`` (when the
-    user chose to learn a subset of the dataset's labels).
-    """
-    channel_of = {name: channel for channel, name in card.labels.items()}
-    mapping = {}
-    for value, name in table.names.items():
-        if value == table.ignore_value:
-            mapping[value] = IGNORE
-        elif name not in channel_of and others_background:
-            mapping[value] = 0
-        elif name not in channel_of:
-            raise InputError(
-                f"Label {name!r} (value {value}) of {source} is not among the model's labels "
-                f"({', '.join(card.labels.values())}); add it with --labels or rename it."
-            )
-        else:
-            mapping[value] = channel_of[name]
-    return mapping
-
-
-def prepare_case(case: Case, table: LabelTable, card: ModelCard,
-                 others_background: bool = False) -> PreparedCase:
-    """Read ``case``, take it to the model's space and map its labels to output channels.
-
-    ``others_background``: labels the model does not have count as background. Voxels of the
-    table's ``ignore`` label get the target :data:`IGNORE`: no loss, no validation score.
-    """
-    images, label = case.load(table)
-    if len(images) != card.in_channels:
-        raise InputError(
-            f"Case {case.name} has {len(images)} image channel(s); the model takes "
-            f"{card.in_channels}."
-        )
-    arrays, grid = [], None
-    for image in images:
-        array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
-                                                card.orientation)
-        arrays.append(array)
-    values = preprocess.label_to_model_space(label, grid)
-    mapping = channel_map(card, table, str(case.label), others_background)
-    lookup = np.zeros(int(values.max()) + 1, np.int16)
-    for value, channel in mapping.items():
-        if value < lookup.size:
-            lookup[value] = channel
-    target = lookup[values]
-    annotated_names = case.annotated if case.annotated is not None else set(table.names.values())
-    annotated = np.zeros(card.out_channels, bool)
-    annotated[0] = True
-    for name in annotated_names:
-        if mapping[table.value(name)] != IGNORE:
-            annotated[mapping[table.value(name)]] = True
-    annotated[0] = True
-    foreground = {int(c): np.flatnonzero(target == c) for c in np.unique(target)
-                  if c > 0 and annotated[c]}
-    return PreparedCase(case.name, np.stack(arrays), target, annotated, foreground)
-
-
-class CaseCache:
-    """Prepared cases kept in memory up to ``budget`` bytes (least recently used go first)."""
-
-    def __init__(self, loader: Callable[[int], PreparedCase], count: int, budget: float):
-        self.loader, self.count, self.budget = loader, count, budget
-        self._cases: OrderedDict[int, PreparedCase] = OrderedDict()
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> PreparedCase:
-        if index in self._cases:
-            self._cases.move_to_end(index)
-            return self._cases[index]
-        case = self.loader(index)
-        self._cases[index] = case
-        while len(self._cases) > 1 and sum(c.nbytes for c in self._cases.values()) > self.budget:
-            self._cases.popitem(last=False)
-        return case
-
-
-def sample_patch(
-    case: PreparedCase, patch: Sequence[int], rng: np.random.Generator, foreground: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """A patch (C, *patch) and its target (*patch) from ``case``; ``patch`` is (Z, Y, X).
-
-    Centred near a voxel of a random annotated foreground class when ``foreground`` (classes
-    drawn with equal chance, so small organs are seen as often as large ones), else anywhere.
-    Parts outside the volume are padded: image with its minimum, target IGNORE.
-    """
-    shape = np.array(case.target.shape)
-    size = np.array(patch)
-    if foreground and case.foreground:
-        voxels = case.foreground[sorted(case.foreground)[rng.integers(len(case.foreground))]]
-        centre = np.array(np.unravel_index(voxels[rng.integers(voxels.size)],
-                                           case.target.shape))
-        start = centre - size // 2 + rng.integers(-(size // 4), size // 4 + 1)
-    else:
-        start = np.array([rng.integers(min(0, s - p), max(0, s - p) + 1)
-                          for s, p in zip(shape, size, strict=True)])
-    start = np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
-    image = np.full((case.image.shape[0], *size), case.image.min(), np.float32)
-    target = np.full(tuple(size), IGNORE, np.int16)
-    src = tuple(slice(max(a, 0), min(a + p, s)) for a, p, s in zip(start, size, shape,
-                                                                   strict=True))
-    dst = tuple(slice(max(a, 0) - a, min(a + p, s) - a) for a, p, s in zip(start, size, shape,
-                                                                            strict=True))
-    image[(slice(None), *dst)] = case.image[(slice(None), *src)]
-    target[dst] = case.target[src]
-    return image, target
-
-
-@functools.lru_cache(maxsize=2)
-def _augmentations(mirror: bool):
-    from monai.transforms import (
-        Compose,
-        RandFlipd,
-        RandGaussianNoised,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-    )
-
-    flips = [RandFlipd(["image", "target"], prob=0.5, spatial_axis=axis) for axis in range(3)]
-    return Compose([
-        *(flips if mirror else []),
-        RandScaleIntensityd("image", factors=0.1, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        RandGaussianNoised("image", prob=0.2, std=0.02),
-    ])
-
-
-def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator,
-            mirror: bool = False):
-    """Intensity scale and shift, Gaussian noise and, with ``mirror``, random flips on each
-    axis (MONAI transforms).
-
-    The transforms are reseeded from ``rng`` on every call, so a step's augmentation depends
-    only on the step's seed (what makes resuming exact).
-    """
-    transforms = _augmentations(mirror)
-    transforms.set_random_state(seed=int(rng.integers(2**31)))
-    out = transforms({"image": image, "target": target[None]})
-    return np.asarray(out["image"], np.float32), np.asarray(out["target"][0], np.int16)
-
-
-# ------------------------------------------------------------------------------ state on disk
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                meta: dict) -> None:
     """One file holding weights, optimiser tensors and JSON metadata; written atomically."""
@@ -327,7 +167,6 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     return meta
 
 
-# ---------------------------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
     """What a training run produced: model file, status, steps, best validation Dice, curve."""
@@ -688,99 +527,6 @@ def _card_with(card: ModelCard, meta: dict, config: TrainConfig) -> ModelCard:
     return ModelCard(**data)
 
 
-# ---------------------------------------------------------------------------- whole training jobs
-@dataclass
-class LabelledCase:
-    """A case with the label table of the dataset it came from (datasets differ in labels)."""
-
-    case: Case
-    table: LabelTable
-    others_background: bool = False  # labels the model lacks are background (a chosen subset)
-    head: int = 0  # which output head trains on it (multi-domain co-training)
-
-
-def split_cases(cases: list, seed: int, fraction: float = 0.2) -> tuple[list, list, bool]:
-    """Training and validation cases; with fewer than 3 cases validation reuses training.
-
-    Returns (train, validation, held_out) where ``held_out`` says whether validation cases
-    are separate from training ones.
-    """
-    if len(cases) < 3:
-        return cases, cases, False
-    order = np.random.default_rng(seed).permutation(len(cases))
-    count = max(1, round(len(cases) * fraction))
-    val = [cases[i] for i in sorted(order[:count])]
-    train = [cases[i] for i in sorted(order[count:])]
-    return train, val, True
-
-
-class OutputLock:
-    """An exclusive claim on an output folder, so two jobs never write into the same one.
-
-    The lock file holds the owner's process id and computer name. A lock left by a process
-    that no longer exists on this computer (killed, crashed) is taken over; its id is then in
-    ``stale_pid``.
-    """
-
-    def __init__(self, folder: Path):
-        self.path = folder / ".transferseg.lock"
-        self.stale_pid: int | None = None
-
-    def __enter__(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                if not self._take_over_stale():
-                    raise TransferSegError(
-                        f"Another TransferSeg job is writing to {self.path.parent} (if none "
-                        f"is, delete {self.path.name} there); choose another output folder."
-                    ) from None
-        else:
-            raise TransferSegError(f"Another TransferSeg job took {self.path.parent} just now; "
-                                   "choose another output folder.")
-        os.write(fd, f"{os.getpid()}\n{socket.gethostname()}\n".encode())
-        os.close(fd)
-        return self
-
-    def _take_over_stale(self) -> bool:
-        """Remove the lock if its process is gone; False if it is (or may be) alive."""
-        try:
-            text = self.path.read_text(errors="replace", encoding="utf-8")
-        except FileNotFoundError:
-            return True  # released meanwhile: try again
-        except OSError:
-            return False
-        fields = text.split()
-        if not fields or not fields[0].isdigit():
-            return False
-        if len(fields) > 1 and fields[1] != socket.gethostname():
-            return False  # a process on another computer: no way to tell
-        pid = int(fields[0])
-        if pid_alive(pid):
-            return False
-        # Move it aside first: of two jobs taking over at once only one can, and a live lock
-        # written meanwhile by the other is put back.
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True
-        if aside.read_text(errors="replace", encoding="utf-8") != text:
-            with contextlib.suppress(OSError):
-                os.link(aside, self.path)
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        self.stale_pid = pid
-        return True
-
-    def __exit__(self, *_: object) -> None:
-        self.path.unlink(missing_ok=True)
-
-
 def _check_output(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume or overwrite:
         return
@@ -791,7 +537,7 @@ def _check_output(out_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def run_job(
+def run_training(
     plan,
     card: ModelCard,
     cases: list[LabelledCase],
@@ -846,276 +592,3 @@ def run_job(
         if lock:
             lock.__exit__()
 
-
-def _labelled(dataset, source: str) -> list[LabelledCase]:
-    cases = [LabelledCase(case, dataset.labels) for case in dataset.labelled()]
-    if not cases:
-        raise InputError(
-            f"Dataset {source} has no labelled case; training needs at least one image with "
-            "its label map."
-        )
-    return cases
-
-
-def _median_spacing(cases: list[LabelledCase]) -> list[float]:
-    """Median voxel size (mm, x y z) of the cases' first image channel."""
-    from TransferSegLib.volumes import read_volume
-
-    spacings = [read_volume(item.case.image).GetSpacing() for item in cases]
-    return [float(v) for v in np.median(np.array(spacings), axis=0)]
-
-
-def finetune(
-    base: Path | None,
-    data: Path,
-    out_dir: Path,
-    strategy: str = "finetune",
-    config: TrainConfig | None = None,
-    *,
-    val_data: Path | None = None,
-    labels: Sequence[str] | None = None,
-    architecture: str | None = None,
-    arguments: dict | None = None,
-    patch_size: Sequence[int] | None = None,
-    events: Events = lambda event: None,
-    resume: bool = False,
-    overwrite: bool = False,
-    cancel_file: Path | None = None,
-    terminology: Mapping[str, str] | None = None,
-) -> TrainResult:
-    """Make a model for the labels of ``data`` from the base model file ``base``.
-
-    ``strategy`` is one of :data:`TransferSegLib.transfer.STRATEGIES`; ``scratch`` uses only
-    the base model's architecture and settings (or ``architecture``/``arguments`` without a
-    base). The new model's labels are the dataset's (or ``labels``, a subset, in that order).
-    ``patch_size`` (voxels, x y z) replaces the base's training and inference patch, e.g. a
-    smaller one to fit a published model's training into a small GPU or a CPU.
-    ``terminology`` (label name -> Slicer ``TerminologyEntry``) goes into the new model's card
-    beside the base's entries for the labels they share.
-    """
-    from TransferSegLib import datasets, transfer
-    from TransferSegLib.checkpoint import load_model
-    from TransferSegLib.strategies import STRATEGIES
-
-    if strategy not in STRATEGIES:
-        raise InputError(
-            f"Unknown transfer strategy {strategy!r}; known: {', '.join(STRATEGIES)}.")
-    config = (config or TrainConfig()).for_strategy(strategy)
-    events = _rank_zero(events)
-    if strategy == "two-stage" and not config.patience:
-        config = replace(config, patience=2)  # the second stage starts on a plateau
-        events({"event": "message", "message": "two-stage: unfreezing after 2 validations "
-                "without improvement (set --patience to change)"})
-    dataset = datasets.discover(data)
-    cases = _labelled(dataset, str(data))
-    if val_data is not None:
-        val_cases = _labelled(datasets.discover(val_data), str(val_data))
-    else:
-        cases, val_cases, _ = split_cases(cases, config.seed)
-    names = list(labels) if labels else list(dataset.labels.foreground.values())
-    unknown = [n for n in names if n not in dataset.labels.names.values()]
-    if unknown:
-        raise InputError(f"Labels {unknown} are not in dataset {data}; it has "
-                         f"{list(dataset.labels.foreground.values())}.")
-    target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
-    if labels:  # a chosen subset: the dataset's other labels become background
-        for item in (*cases, *val_cases):
-            item.others_background = True
-    if base is not None:
-        base_model, base_card = load_model(base)
-    elif strategy == "scratch" and architecture:
-        base_model, base_card = None, None
-    else:
-        raise InputError(f"Strategy {strategy!r} needs a base model (--base MODEL).")
-    in_channels = len(dataset.channels) or len(cases[0].case.images)
-    spacing = _median_spacing(cases[:5])
-    card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
-                        cases, spacing, strategy, base, config)
-    if patch_size is not None:
-        card = replace(card, patch_size=_checked_patch(card, patch_size))
-    if terminology:
-        card = replace(card, terminology={**card.terminology, **{
-            name: entry for name, entry in terminology.items()
-            if name in card.labels.values() and entry}})
-    ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
-    if card.modality != (base_card.modality if base_card else card.modality):
-        events({"event": "message", "message": (
-            f"cross-modality transfer ({base_card.modality} base, {card.modality} data): "
-            f"intensities normalised as {card.normalisation['kind']}")})
-    if ratio > 2 or ratio < 0.5:
-        events({"event": "message", "message": (
-            f"the data's voxels ({' x '.join(f'{s:.2g}' for s in spacing)} mm) differ from "
-            f"the model's ({' x '.join(f'{s:.2g}' for s in card.spacing)} mm): cases are "
-            "resampled to the model's spacing")})
-    plan = transfer.prepare(
-        strategy, card.architecture, card.arguments, base_model, base_card, target,
-        in_channels, lr=config.lr, head_lr_factor=config.head_lr_factor,
-        freeze_depth=config.freeze_depth if strategy in ("finetune", "two-stage") else None,
-        seed=config.seed,
-    )
-    if val_data is None and len(val_cases) and val_cases[0] is cases[0]:
-        events({"event": "message", "message": "fewer than 3 labelled cases: validation "
-                "uses the training cases"})
-    return run_job(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
-                   cancel_file)
-
-
-def _checked_patch(card: ModelCard, patch_size: Sequence[int]) -> list[int]:
-    """``patch_size`` if the card's network accepts it, else a clear error."""
-    from TransferSegLib import networks
-
-    patch = [int(v) for v in patch_size]
-    divisor = networks.patch_divisor(card.architecture, card.arguments)
-    fixed = networks.fixed_input_size(card.architecture, card.arguments)
-    if len(patch) != 3 or any(v < 1 or v % divisor for v in patch):
-        raise InputError(f"The patch {patch} does not fit the {card.architecture}: give three "
-                         f"sizes, each a multiple of {divisor}.")
-    if fixed is not None and list(reversed(patch)) != fixed:
-        raise InputError(f"The {card.architecture} only takes patches of "
-                         f"{list(reversed(fixed))} voxels.")
-    networks.output_size(card.architecture, card.arguments, patch)  # valid-conv: checks it
-    return patch
-
-
-def _rank_zero(events: Events) -> Events:
-    """``events`` for rank 0 only: other ranks of a torchrun job stay silent."""
-    from TransferSegLib import distributed
-
-    return events if distributed.rank() == 0 else (lambda event: None)
-
-
-def _modality(name: str) -> str:
-    """'CT', 'MR' or '' (unknown), from the many spellings datasets use."""
-    name = (name or "").strip().upper()
-    return "MR" if name.startswith("MR") or name in ("T1", "T2", "FLAIR", "T1W", "T2W") \
-        else "CT" if name.startswith("CT") else name
-
-
-def _target_card(base_card, target, dataset, in_channels, architecture, arguments, cases,
-                 spacing, strategy, base, config) -> ModelCard:
-    from TransferSegLib import networks, resources
-    from TransferSegLib.preprocess import default_normalisation
-
-    value_of = {name: value for value, name in dataset.labels.names.items()}
-    label_values = {name: value_of.get(name, channel) for channel, name in target.items()}
-    if base_card is not None:
-        data = asdict(base_card)
-        data.update(labels=target, out_channels=len(target), label_values=label_values,
-                    terminology={name: entry for name, entry in base_card.terminology.items()
-                                 if name in target.values()},
-                    in_channels=in_channels, metrics={  # the base's GPU need, until measured
-                        k: v for k, v in base_card.metrics.items()
-                        if k in resources.TRAINING_KEYS}, created=ModelCard.__dataclass_fields__[
-                        "created"].default_factory())
-        if _modality(dataset.modality) and _modality(dataset.modality) != _modality(
-                base_card.modality):
-            # Cross-modality transfer: the data's intensities follow their own recipe.
-            data.update(modality=_modality(dataset.modality),
-                        normalisation=default_normalisation(_modality(dataset.modality)))
-        lineage = list(base_card.lineage)
-    else:
-        modality = dataset.modality or "CT"
-        arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
-        data = dict(architecture=architecture, arguments=arguments, in_channels=in_channels,
-                    out_channels=len(target), labels=target, label_values=label_values,
-                    spacing=spacing, patch_size=[64, 64, 64],
-                    normalisation=default_normalisation(modality), modality=modality)
-        lineage = []
-    lineage.append({"strategy": strategy, "base": str(base) if base else None,
-                    "steps": config.steps, "data": str(dataset.source),
-                    "freeze_depth": config.freeze_depth, "lr": config.lr,
-                    "head_lr_factor": config.head_lr_factor, "warmup": config.warmup})
-    data.update(lineage=lineage, training_cases=[c.case.name for c in cases])
-    return ModelCard(**data)
-
-
-def pretrain(
-    data: Sequence[Path],
-    out_dir: Path,
-    config: TrainConfig | None = None,
-    *,
-    architecture: str = "unet",
-    arguments: dict | None = None,
-    spacing: Sequence[float] | None = None,
-    patch_size: Sequence[int] = (64, 64, 64),
-    modality: str | None = None,
-    heads: str = "shared",
-    hold_out: bool = True,
-    title: str = "",
-    description: str = "",
-    events: Events = lambda event: None,
-    resume: bool = False,
-    overwrite: bool = False,
-    cancel_file: Path | None = None,
-) -> TrainResult:
-    """Train a base model on one or several datasets whose label sets differ.
-
-    ``hold_out``: validate on 20% of each dataset's cases (with 3 or more); False validates on
-    the training cases themselves (when every case is too precious to hold out). ``title`` and
-    ``description`` go into the model card.
-
-    ``heads="shared"`` (partial labels): one output head whose labels are the union of the
-    datasets' label names; each case is annotated only for its own dataset's labels (or the
-    CSV's ``annotated`` column), so an organ one dataset does not draw is never taught as
-    background. ``heads="per-dataset"`` (Med3D's multi-domain co-training): a shared network
-    with one output head per dataset, each trained on its own dataset's cases and labels only;
-    every head is written as a model file (see :func:`train`).
-    """
-    from TransferSegLib import datasets, networks, transfer
-    from TransferSegLib.preprocess import default_normalisation
-
-    if heads not in ("shared", "per-dataset"):
-        raise InputError(f"heads must be 'shared' or 'per-dataset', not {heads!r}.")
-    config = (config or TrainConfig()).for_strategy("scratch")
-    cases: list[LabelledCase] = []
-    names: list[str] = []
-    label_sets: list[dict[int, str]] = []
-    head_names: list[str] = []
-    for index, path in enumerate(data):
-        dataset = datasets.discover(path)
-        labelled = _labelled(dataset, str(path))
-        for item in labelled:
-            item.head = index if heads == "per-dataset" else 0
-        cases += labelled
-        names += [n for n in dataset.labels.foreground.values() if n not in names]
-        label_sets.append({0: "background", **{i + 1: n for i, n in enumerate(
-            dataset.labels.foreground.values())}})
-        folder = Path(path) if Path(path).is_dir() else Path(path).parent  # a CSV: its folder
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name).strip("-") or "data"
-        head_names.append(stem if stem not in head_names else f"{stem}{index}")
-        modality = modality or dataset.modality
-    # Split per dataset, so every head keeps validation cases of its own.
-    groups = [[c for c in cases if c.head == k] for k in range(max(c.head for c in cases) + 1)]
-    splits = [split_cases(group, config.seed) if hold_out else (group, group, False)
-              for group in groups]
-    cases = [c for train_part, _, _ in splits for c in train_part]
-    val_cases = [c for _, val_part, _ in splits for c in val_part]
-    target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
-    arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
-    modality = modality or "CT"
-    card = ModelCard(
-        architecture=architecture, arguments=arguments, in_channels=1,
-        out_channels=len(target), labels=target,
-        spacing=list(spacing) if spacing else _median_spacing(cases[:5]),
-        patch_size=list(patch_size), normalisation=default_normalisation(modality),
-        modality=modality, training_cases=[c.case.name for c in cases],
-        lineage=[{"strategy": "pretrain", "data": [str(p) for p in data],
-                  "steps": config.steps}],
-        title=title, description=description,
-    )
-    if heads == "shared":
-        plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
-                                lr=config.lr, seed=config.seed)
-        return run_job(plan, card, cases, val_cases, config, out_dir, events, resume,
-                       overwrite, cancel_file)
-    cards = []
-    for k, (labels, name) in enumerate(zip(label_sets, head_names, strict=True)):
-        head_card = asdict(card)
-        head_card.update(labels=labels, out_channels=len(labels), label_values={},
-                         training_cases=[c.case.name for c in cases if c.head == k])
-        head_card["lineage"] = [dict(card.lineage[0], heads=head_names, head=name)]
-        cards.append(ModelCard(**head_card))
-    plan = transfer.prepare_multihead(architecture, arguments, 1, label_sets, head_names,
-                                      lr=config.lr, seed=config.seed)
-    return run_job(plan, cards[0], cases, val_cases, config, out_dir, events, resume,
-                   overwrite, cancel_file, cards=cards)

@@ -6,7 +6,7 @@ organs, with the same patch, batch size (2 patches per step), loss
 (``TransferSegLib.losses.SegmentationLoss``: soft Dice + cross-entropy), optimiser (AdamW,
 lr 1e-3, weight decay 1e-5), seed and number of optimiser steps:
 
-- ``transferseg``: the product trainer, ``training.finetune(None, cases.csv, out, "scratch",
+- ``transferseg``: the product trainer, ``recipes.finetune(None, cases.csv, out, "scratch",
   TrainConfig(...), architecture="unet", arguments=...)``: model-space preprocessing, patch
   sampling (2/3 centred on an organ), MONAI augmentations, the loop, the final validation and
   the model files;
@@ -632,7 +632,7 @@ def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:
 
     import torch
 
-    from TransferSegLib import training
+    from TransferSegLib import recipes, training
 
     starts: list[float] = []
     data_s: list[float] = []  # per step: time in sample_patch and augment
@@ -672,10 +672,10 @@ def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:
     training.sample_patch, training.augment = timed_sample_patch, timed_augment
     try:
         if base.exists():
-            training.finetune(base, workdir / "cases.csv", output, "scratch", config,
+            recipes.finetune(base, workdir / "cases.csv", output, "scratch", config,
                               events=record, overwrite=True)
         else:
-            training.finetune(None, workdir / "cases.csv", output, "scratch", config,
+            recipes.finetune(None, workdir / "cases.csv", output, "scratch", config,
                               architecture="unet", arguments=dict(ARGUMENTS), events=record,
                               overwrite=True)
     finally:

@@ -1,0 +1,275 @@
+"""What to train: :func:`finetune` (a base model and a dataset -> a training run, with the
+new model's card, head surgery and the transfer plan of the strategy) and :func:`pretrain`
+(a base from several partially labelled datasets, optionally one head per dataset). Patch
+checks and the modality and spacing rules of the new card live here too; the loop itself is
+:func:`TransferSegLib.training.run_training`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from TransferSegLib.checkpoint import ModelCard
+from TransferSegLib.errors import InputError
+from TransferSegLib.sampling import LabelledCase, labelled_cases, median_spacing, split_cases
+from TransferSegLib.training import Events, TrainConfig, TrainResult, run_training
+
+
+def finetune(
+    base: Path | None,
+    data: Path,
+    out_dir: Path,
+    strategy: str = "finetune",
+    config: TrainConfig | None = None,
+    *,
+    val_data: Path | None = None,
+    labels: Sequence[str] | None = None,
+    architecture: str | None = None,
+    arguments: dict | None = None,
+    patch_size: Sequence[int] | None = None,
+    events: Events = lambda event: None,
+    resume: bool = False,
+    overwrite: bool = False,
+    cancel_file: Path | None = None,
+    terminology: Mapping[str, str] | None = None,
+) -> TrainResult:
+    """Make a model for the labels of ``data`` from the base model file ``base``.
+
+    ``strategy`` is one of :data:`TransferSegLib.transfer.STRATEGIES`; ``scratch`` uses only
+    the base model's architecture and settings (or ``architecture``/``arguments`` without a
+    base). The new model's labels are the dataset's (or ``labels``, a subset, in that order).
+    ``patch_size`` (voxels, x y z) replaces the base's training and inference patch, e.g. a
+    smaller one to fit a published model's training into a small GPU or a CPU.
+    ``terminology`` (label name -> Slicer ``TerminologyEntry``) goes into the new model's card
+    beside the base's entries for the labels they share.
+    """
+    from TransferSegLib import datasets, transfer
+    from TransferSegLib.checkpoint import load_model
+    from TransferSegLib.strategies import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise InputError(
+            f"Unknown transfer strategy {strategy!r}; known: {', '.join(STRATEGIES)}.")
+    config = (config or TrainConfig()).for_strategy(strategy)
+    events = _rank_zero(events)
+    if strategy == "two-stage" and not config.patience:
+        config = replace(config, patience=2)  # the second stage starts on a plateau
+        events({"event": "message", "message": "two-stage: unfreezing after 2 validations "
+                "without improvement (set --patience to change)"})
+    dataset = datasets.discover(data)
+    cases = labelled_cases(dataset, str(data))
+    if val_data is not None:
+        val_cases = labelled_cases(datasets.discover(val_data), str(val_data))
+    else:
+        cases, val_cases, _ = split_cases(cases, config.seed)
+    names = list(labels) if labels else list(dataset.labels.foreground.values())
+    unknown = [n for n in names if n not in dataset.labels.names.values()]
+    if unknown:
+        raise InputError(f"Labels {unknown} are not in dataset {data}; it has "
+                         f"{list(dataset.labels.foreground.values())}.")
+    target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+    if labels:  # a chosen subset: the dataset's other labels become background
+        for item in (*cases, *val_cases):
+            item.others_background = True
+    if base is not None:
+        base_model, base_card = load_model(base)
+    elif strategy == "scratch" and architecture:
+        base_model, base_card = None, None
+    else:
+        raise InputError(f"Strategy {strategy!r} needs a base model (--base MODEL).")
+    in_channels = len(dataset.channels) or len(cases[0].case.images)
+    spacing = median_spacing(cases[:5])
+    card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
+                        cases, spacing, strategy, base, config)
+    if patch_size is not None:
+        card = replace(card, patch_size=_checked_patch(card, patch_size))
+    if terminology:
+        card = replace(card, terminology={**card.terminology, **{
+            name: entry for name, entry in terminology.items()
+            if name in card.labels.values() and entry}})
+    ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
+    if card.modality != (base_card.modality if base_card else card.modality):
+        events({"event": "message", "message": (
+            f"cross-modality transfer ({base_card.modality} base, {card.modality} data): "
+            f"intensities normalised as {card.normalisation['kind']}")})
+    if ratio > 2 or ratio < 0.5:
+        events({"event": "message", "message": (
+            f"the data's voxels ({' x '.join(f'{s:.2g}' for s in spacing)} mm) differ from "
+            f"the model's ({' x '.join(f'{s:.2g}' for s in card.spacing)} mm): cases are "
+            "resampled to the model's spacing")})
+    plan = transfer.prepare(
+        strategy, card.architecture, card.arguments, base_model, base_card, target,
+        in_channels, lr=config.lr, head_lr_factor=config.head_lr_factor,
+        freeze_depth=config.freeze_depth if strategy in ("finetune", "two-stage") else None,
+        seed=config.seed,
+    )
+    if val_data is None and len(val_cases) and val_cases[0] is cases[0]:
+        events({"event": "message", "message": "fewer than 3 labelled cases: validation "
+                "uses the training cases"})
+    return run_training(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
+                   cancel_file)
+
+
+def _checked_patch(card: ModelCard, patch_size: Sequence[int]) -> list[int]:
+    """``patch_size`` if the card's network accepts it, else a clear error."""
+    from TransferSegLib import networks
+
+    patch = [int(v) for v in patch_size]
+    divisor = networks.patch_divisor(card.architecture, card.arguments)
+    fixed = networks.fixed_input_size(card.architecture, card.arguments)
+    if len(patch) != 3 or any(v < 1 or v % divisor for v in patch):
+        raise InputError(f"The patch {patch} does not fit the {card.architecture}: give three "
+                         f"sizes, each a multiple of {divisor}.")
+    if fixed is not None and list(reversed(patch)) != fixed:
+        raise InputError(f"The {card.architecture} only takes patches of "
+                         f"{list(reversed(fixed))} voxels.")
+    networks.output_size(card.architecture, card.arguments, patch)  # valid-conv: checks it
+    return patch
+
+
+def _rank_zero(events: Events) -> Events:
+    """``events`` for rank 0 only: other ranks of a torchrun job stay silent."""
+    from TransferSegLib import distributed
+
+    return events if distributed.rank() == 0 else (lambda event: None)
+
+
+def _modality(name: str) -> str:
+    """'CT', 'MR' or '' (unknown), from the many spellings datasets use."""
+    name = (name or "").strip().upper()
+    return "MR" if name.startswith("MR") or name in ("T1", "T2", "FLAIR", "T1W", "T2W") \
+        else "CT" if name.startswith("CT") else name
+
+
+def _target_card(base_card, target, dataset, in_channels, architecture, arguments, cases,
+                 spacing, strategy, base, config) -> ModelCard:
+    from TransferSegLib import networks, resources
+    from TransferSegLib.preprocess import default_normalisation
+
+    value_of = {name: value for value, name in dataset.labels.names.items()}
+    label_values = {name: value_of.get(name, channel) for channel, name in target.items()}
+    if base_card is not None:
+        data = asdict(base_card)
+        data.update(labels=target, out_channels=len(target), label_values=label_values,
+                    terminology={name: entry for name, entry in base_card.terminology.items()
+                                 if name in target.values()},
+                    in_channels=in_channels, metrics={  # the base's GPU need, until measured
+                        k: v for k, v in base_card.metrics.items()
+                        if k in resources.TRAINING_KEYS}, created=ModelCard.__dataclass_fields__[
+                        "created"].default_factory())
+        if _modality(dataset.modality) and _modality(dataset.modality) != _modality(
+                base_card.modality):
+            # Cross-modality transfer: the data's intensities follow their own recipe.
+            data.update(modality=_modality(dataset.modality),
+                        normalisation=default_normalisation(_modality(dataset.modality)))
+        lineage = list(base_card.lineage)
+    else:
+        modality = dataset.modality or "CT"
+        arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
+        data = dict(architecture=architecture, arguments=arguments, in_channels=in_channels,
+                    out_channels=len(target), labels=target, label_values=label_values,
+                    spacing=spacing, patch_size=[64, 64, 64],
+                    normalisation=default_normalisation(modality), modality=modality)
+        lineage = []
+    lineage.append({"strategy": strategy, "base": str(base) if base else None,
+                    "steps": config.steps, "data": str(dataset.source),
+                    "freeze_depth": config.freeze_depth, "lr": config.lr,
+                    "head_lr_factor": config.head_lr_factor, "warmup": config.warmup})
+    data.update(lineage=lineage, training_cases=[c.case.name for c in cases])
+    return ModelCard(**data)
+
+
+def pretrain(
+    data: Sequence[Path],
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    architecture: str = "unet",
+    arguments: dict | None = None,
+    spacing: Sequence[float] | None = None,
+    patch_size: Sequence[int] = (64, 64, 64),
+    modality: str | None = None,
+    heads: str = "shared",
+    hold_out: bool = True,
+    title: str = "",
+    description: str = "",
+    events: Events = lambda event: None,
+    resume: bool = False,
+    overwrite: bool = False,
+    cancel_file: Path | None = None,
+) -> TrainResult:
+    """Train a base model on one or several datasets whose label sets differ.
+
+    ``hold_out``: validate on 20% of each dataset's cases (with 3 or more); False validates on
+    the training cases themselves (when every case is too precious to hold out). ``title`` and
+    ``description`` go into the model card.
+
+    ``heads="shared"`` (partial labels): one output head whose labels are the union of the
+    datasets' label names; each case is annotated only for its own dataset's labels (or the
+    CSV's ``annotated`` column), so an organ one dataset does not draw is never taught as
+    background. ``heads="per-dataset"`` (Med3D's multi-domain co-training): a shared network
+    with one output head per dataset, each trained on its own dataset's cases and labels only;
+    every head is written as a model file (see :func:`train`).
+    """
+    from TransferSegLib import datasets, networks, transfer
+    from TransferSegLib.preprocess import default_normalisation
+
+    if heads not in ("shared", "per-dataset"):
+        raise InputError(f"heads must be 'shared' or 'per-dataset', not {heads!r}.")
+    config = (config or TrainConfig()).for_strategy("scratch")
+    cases: list[LabelledCase] = []
+    names: list[str] = []
+    label_sets: list[dict[int, str]] = []
+    head_names: list[str] = []
+    for index, path in enumerate(data):
+        dataset = datasets.discover(path)
+        labelled = labelled_cases(dataset, str(path))
+        for item in labelled:
+            item.head = index if heads == "per-dataset" else 0
+        cases += labelled
+        names += [n for n in dataset.labels.foreground.values() if n not in names]
+        label_sets.append({0: "background", **{i + 1: n for i, n in enumerate(
+            dataset.labels.foreground.values())}})
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent  # a CSV: its folder
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name).strip("-") or "data"
+        head_names.append(stem if stem not in head_names else f"{stem}{index}")
+        modality = modality or dataset.modality
+    # Split per dataset, so every head keeps validation cases of its own.
+    groups = [[c for c in cases if c.head == k] for k in range(max(c.head for c in cases) + 1)]
+    splits = [split_cases(group, config.seed) if hold_out else (group, group, False)
+              for group in groups]
+    cases = [c for train_part, _, _ in splits for c in train_part]
+    val_cases = [c for _, val_part, _ in splits for c in val_part]
+    target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+    arguments = networks.resolve_kwargs(architecture, **(arguments or {}))
+    modality = modality or "CT"
+    card = ModelCard(
+        architecture=architecture, arguments=arguments, in_channels=1,
+        out_channels=len(target), labels=target,
+        spacing=list(spacing) if spacing else median_spacing(cases[:5]),
+        patch_size=list(patch_size), normalisation=default_normalisation(modality),
+        modality=modality, training_cases=[c.case.name for c in cases],
+        lineage=[{"strategy": "pretrain", "data": [str(p) for p in data],
+                  "steps": config.steps}],
+        title=title, description=description,
+    )
+    if heads == "shared":
+        plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
+                                lr=config.lr, seed=config.seed)
+        return run_training(plan, card, cases, val_cases, config, out_dir, events, resume,
+                       overwrite, cancel_file)
+    cards = []
+    for k, (labels, name) in enumerate(zip(label_sets, head_names, strict=True)):
+        head_card = asdict(card)
+        head_card.update(labels=labels, out_channels=len(labels), label_values={},
+                         training_cases=[c.case.name for c in cases if c.head == k])
+        head_card["lineage"] = [dict(card.lineage[0], heads=head_names, head=name)]
+        cards.append(ModelCard(**head_card))
+    plan = transfer.prepare_multihead(architecture, arguments, 1, label_sets, head_names,
+                                      lr=config.lr, seed=config.seed)
+    return run_training(plan, cards[0], cases, val_cases, config, out_dir, events, resume,
+                   overwrite, cancel_file, cards=cards)
+
