@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 from conftest import make_image
 
-from TransferSegLib import checkpoint, cli, jobs, networks, process, volumes
+from TransferSegLib import checkpoint, cli, jobrunner, jobs, networks, process, volumes
 from TransferSegLib.errors import InputError, OutputExistsError
 
 LABELS = {1: "ball", 2: "box"}
@@ -136,7 +136,7 @@ def test_validation_cases_are_the_trainers_validation_set_and_not_trained_on(tmp
     assert [c.name for c in datasets.discover(job.dataset).cases] == ["train"]
     assert [c.name for c in datasets.discover(job.validation_dataset).cases] == ["held"]
     events = []
-    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    assert jobrunner.run_job(path, events.append) == jobs.EXIT_DONE
     validations = [e for e in events if e["event"] == "validation"]
     assert validations and not any("training cases" in e.get("message", "") for e in events)
     # A job written before validation sets were passed: the trainer splits its cases itself.
@@ -239,18 +239,18 @@ def test_bad_job_files_are_one_error_naming_the_file_and_field(tmp_path, base_mo
     change(document)
     path.write_text(json.dumps(document))
     events = []
-    assert jobs.run_job(path, events.append) == jobs.EXIT_USER_ERROR
+    assert jobrunner.run_job(path, events.append) == jobs.EXIT_USER_ERROR
     assert [e["event"] for e in events] == ["error"]
     assert str(path) in events[0]["message"] and words in events[0]["message"]
 
 
 def test_missing_and_broken_job_files(tmp_path):
     events = []
-    assert jobs.run_job(tmp_path / "none.json", events.append) == jobs.EXIT_USER_ERROR
+    assert jobrunner.run_job(tmp_path / "none.json", events.append) == jobs.EXIT_USER_ERROR
     assert "does not exist" in events[-1]["message"]
     broken = tmp_path / "job.json"
     broken.write_text('{"format": "transferseg-job",')
-    assert jobs.run_job(broken, events.append) == jobs.EXIT_USER_ERROR
+    assert jobrunner.run_job(broken, events.append) == jobs.EXIT_USER_ERROR
     assert "is not valid JSON" in events[-1]["message"]
 
 
@@ -260,7 +260,7 @@ def test_segment_and_evaluate_jobs_write_their_outputs(tmp_path, base_model):
     path = jobs.write_job(tmp_path / "seg", "segment", cases=[{"name": "scan", "image": image}],
                           params={"model": str(base_model), "device": "cpu"})
     events = []
-    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    assert jobrunner.run_job(path, events.append) == jobs.EXIT_DONE
     assert [e["event"] for e in events] == ["case", "segmented", "done"]
     output = Path(events[-1]["outputs"][0])
     assert output == tmp_path / "seg" / "output" / "scan.seg.nrrd"
@@ -273,7 +273,7 @@ def test_segment_and_evaluate_jobs_write_their_outputs(tmp_path, base_model):
     path = jobs.write_job(tmp_path / "eval", "evaluate", labels=LABELS,
                           cases=[{"name": "scan", "label": label, "prediction": label}])
     events = []
-    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    assert jobrunner.run_job(path, events.append) == jobs.EXIT_DONE
     scores = next(e for e in events if e["event"] == "scores")
     assert [(s["name"], s["dice"]) for s in scores["labels"]] == [("ball", 1.0), ("box", 1.0)]
     written = json.loads(Path(scores["path"]).read_text(encoding="utf-8"))
@@ -323,7 +323,7 @@ def test_a_job_whose_files_change_while_it_runs_stops_with_a_clear_error(tmp_pat
             else:
                 shutil.rmtree(path.parent)
 
-    assert jobs.run_job(path, meddle) == jobs.EXIT_USER_ERROR
+    assert jobrunner.run_job(path, meddle) == jobs.EXIT_USER_ERROR
     last = events[-1]
     assert last["event"] == "error" and "while the job ran" in last["message"]
     assert ("was changed" if what == "edited" else "job folder") in last["message"]
@@ -338,9 +338,9 @@ def test_a_crash_is_an_error_event_with_the_traceback_on_stderr(tmp_path, monkey
     def broken(job, emit):
         return 1 / 0
 
-    monkeypatch.setattr(jobs, "_run_evaluate", broken)
+    monkeypatch.setattr(jobrunner, "_run_evaluate", broken)
     events = []
-    assert jobs.run_job(path, events.append) == jobs.EXIT_CRASH
+    assert jobrunner.run_job(path, events.append) == jobs.EXIT_CRASH
     assert events[-1]["event"] == "error" and events[-1]["crash"]
     assert "ZeroDivisionError" in events[-1]["message"]
     assert "Traceback" in capsys.readouterr().err
@@ -616,7 +616,7 @@ def test_jobs_report_what_they_cost_and_a_short_gpu_is_warned_before_training(
     monkeypatch.setattr(resources, "free_gpu_gb", lambda device: 2.0)  # a GPU short of memory
     events = []
     path = finetune_job(tmp_path / "job", recorded, steps=2)
-    assert jobs.run_job(path, events.append) == jobs.EXIT_DONE
+    assert jobrunner.run_job(path, events.append) == jobs.EXIT_DONE
     messages = [e["message"] for e in events if e["event"] == "message"]
     assert any("2.0 GB free" in m and "10.3 GB" in m for m in messages)
     done = next(e for e in events if e["event"] == "done")
@@ -629,6 +629,6 @@ def test_jobs_report_what_they_cost_and_a_short_gpu_is_warned_before_training(
     segment = jobs.write_job(tmp_path / "seg", "segment", cases=[{"name": "a", "image": image}],
                              params={"model": str(base_model), "device": "cpu"})
     events = []
-    assert jobs.run_job(segment, events.append) == jobs.EXIT_DONE
+    assert jobrunner.run_job(segment, events.append) == jobs.EXIT_DONE
     segmented = next(e for e in events if e["event"] == "segmented")
     assert segmented["seconds"] >= 0 and segmented["cpu_peak_rss_gb"] > 0

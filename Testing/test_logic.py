@@ -2,7 +2,7 @@
 
 The scene is ``slicer-core``'s: real volume, segmentation and table nodes. Jobs run through
 the logic's injected process factory: an in-process stand-in that runs the same
-``jobs.run_job`` a child would run, on a thread, and that cancels the way ``JobProcess`` does
+``jobrunner.run_job`` a child would run, on a thread, and that cancels the way ``JobProcess`` does
 (the job folder's cancel file). Model downloads run in a real child process. What stays
 outside (Qt, the widget, PythonSlicer) is listed in the README's Slicer section.
 """
@@ -26,11 +26,11 @@ from conftest import catalog_entry, write_catalog  # noqa: E402
 from TransferSegModule import logic as module_logic  # noqa: E402
 from TransferSegModule import scene, state  # noqa: E402
 
-from TransferSegLib import jobs  # noqa: E402
+from TransferSegLib import jobrunner, jobs  # noqa: E402
 
 
 class InProcessJob:
-    """Runs a job folder's ``job.json`` with ``jobs.run_job`` on a thread: the events, exit
+    """Runs a job folder's ``job.json`` with ``jobrunner.run_job`` on a thread: the events, exit
     status and cancel file of a ``JobProcess`` child, without a child."""
 
     def __init__(self, job_json: Path):
@@ -43,7 +43,7 @@ class InProcessJob:
         return self
 
     def _run(self) -> None:
-        self.returncode = jobs.run_job(self.job_json, self.events.put)
+        self.returncode = jobrunner.run_job(self.job_json, self.events.put)
 
     @property
     def running(self) -> bool:

@@ -16,7 +16,7 @@ vtk = pytest.importorskip("vtk")
 
 from vtk.util import numpy_support  # noqa: E402
 
-from TransferSegLib import jobs, mrml, volumes  # noqa: E402
+from TransferSegLib import jobrunner, jobs, mrml, volumes  # noqa: E402
 from TransferSegLib.errors import InputError  # noqa: E402
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -338,7 +338,7 @@ def test_a_job_written_from_nodes_comes_back_as_a_new_segmentation_node(scene, t
                            params={"base": str(base), "strategy": "finetune", "steps": 4,
                                    "val_every": 4, "batch_size": 1, "device": "cpu"})
     events = []
-    assert jobs.run_job(train, events.append) == 0, events[-1]
+    assert jobrunner.run_job(train, events.append) == 0, events[-1]
     model = Path(events[-1]["model"])
     assert model.parent == train.parent / "output"
 
@@ -346,7 +346,7 @@ def test_a_job_written_from_nodes_comes_back_as_a_new_segmentation_node(scene, t
                              cases=[{"name": "CT", "image": image}],
                              params={"model": str(model), "device": "cpu"})
     events = []
-    assert jobs.run_job(segment, events.append) == 0, events[-1]
+    assert jobrunner.run_job(segment, events.append) == 0, events[-1]
     done = next(e for e in events if e["event"] == "segmented")
     table = {int(v): n for v, n in done["labels"].items()}
     result, _ = volumes.read_segmentation(done["path"]).to_label_map()

@@ -228,9 +228,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from TransferSegLib import jobs
+    from TransferSegLib import jobrunner
 
-    return jobs.run_job_printing(Path(args.job))
+    return jobrunner.run_job_printing(Path(args.job))
 
 
 class EventPrinter:

@@ -46,6 +46,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from TransferSegLib.errors import GeometryError, InputError, TransferSegError
+from TransferSegLib.events import json_safe
 from TransferSegLib.files import atomic_output
 
 # Grids within these tolerances are "the same": header round-offs (float32 NIfTI, NRRD text)
@@ -573,16 +574,6 @@ def scores_table(scores: Sequence[LabelScore]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_scores(
     scores: Sequence[LabelScore], path: str | os.PathLike, overwrite: bool = False
 ) -> Path:
@@ -613,6 +604,6 @@ def write_scores(
                 writer.writerows(rows)
             else:
                 document = {"labels": rows, "mean": mean_scores(scores)}
-                json.dump(_json_safe(document), handle, indent=2, allow_nan=False)
+                json.dump(json_safe(document), handle, indent=2, allow_nan=False)
                 handle.write("\n")
     return target

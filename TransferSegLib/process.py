@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import queue
 import signal
@@ -34,10 +33,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from TransferSegLib.errors import InputError
+from TransferSegLib.events import TERMINAL, from_line
 
 LOG_LINES = 2000  # lines of output kept for the log tail
 LINE_LIMIT = 4000  # characters kept of one line
-TERMINAL_EVENTS = ("done", "cancelled", "error")
 GRACE_S = 120.0  # how long a cancelled child may take to save and stop by itself
 TERM_S = 1.0  # from SIGTERM to SIGKILL
 # The signals that ask a job to stop; CTRL_BREAK, which a Windows process group gets, arrives
@@ -60,17 +59,6 @@ def describe_exit(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"The job was stopped by {name}."
     return f"The job stopped with exit code {returncode} without saying why."
-
-
-def event_of(line: str) -> dict | None:
-    """The event a line of the child's stdout holds, or None for other output."""
-    if not line.startswith("{"):
-        return None
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None
 
 
 # ------------------------------------------------------------------------- the process tree
@@ -207,13 +195,13 @@ class ChildProcess:
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
-            event = event_of(line) if events else None
+            event = from_line(line) if events else None
             if event is None:
                 with self._lock:
                     self._log.append(line[:LINE_LIMIT])
                 event = {"event": "log", "text": line[:LINE_LIMIT],
                          "stream": "stdout" if events else "stderr"}
-            elif event["event"] in TERMINAL_EVENTS:
+            elif event["event"] in TERMINAL:
                 self._terminal = event["event"]
                 if event["event"] == "error":
                     self._reported_error = str(event.get("message", ""))
