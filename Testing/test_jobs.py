@@ -102,7 +102,7 @@ def test_write_job_writes_exact_nrrd_inputs_and_a_versioned_job_json(tmp_path, b
     assert document["format"] == "transferseg-job" and document["version"] == jobs.VERSION
     assert document["kind"] == "finetune" and document["labels"] == {"1": "ball", "2": "box"}
     assert [c["name"] for c in document["cases"]] == ["a/b", "a b"]
-    assert document["cases"][1]["image"] == "inputs/a_b_2_image.nrrd"  # names made distinct
+    assert document["cases"][1]["image"] == "inputs/a_b-2_image.nrrd"  # names made distinct
     back = volumes.read_volume(path.parent / document["cases"][0]["image"])
     assert back.GetPixelID() == image.GetPixelID()
     assert volumes.Geometry.of(back) == volumes.Geometry.of(image)

@@ -31,9 +31,9 @@ from TransferSegLib.jobs import (
     TRAIN_SETTINGS,
     Emit,
     Job,
-    _slug,
     read_job,
 )
+from TransferSegLib.names import unique_name
 from TransferSegLib.process import STOP_SIGNALS
 
 
@@ -169,12 +169,7 @@ def _case_files(job: Job, suffix: str) -> dict[str, Path]:
     taken: set[str] = set()
     outputs = {}
     for case in job.cases:
-        slug = base = _slug(case.name)
-        number = 2
-        while slug in taken:
-            slug, number = f"{base}_{number}", number + 1
-        taken.add(slug)
-        outputs[case.name] = job.output / f"{slug}{suffix}"
+        outputs[case.name] = job.output / f"{unique_name(case.name, taken)}{suffix}"
     return outputs
 
 

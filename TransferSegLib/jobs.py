@@ -54,7 +54,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -65,6 +64,7 @@ from pathlib import Path
 from TransferSegLib import __version__
 from TransferSegLib.errors import InputError, OutputExistsError
 from TransferSegLib.files import atomic_output
+from TransferSegLib.names import unique_name
 from TransferSegLib.process import ChildProcess
 
 FORMAT = "transferseg-job"
@@ -117,11 +117,6 @@ REQUIRED = {"finetune": ("image", "label"), "segment": ("image",),
 
 
 # ------------------------------------------------------------------------------------ the folder
-def _slug(name: str) -> str:
-    """A file-name-safe form of a case name (letters, digits, ``. _ -``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "case"
-
-
 def _is_job_folder(folder: Path) -> bool:
     try:
         return json.loads((folder / JOB_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
@@ -220,11 +215,7 @@ def write_job(
     (folder / INPUTS).mkdir()
     entries, slugs = [], set()
     for case in cases:
-        slug = base = _slug(case["name"])
-        number = 2
-        while slug in slugs:
-            slug, number = f"{base}_{number}", number + 1
-        slugs.add(slug)
+        slug = unique_name(case["name"], slugs)
         entry = {"name": case["name"]}
         for role in ROLES:
             if case.get(role) is not None:

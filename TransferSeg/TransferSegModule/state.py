@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from TransferSegLib.names import normalised  # the library's one matching rule (torch-free)
+from TransferSegLib.names import normalised, unique_name  # noqa: F401 (the library's rules)
 from TransferSegLib.strategies import STRATEGIES  # the library's one tuple (torch-free)
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -107,18 +107,6 @@ def match_by_name(names: Mapping[int, str], reference: Mapping[int, str]) -> dic
     """Value in one label map -> value of the same-named label in another (0 where none)."""
     value_of = {normalised(name): value for value, name in reference.items()}
     return {int(value): int(value_of.get(normalised(name), 0)) for value, name in names.items()}
-
-
-def unique_name(name: str, taken: set[str]) -> str:
-    """``name`` made safe for a file name and different from every name in ``taken`` (which
-    it is added to): "CT 1/2" -> "CT_1_2", then "CT_1_2-2", ..."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
-    candidate, number = stem, 1
-    while candidate in taken:
-        number += 1
-        candidate = f"{stem}-{number}"
-    taken.add(candidate)
-    return candidate
 
 
 def fine_tuned_id(base: str, strategy: str, taken: Iterable[str]) -> str:
