@@ -632,3 +632,17 @@ def test_jobs_report_what_they_cost_and_a_short_gpu_is_warned_before_training(
     assert jobrunner.run_job(segment, events.append) == jobs.EXIT_DONE
     segmented = next(e for e in events if e["event"] == "segmented")
     assert segmented["seconds"] >= 0 and segmented["cpu_peak_rss_gb"] > 0
+
+
+def test_events_round_trip_as_json_lines_and_other_output_is_not_an_event():
+    from TransferSegLib import events
+
+    step = events.step(10, 100, 0.5, lr=1e-3, eta_s=float("inf"))
+    line = events.to_line(step)
+    assert line.endswith("\n") and "Infinity" not in line  # strict JSON for every reader
+    assert events.from_line(line) == {**step, "eta_s": None}
+    assert events.from_line("not json") is None and events.from_line('{"no": "kind"}') is None
+    assert events.from_line("[1, 2]") is None
+    assert events.done(model="m")["status"] == "done"
+    assert events.done(status="stopped early")["status"] == "stopped early"
+    assert set(events.TERMINAL) == {"done", "cancelled", "error"}

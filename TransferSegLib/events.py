@@ -46,3 +46,70 @@ def from_line(line: str) -> dict | None:
     except ValueError:
         return None
     return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None
+
+
+# --- one constructor per kind: the fields each kind carries -------------------------------------
+
+def start(**fields) -> dict:
+    """A training run begins: strategy, device, world, threads, lr, steps, from_step, cases,
+    validation_cases, report."""
+    return {"event": "start", **fields}
+
+
+def step(step: int, steps: int, loss: float, **fields) -> dict:
+    """Training progress (every 10th step): lr, patches_per_s, eta_s, memory peaks."""
+    return {"event": "step", "step": step, "steps": steps, "loss": loss, **fields}
+
+
+def validation(step: int, dice: float, labels: Mapping[str, float], best: float | None,
+               improved: bool) -> dict:
+    """A validation round: mean Dice, Dice per label, the best so far."""
+    return {"event": "validation", "step": step, "dice": dice, "labels": dict(labels),
+            "best": best, "improved": improved}
+
+
+def stage(step: int, number: int, text: str) -> dict:
+    return {"event": "stage", "step": step, "stage": number, "message": text}
+
+
+def checkpoint(step: int, path: str) -> dict:
+    return {"event": "checkpoint", "step": step, "path": path}
+
+
+def message(text: str) -> dict:
+    """Something the user should read (a warning, a choice made for them)."""
+    return {"event": "message", "message": text}
+
+
+def log(text: str, **fields) -> dict:
+    """A line a child printed that was not an event."""
+    return {"event": "log", "text": text, **fields}
+
+
+def case(name: str, index: int, count: int, text: str) -> dict:
+    """A segment or evaluate job starts on one of its cases."""
+    return {"event": "case", "case": name, "index": index, "count": count, "message": text}
+
+
+def segmented(name: str, path: str, labels: Mapping, **fields) -> dict:
+    """One case of a segment job is written: its file, labels, seconds and memory peaks."""
+    return {"event": "segmented", "case": name, "path": path, "labels": dict(labels), **fields}
+
+
+def scores(name: str, path: str, **fields) -> dict:
+    """One case of an evaluate job is scored."""
+    return {"event": "scores", "case": name, "path": path, **fields}
+
+
+def done(**fields) -> dict:
+    """The job finished: model, last, step, best_dice (training) or outputs; seconds."""
+    return {"event": "done", "status": fields.pop("status", "done"), **fields}
+
+
+def cancelled(**fields) -> dict:
+    """The job stopped when asked; a training job names the model so far."""
+    return {"event": "cancelled", "status": "cancelled", **fields}
+
+
+def error(text: str, **fields) -> dict:
+    return {"event": "error", "message": text, **fields}

@@ -20,6 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
+from TransferSegLib import events as ev
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.events import to_line
 from TransferSegLib.jobs import (
@@ -115,7 +116,7 @@ def run_job(job_json: str | os.PathLike, emit: Emit) -> int:
 
     def report(message: str, **extra) -> None:
         with contextlib.suppress(Exception):  # the reader may be gone: nothing left to tell
-            emit({"event": "error", "message": message, **extra})
+            emit(ev.error(message, **extra))
 
     try:
         watch = _JobWatch(path)  # before reading: an edit right after the read is noticed
@@ -126,7 +127,7 @@ def run_job(job_json: str | os.PathLike, emit: Emit) -> int:
         return runner(job, checked_emit)
     except Cancelled:
         with contextlib.suppress(Exception):
-            emit({"event": "cancelled", "status": "cancelled"})
+            emit(ev.cancelled())
         return EXIT_CANCELLED
     except TransferSegError as error:
         problem = watch.problem() if watch else None
@@ -149,8 +150,8 @@ def _run_finetune(job: Job, emit: Emit) -> int:
     config = training.TrainConfig(**{k: params[k] for k in TRAIN_SETTINGS if k in params})
     job.output.mkdir(parents=True, exist_ok=True)
     if job.validation == "training":
-        emit({"event": "message", "message": "no case is marked for validation: validation "
-              "uses the training cases, so its Dice says how well they are fitted"})
+        emit(ev.message("no case is marked for validation: validation uses the training "
+                        "cases, so its Dice says how well they are fitted"))
     # While it trains, the trainer's own handler turns SIGTERM into a clean stop with a saved
     # model; before and after, _cancel_on_signals stops the job.
     with _cancel_on_signals():
@@ -183,8 +184,7 @@ def _run_segment(job: Job, emit: Emit) -> int:
     device = select_device(params["device"])
     with _cancel_on_signals():
         for index, case in enumerate(job.cases):
-            emit({"event": "case", "case": case.name, "index": index, "count": len(job.cases),
-                  "message": f"segmenting {case.name}"})
+            emit(ev.case(case.name, index, len(job.cases), f"segmenting {case.name}"))
             resources.reset(device)
             case_start = time.perf_counter()
             result = segment_file(
@@ -192,12 +192,12 @@ def _run_segment(job: Job, emit: Emit) -> int:
                 overwrite=params["overwrite"], device=params["device"],
                 overlap=float(params["overlap"]), batch_size=params["batch_size"],
             )
-            emit({"event": "segmented", "case": case.name, "path": str(outputs[case.name]),
-                  "labels": {str(v): n for v, n in result.labels.items()},
-                  "seconds": round(time.perf_counter() - case_start, 2),
-                  **resources.peak(device)})
-    emit({"event": "done", "status": "done", "outputs": [str(p) for p in outputs.values()],
-          "seconds": round(time.perf_counter() - start, 1)})
+            emit(ev.segmented(case.name, str(outputs[case.name]),
+                              {str(v): n for v, n in result.labels.items()},
+                              seconds=round(time.perf_counter() - case_start, 2),
+                              **resources.peak(device)))
+    emit(ev.done(outputs=[str(p) for p in outputs.values()],
+                 seconds=round(time.perf_counter() - start, 1)))
     return EXIT_DONE
 
 
@@ -210,8 +210,7 @@ def _run_evaluate(job: Job, emit: Emit) -> int:
     outputs = _case_files(job, "_scores.json")
     with _cancel_on_signals():
         for index, case in enumerate(job.cases):
-            emit({"event": "case", "case": case.name, "index": index, "count": len(job.cases),
-                  "message": f"scoring {case.name}"})
+            emit(ev.case(case.name, index, len(job.cases), f"scoring {case.name}"))
             scores = metrics.evaluate(
                 read_label(case.prediction), read_label(case.label), job.labels or None,
                 prediction_name=f"the prediction of case {case.name!r}",
@@ -219,11 +218,11 @@ def _run_evaluate(job: Job, emit: Emit) -> int:
                 lesion_wise=params["lesion_wise"],
             )
             metrics.write_scores(scores, outputs[case.name], overwrite=params["overwrite"])
-            emit({"event": "scores", "case": case.name, "path": str(outputs[case.name]),
-                  "labels": [dataclasses.asdict(score) for score in scores],
-                  "mean": metrics.mean_scores(scores)})
-    emit({"event": "done", "status": "done", "outputs": [str(p) for p in outputs.values()],
-          "seconds": round(time.perf_counter() - start, 1)})
+            emit(ev.scores(case.name, str(outputs[case.name]),
+                           labels=[dataclasses.asdict(score) for score in scores],
+                           mean=metrics.mean_scores(scores)))
+    emit(ev.done(outputs=[str(p) for p in outputs.values()],
+                 seconds=round(time.perf_counter() - start, 1)))
     return EXIT_DONE
 
 

@@ -32,8 +32,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from TransferSegLib import events as ev
 from TransferSegLib.errors import InputError
-from TransferSegLib.events import TERMINAL, from_line
 
 LOG_LINES = 2000  # lines of output kept for the log tail
 LINE_LIMIT = 4000  # characters kept of one line
@@ -195,13 +195,12 @@ class ChildProcess:
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
-            event = from_line(line) if events else None
+            event = ev.from_line(line) if events else None
             if event is None:
                 with self._lock:
                     self._log.append(line[:LINE_LIMIT])
-                event = {"event": "log", "text": line[:LINE_LIMIT],
-                         "stream": "stdout" if events else "stderr"}
-            elif event["event"] in TERMINAL:
+                event = ev.log(line[:LINE_LIMIT], stream="stdout" if events else "stderr")
+            elif event["event"] in ev.TERMINAL:
                 self._terminal = event["event"]
                 if event["event"] == "error":
                     self._reported_error = str(event.get("message", ""))
@@ -223,13 +222,11 @@ class ChildProcess:
         self._returncode = returncode
         if self._cancelled:
             if self._terminal != "cancelled":
-                self._events.put({"event": "cancelled", "status": "cancelled",
-                                  "returncode": returncode})
+                self._events.put(ev.cancelled(returncode=returncode))
         elif returncode != 0 and self._reported_error is None:
             self._crash_error = (f"{describe_exit(returncode)}\nLast lines of its log:\n"
                                  f"{self.log_tail(20)}")
-            self._events.put({"event": "error", "message": self._crash_error,
-                              "returncode": returncode})
+            self._events.put(ev.error(self._crash_error, returncode=returncode))
         self._finished.set()
 
     # -- the public state

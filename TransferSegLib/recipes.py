@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from TransferSegLib import events as ev
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import InputError
 from TransferSegLib.sampling import LabelledCase, labelled_cases, median_spacing, split_cases
@@ -57,8 +58,8 @@ def finetune(
     events = _rank_zero(events)
     if strategy == "two-stage" and not config.patience:
         config = replace(config, patience=2)  # the second stage starts on a plateau
-        events({"event": "message", "message": "two-stage: unfreezing after 2 validations "
-                "without improvement (set --patience to change)"})
+        events(ev.message("two-stage: unfreezing after 2 validations without improvement "
+                          "(set --patience to change)"))
     dataset = datasets.discover(data)
     cases = labelled_cases(dataset, str(data))
     if val_data is not None:
@@ -92,14 +93,14 @@ def finetune(
             if name in card.labels.values() and entry}})
     ratio = max(s / m for s, m in zip(spacing, card.spacing, strict=True))
     if card.modality != (base_card.modality if base_card else card.modality):
-        events({"event": "message", "message": (
+        events(ev.message(
             f"cross-modality transfer ({base_card.modality} base, {card.modality} data): "
-            f"intensities normalised as {card.normalisation['kind']}")})
+            f"intensities normalised as {card.normalisation['kind']}"))
     if ratio > 2 or ratio < 0.5:
-        events({"event": "message", "message": (
+        events(ev.message(
             f"the data's voxels ({' x '.join(f'{s:.2g}' for s in spacing)} mm) differ from "
             f"the model's ({' x '.join(f'{s:.2g}' for s in card.spacing)} mm): cases are "
-            "resampled to the model's spacing")})
+            "resampled to the model's spacing"))
     plan = transfer.prepare(
         strategy, card.architecture, card.arguments, base_model, base_card, target,
         in_channels, lr=config.lr, head_lr_factor=config.head_lr_factor,
@@ -107,10 +108,9 @@ def finetune(
         seed=config.seed,
     )
     if val_data is None and len(val_cases) and val_cases[0] is cases[0]:
-        events({"event": "message", "message": "fewer than 3 labelled cases: validation "
-                "uses the training cases"})
+        events(ev.message("fewer than 3 labelled cases: validation uses the training cases"))
     return run_training(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
-                   cancel_file)
+                        cancel_file)
 
 
 def _checked_patch(card: ModelCard, patch_size: Sequence[int]) -> list[int]:

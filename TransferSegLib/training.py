@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from TransferSegLib import events as ev
 from TransferSegLib.checkpoint import ModelCard, save_model
 from TransferSegLib.errors import InputError, ModelFileError, TransferSegError
 from TransferSegLib.files import (
@@ -338,14 +339,14 @@ def train(
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    emit({"event": "start", "strategy": plan.strategy, "device": str(device), "world": world,
-          "threads": torch.get_num_threads() if device.type == "cpu" else None,
-          "lr": config.lr, "head_lr_factor": config.head_lr_factor, "warmup": config.warmup,
-          "steps": config.steps, "from_step": meta["step"], "cases": len(train_cases),
-          "validation_cases": len(val_cases), "report": plan.report})
+    emit(ev.start(strategy=plan.strategy, device=str(device), world=world,
+                  threads=torch.get_num_threads() if device.type == "cpu" else None,
+                  lr=config.lr, head_lr_factor=config.head_lr_factor, warmup=config.warmup,
+                  steps=config.steps, from_step=meta["step"], cases=len(train_cases),
+                  validation_cases=len(val_cases), report=plan.report))
     warning = resources.memory_warning(card.metrics, card.patch_size, config.batch_size, device)
     if warning:
-        emit({"event": "message", "message": warning})
+        emit(ev.message(warning))
 
     start_time, status = time.perf_counter(), "done"
     first_step = meta["step"]
@@ -394,11 +395,11 @@ def train(
             done = step + 1 - first_step
             if rank == 0 and (step % 10 == 0 or step + 1 == config.steps):
                 meta["resources"] = resources.peak(device)
-                emit({"event": "step", "step": step + 1, "steps": config.steps,
-                      "loss": round(loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
-                      "patches_per_s": round(done * config.batch_size * world / elapsed, 2),
-                      "eta_s": round(elapsed / done * (config.steps - step - 1), 1),
-                      **meta["resources"]})
+                emit(ev.step(step + 1, config.steps, round(loss.item(), 5),
+                             lr=optimizer.param_groups[0]["lr"],
+                             patches_per_s=round(done * config.batch_size * world / elapsed, 2),
+                             eta_s=round(elapsed / done * (config.steps - step - 1), 1),
+                             **meta["resources"]))
 
             decision = CONTINUE
             if val_cases and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
@@ -411,15 +412,15 @@ def train(
                     meta.update(stage=2, bad_rounds=0)
                     optimizer = make_optimizer(plan.param_groups, config)
                     wrapped = distributed.wrap(model, device)
-                    emit({"event": "stage", "step": step + 1, "stage": 2,
-                          "message": "validation Dice stopped improving: all layers unfrozen"})
+                    emit(ev.stage(step + 1, 2,
+                                  "validation Dice stopped improving: all layers unfrozen"))
             stop = decision == STOP
             cancelled = distributed.any_rank(cancel.requested, device)
             if rank == 0 and (cancelled or stop or (step + 1) % config.checkpoint_every == 0):
                 if multi:
                     model.select(0)  # resume loads into the same head selection
                 save_state(state_path, model, optimizer, meta)
-                emit({"event": "checkpoint", "step": step + 1, "path": str(state_path)})
+                emit(ev.checkpoint(step + 1, str(state_path)))
             if cancelled:
                 status = "cancelled"
                 break
@@ -436,9 +437,10 @@ def train(
         if meta["best"] is None or not best.exists():
             _save_models(best, model, card, cards, meta, config)
         seconds = time.perf_counter() - start_time
-        emit({"event": "cancelled" if status == "cancelled" else "done", "status": status,
-              "model": str(best), "last": str(last), "step": meta["step"],
-              "best_dice": meta["best"], "seconds": round(seconds, 1), **meta["resources"]})
+        outcome = dict(model=str(best), last=str(last), step=meta["step"], best_dice=meta["best"],
+                       seconds=round(seconds, 1), **meta["resources"])
+        emit(ev.cancelled(**outcome) if status == "cancelled" else
+             ev.done(status=status, **outcome))
     distributed.barrier()
     return TrainResult(best, status, meta["step"], meta["best"], meta["history"],
                        time.perf_counter() - start_time)
@@ -506,9 +508,8 @@ def _validation_round(model, val_cases, card, device, config, meta, plan, emit,
         _save_models(out_dir / "model.safetensors", model, card, cards, meta, config)
     else:
         meta["bad_rounds"] += 1
-    emit({"event": "validation", "step": meta["step"], "dice": round(mean, 5),
-          "labels": {k: round(v, 5) for k, v in scores.items()}, "best": meta["best"],
-          "improved": improved})
+    emit(ev.validation(meta["step"], round(mean, 5), {k: round(v, 5) for k, v in scores.items()},
+                       meta["best"], improved))
     if config.patience and meta["bad_rounds"] >= config.patience:
         return UNFREEZE if plan.strategy == "two-stage" and meta["stage"] == 1 else STOP
     return CONTINUE
@@ -565,12 +566,12 @@ def run_training(
         if lock:
             _check_output(out_dir, resume, overwrite)  # under the lock: no other job there
             if lock.stale_pid:
-                events({"event": "message", "message": (
+                events(ev.message(
                     f"{out_dir} was locked by process {lock.stale_pid}, which no longer runs "
-                    "(killed or crashed): taking the folder over")})
+                    "(killed or crashed): taking the folder over"))
             for path in remove_stale_partials(out_dir):
-                events({"event": "message", "message": f"removed {path.name}, an unfinished "
-                        "file of the stopped process"})
+                events(ev.message(f"removed {path.name}, an unfinished file of the stopped "
+                                  "process"))
         if overwrite and not resume and distributed.rank() == 0:
             for name in ("state.safetensors", "progress.jsonl"):
                 (out_dir / name).unlink(missing_ok=True)

@@ -268,7 +268,7 @@ class JobMonitor:
             self.dices.append((int(event.get("step", self.step)), self.dice))
             if self.best_dice is None or self.dice > self.best_dice:
                 self.best_dice = self.dice
-            self.per_label = dict(event.get("per_label") or event.get("labels") or {})
+            self.per_label = dict(event.get("labels") or {})
             labels = ", ".join(f"{name} {value:.3f}" for name, value in self.per_label.items())
             return (f"step {event.get('step', self.step)}: validation Dice {self.dice:.3f}"
                     + (f" ({labels})" if labels else ""))
