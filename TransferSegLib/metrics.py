@@ -49,11 +49,6 @@ from TransferSegLib.errors import GeometryError, InputError, TransferSegError
 from TransferSegLib.events import json_safe
 from TransferSegLib.files import atomic_output
 
-# Grids within these tolerances are "the same": header round-offs (float32 NIfTI, NRRD text)
-# are far below, a real half-voxel shift or a flipped axis far above.
-SPACING_ORIGIN_TOLERANCE_MM = 1e-4
-DIRECTION_TOLERANCE = 1e-6
-
 HD_PERCENTILE = 95.0
 
 Spacing = Sequence[float]
@@ -325,31 +320,18 @@ class LabelScore:
 def _check_same_grid(
     prediction: sitk.Image, reference: sitk.Image, prediction_name: str, reference_name: str
 ) -> None:
-    problems = []
+    """The library's one same-grid rule (:meth:`TransferSegLib.volumes.Geometry.matches`),
+    with the fix that fits scoring."""
+    from TransferSegLib.volumes import Geometry
+
     if prediction.GetDimension() != reference.GetDimension():
-        problems.append(f"{prediction.GetDimension()}D vs {reference.GetDimension()}D")
-    elif prediction.GetSize() != reference.GetSize():
-        problems.append(
-            "size " + "x".join(map(str, prediction.GetSize()))
-            + " vs " + "x".join(map(str, reference.GetSize()))
-        )
+        problem = f"{prediction.GetDimension()}D vs {reference.GetDimension()}D"
     else:
-        for what, tolerance, unit in (
-            ("Spacing", SPACING_ORIGIN_TOLERANCE_MM, " mm"),
-            ("Origin", SPACING_ORIGIN_TOLERANCE_MM, " mm"),
-            ("Direction", DIRECTION_TOLERANCE, ""),
-        ):
-            a = np.asarray(getattr(prediction, f"Get{what}")())
-            b = np.asarray(getattr(reference, f"Get{what}")())
-            if np.max(np.abs(a - b)) > tolerance:
-                problems.append(
-                    f"{what.lower()} {tuple(np.round(a, 6).tolist())} vs "
-                    f"{tuple(np.round(b, 6).tolist())}{unit}"
-                )
-    if problems:
+        problem = "; ".join(Geometry.of(prediction).differences(Geometry.of(reference)))
+    if problem:
         raise GeometryError(
             f"{prediction_name} and {reference_name} are not on the same voxel grid "
-            f"({'; '.join(problems)}); resample the prediction onto the reference grid "
+            f"({problem}); resample the prediction onto the reference grid "
             "(nearest neighbour: transferseg evaluate --resample) before evaluating."
         )
 

@@ -76,15 +76,23 @@ class Geometry:
         )
 
     def matches(self, other: Geometry, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
-        """True if both grids have the same size and agree within ``tolerance`` of a voxel."""
+        """True if both grids have the same size and agree within ``tolerance`` of a voxel:
+        the library's one rule for "the same voxel grid"."""
+        return not self.differences(other, tolerance)
+
+    def differences(self, other: Geometry, tolerance: float = GEOMETRY_TOLERANCE) -> list[str]:
+        """What differs between the two grids, as "spacing (1, 1, 1) vs (1, 1, 2)" phrases."""
+        def text(values) -> str:
+            return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
         if self.size != other.size:
-            return False
+            return [f"size {'x'.join(map(str, self.size))} vs {'x'.join(map(str, other.size))}"]
         voxel = min(self.spacing)
-        return (
-            np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=0)
-            and np.allclose(self.origin, other.origin, rtol=0, atol=tolerance * voxel)
-            and np.allclose(self.direction, other.direction, rtol=0, atol=tolerance)
-        )
+        checks = (("spacing", self.spacing, other.spacing, tolerance, 0.0),  # relative
+                  ("origin", self.origin, other.origin, 0.0, tolerance * voxel),
+                  ("direction", self.direction, other.direction, 0.0, tolerance))
+        return [f"{name} {text(a)} vs {text(b)}" for name, a, b, rtol, atol in checks
+                if not np.allclose(a, b, rtol=rtol, atol=atol)]
 
     def describe(self) -> str:
         spacing = " x ".join(f"{v:.4g}" for v in self.spacing)
