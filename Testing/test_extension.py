@@ -447,6 +447,27 @@ def test_weights_that_need_onnx_or_h5py_ask_for_them_with_the_projects_ranges(
                       False, "TransferSeg")]
 
 
+def test_the_module_loads_on_an_old_slicer_to_say_it_is_too_old():
+    """On Slicer 5.8 (Python 3.9) the module must load far enough to show its one message:
+    every file it imports at load time parses as Python 3.9 and defers its annotations (an
+    ``X | None`` evaluated at import is a TypeError on 3.9; checked by hand with a real 3.9)."""
+    loaded = [MODULE_DIR / "TransferSeg.py", *sorted((MODULE_DIR / "TransferSegModule").glob(
+        "*.py")), *(ROOT / "TransferSegLib" / f"{n}.py" for n in ("names", "strategies",
+                                                                  "errors", "__init__"))]
+    for path in loaded:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source, str(path), feature_version=(3, 9))
+        if "from __future__ import annotations" in source:
+            continue
+        annotations = [n.annotation for n in ast.walk(tree)
+                       if isinstance(n, (ast.arg, ast.AnnAssign)) and n.annotation is not None]
+        annotations += [n.returns for n in ast.walk(tree)
+                        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.returns]
+        union = [ast.unparse(a) for a in annotations for b in ast.walk(a)
+                 if isinstance(b, ast.BinOp) and isinstance(b.op, ast.BitOr)]
+        assert not union, f"{path.name}: {union[0]} is evaluated at import"
+
+
 def test_an_old_slicer_gets_one_message(monkeypatch):
     assert dependencies.unsupported() is None
     monkeypatch.setattr(sys, "version_info", (3, 9, 10, "final", 0))

@@ -11,6 +11,8 @@ A package rather than files beside ``TransferSeg.py``: Slicer treats every top-l
 file of a scripted-module folder as a module of its own.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import sys
 from pathlib import Path

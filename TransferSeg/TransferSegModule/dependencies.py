@@ -6,6 +6,8 @@ extension are imported only when something is installed, so the rest works (and 
 without Slicer.
 """
 
+from __future__ import annotations
+
 import importlib
 import importlib.util
 import os

@@ -7,6 +7,8 @@ SimpleITK are imported inside the functions, because the module must load before
 installed.
 """
 
+from __future__ import annotations
+
 import math
 
 import slicer
