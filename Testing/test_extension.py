@@ -26,7 +26,14 @@ MODULE_FILE = MODULE_DIR / "TransferSeg.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "TransferSeg.ui"
 sys.path.insert(0, str(MODULE_DIR))
 
-from TransferSegModule import dependencies, state  # noqa: E402
+from TransferSegModule import (  # noqa: E402
+    annotation,
+    catalog,
+    dependencies,
+    environment,
+    jobstate,
+    matching,
+)
 
 # The fields and types of Slicer's ExtensionsIndex catalog entry schema
 # (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json in the Slicer repository).
@@ -261,7 +268,8 @@ def test_module_uses_only_what_exists():
     logic_names |= {t.attr for logic in logics for n in ast.walk(logic)
                     if isinstance(n, ast.Assign) for t in ast.walk(n)
                     if isinstance(t, ast.Attribute)}
-    modules = {"state": state, "scene": scene, "dependencies": dependencies}
+    modules = {"scene": scene, "dependencies": dependencies, "catalog": catalog,
+               "environment": environment, "jobstate": jobstate, "matching": matching}
     for node in ast.walk(tree):
         if not isinstance(node, ast.Attribute):
             continue
@@ -324,8 +332,10 @@ def test_the_self_test_reports_what_is_missing_and_passes_as_skipped():
 def test_the_module_uses_the_librarys_strategies_and_devices():
     from TransferSegLib import strategies
 
-    assert state.STRATEGIES is strategies.STRATEGIES  # one tuple, not a copy kept in step
-    assert state.DEVICES == ("auto", "cuda", "cpu")
+    module = ast.unparse(module_tree())  # the parameter node's choices come from the library
+    assert "from TransferSegLib.strategies import STRATEGIES" in module
+    assert "Choice(list(STRATEGIES))" in module and strategies.STRATEGIES[0] == "scratch"
+    assert environment.DEVICES == ("auto", "cuda", "cpu")
 
 
 # --- icon and requirements --------------------------------------------------------------------
@@ -342,9 +352,9 @@ def test_icon_is_a_128_pixel_png(path):
 
 def test_requirements_leave_core_packages_alone_and_cap_every_range():
     text = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8")
-    lines = state.read_requirements(text)
-    assert lines and not {state.requirement_name(line) for line in lines} & set(
-        state.CORE_PACKAGES)
+    lines = environment.read_requirements(text)
+    assert lines and not {environment.requirement_name(line) for line in lines} & set(
+        environment.CORE_PACKAGES)
     for line in lines:
         assert re.search(r"<\s*[\d.]+", line), f"no upper bound: {line}"
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
@@ -352,29 +362,30 @@ def test_requirements_leave_core_packages_alone_and_cap_every_range():
                       re.S | re.M).group(1)
     declared = re.findall(r'^\s*"([^"]+)"', block, re.M)
     assert "torch>=2.1,<3" in declared
-    expected = {state.requirement_name(d): d.replace(" ", "") for d in declared
-                if state.requirement_name(d) not in state.CORE_PACKAGES}
-    assert {state.requirement_name(line): line.replace(" ", "") for line in lines} == expected
+    expected = {environment.requirement_name(d): d.replace(" ", "") for d in declared
+                if environment.requirement_name(d) not in environment.CORE_PACKAGES}
+    assert {environment.requirement_name(line): line.replace(" ", "") for line in lines} == expected
 
 
 def test_monai_is_narrowed_to_the_releases_that_support_the_installed_torch():
     # Each MONAI release's own torch floor (Requires-Dist): 1.6.0 torch>=2.8.0,
     # 1.5.1 torch>=2.4.1, 1.4.0 torch>=1.9.
-    assert state.monai_requirement("2.13.0") == "monai>=1.5.1,<1.7"
-    assert state.monai_requirement("2.8.0+cu128") == "monai>=1.5.1,<1.7"
-    assert state.monai_requirement("2.7.1+cu118") == "monai>=1.5.1,<1.6"
-    assert state.monai_requirement("2.4.1") == "monai>=1.5.1,<1.6"
-    assert state.monai_requirement("2.4.0") == "monai>=1.3,<1.5"
+    assert environment.monai_requirement("2.13.0") == "monai>=1.5.1,<1.7"
+    assert environment.monai_requirement("2.8.0+cu128") == "monai>=1.5.1,<1.7"
+    assert environment.monai_requirement("2.7.1+cu118") == "monai>=1.5.1,<1.6"
+    assert environment.monai_requirement("2.4.1") == "monai>=1.5.1,<1.6"
+    assert environment.monai_requirement("2.4.0") == "monai>=1.3,<1.5"
     with pytest.raises(ValueError, match="PyTorch 2.1 or newer.*2.0.1 is installed"):
-        state.monai_requirement("2.0.1")
-    lines = state.read_requirements(dependencies.REQUIREMENTS.read_text(encoding="utf-8"))
-    narrowed = state.install_requirements(lines, {"torch": "2.5.1+cu121", "numpy": "2.1.0"})
+        environment.monai_requirement("2.0.1")
+    lines = environment.read_requirements(dependencies.REQUIREMENTS.read_text(encoding="utf-8"))
+    narrowed = environment.install_requirements(lines, {"torch": "2.5.1+cu121", "numpy": "2.1.0"})
     assert "monai>=1.5.1,<1.6" in narrowed and len(narrowed) == len(lines)
     assert [line for line in narrowed if not line.startswith("monai")] == [
         line for line in lines if not line.startswith("monai")]
     with pytest.raises(ValueError, match="install it with the PyTorch extension"):
-        state.install_requirements(lines, {"numpy": "2.1.0"})
-    assert state.version_tuple("2.5.1+cu121") == (2, 5, 1) and state.version_tuple("x") == ()
+        environment.install_requirements(lines, {"numpy": "2.1.0"})
+    assert environment.version_tuple("2.5.1+cu121") == (2, 5, 1)
+    assert environment.version_tuple("x") == ()
 
 
 def fake_slicer(tmp_path, pydeps: bool):
@@ -397,7 +408,7 @@ def fake_slicer(tmp_path, pydeps: bool):
             calls.append(("ensure", requirements, constraints, prompt_install, requester))
 
         module.pip_ensure = pip_ensure
-        module.load_requirements = lambda path: state.read_requirements(
+        module.load_requirements = lambda path: environment.read_requirements(
             Path(path).read_text(encoding="utf-8"))
         slicer.pydeps = module
         modules["slicer.pydeps"] = module
@@ -415,10 +426,10 @@ def test_install_constrains_the_core_packages_and_asks_nothing_itself(tmp_path, 
     dependencies.install()
     installed = dependencies.installed_core_versions()
     pins = (tmp_path / "TransferSeg-constraints.txt").read_text(encoding="utf-8")
-    assert pins == state.constraints(installed) and f"torch=={installed['torch']}" in pins
-    wanted = state.read_requirements(
+    assert pins == environment.constraints(installed) and f"torch=={installed['torch']}" in pins
+    wanted = environment.read_requirements(
         (tmp_path / "TransferSeg-requirements.txt").read_text(encoding="utf-8"))
-    assert state.monai_requirement(installed["torch"]) in wanted
+    assert environment.monai_requirement(installed["torch"]) in wanted
     if pydeps:
         assert calls == [("ensure", wanted, str(tmp_path / "TransferSeg-constraints.txt"),
                           False, "TransferSeg")]
@@ -431,8 +442,8 @@ def test_weights_that_need_onnx_or_h5py_ask_for_them_with_the_projects_ranges(
         tmp_path, monkeypatch):
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     extra = re.search(r"^import = \[(.*?)\]", pyproject, re.M).group(1)
-    assert sorted(state.IMPORT_PACKAGES.values()) == sorted(re.findall(r'"([^"]+)"', extra))
-    assert state.import_requirements(["model_v1.onnx", "unet3d_Isomulti1v810.h5", "x.pth",
+    assert sorted(environment.IMPORT_PACKAGES.values()) == sorted(re.findall(r'"([^"]+)"', extra))
+    assert environment.import_requirements(["model_v1.onnx", "unet3d_Isomulti1v810.h5", "x.pth",
                                       "other.ONNX"]) == ["onnx>=1.14,<2", "h5py>=3.8,<4"]
     assert dependencies.missing_for_import(["model_v1.onnx"]) == []  # installed here
     real = importlib.util.find_spec
@@ -481,12 +492,12 @@ def test_an_old_slicer_gets_one_message(monkeypatch):
 
 
 def test_requirement_helpers():
-    assert state.requirement_name("SimpleITK>=2.3,<3") == "simpleitk"
-    assert state.requirement_name("monai[nibabel] >=1.3  # comment") == "monai"
-    assert state.requirement_name("# only a comment") == ""
-    assert state.read_requirements("# head\nmonai>=1.3,<1.7  # why\n\neinops<1\n") == [
+    assert environment.requirement_name("SimpleITK>=2.3,<3") == "simpleitk"
+    assert environment.requirement_name("monai[nibabel] >=1.3  # comment") == "monai"
+    assert environment.requirement_name("# only a comment") == ""
+    assert environment.read_requirements("# head\nmonai>=1.3,<1.7  # why\n\neinops<1\n") == [
         "monai>=1.3,<1.7", "einops<1"]
-    pins = state.constraints({"numpy": "1.26.4", "SimpleITK": "2.3.1", "torch": "2.5.0",
+    pins = environment.constraints({"numpy": "1.26.4", "SimpleITK": "2.3.1", "torch": "2.5.0",
                               "monai": "1.4.0"})
     assert pins == "SimpleITK==2.3.1\nnumpy==1.26.4\ntorch==2.5.0\n"
 
@@ -497,71 +508,71 @@ MODEL = {0: "background", 1: "liver", 2: "left kidney", 3: "spleen"}
 
 
 def test_segments_match_model_labels_by_name():
-    mapping = state.match_segments(["Liver", "Left_kidney", "tumour", "Background"], MODEL)
+    mapping = matching.match_segments(["Liver", "Left_kidney", "tumour", "Background"], MODEL)
     assert mapping == {"Liver": "liver", "Left_kidney": "left kidney", "tumour": "tumour",
-                       "Background": state.IGNORE}
-    assert state.unmatched(mapping, MODEL) == ["tumour"]
+                       "Background": matching.IGNORE}
+    assert matching.unmatched(mapping, MODEL) == ["tumour"]
 
 
 def test_training_labels_keep_the_model_order_then_new_ones():
-    mapping = {"tumour": "tumour", "Spleen": "spleen", "Liver": "liver", "fat": state.IGNORE}
-    labels = state.training_labels(mapping, MODEL)
+    mapping = {"tumour": "tumour", "Spleen": "spleen", "Liver": "liver", "fat": matching.IGNORE}
+    labels = matching.training_labels(mapping, MODEL)
     assert labels == {0: "background", 1: "liver", 2: "spleen", 3: "tumour"}
-    assert state.training_labels({"x": state.IGNORE}, MODEL) == {0: "background"}
+    assert matching.training_labels({"x": matching.IGNORE}, MODEL) == {0: "background"}
 
 
 def test_relabel_maps_segment_values_to_training_values():
     labels = {0: "background", 1: "liver", 2: "tumour"}
-    lookup = state.relabel({1: "tumour", 2: "Liver", 3: "fat"},
-                           {"tumour": "tumour", "Liver": "liver", "fat": state.IGNORE}, labels)
+    lookup = matching.relabel({1: "tumour", 2: "Liver", 3: "fat"},
+                           {"tumour": "tumour", "Liver": "liver", "fat": matching.IGNORE}, labels)
     assert lookup == {1: 2, 2: 1, 3: 0}
     array = np.array([[0, 1, 2], [3, 2, 1]], dtype=np.uint8)
-    out = state.relabel_array(array, lookup)
+    out = matching.relabel_array(array, lookup)
     assert out.tolist() == [[0, 2, 1], [0, 1, 2]] and out.dtype == np.uint16
-    assert state.relabel_array(np.array([[5]]), {}).tolist() == [[0]]  # unmapped -> background
+    assert matching.relabel_array(np.array([[5]]), {}).tolist() == [[0]]  # unmapped -> background
 
 
 def test_name_matching_between_label_maps():
-    assert state.match_by_name({1: "Liver", 2: "tumour"}, {4: "liver", 7: "spleen"}) == {
+    assert matching.match_by_name({1: "Liver", 2: "tumour"}, {4: "liver", 7: "spleen"}) == {
         1: 4, 2: 0}
-    assert state.shared_labels({1: "Liver"}, {0: "background", 4: "liver", 7: "spleen"}) == {
+    assert matching.shared_labels({1: "Liver"}, {0: "background", 4: "liver", 7: "spleen"}) == {
         4: "liver"}
-    assert state.catalog_labels({"1": "liver", "2": "spleen"}) == {
+    assert matching.catalog_labels({"1": "liver", "2": "spleen"}) == {
         0: "background", 1: "liver", 2: "spleen"}
-    assert state.catalog_labels(["brain"]) == {0: "background", 1: "brain"}
-    assert state.catalog_labels({"0": "bg", "1": "x"}) == {0: "bg", 1: "x"}
+    assert matching.catalog_labels(["brain"]) == {0: "background", 1: "brain"}
+    assert matching.catalog_labels({"0": "bg", "1": "x"}) == {0: "bg", 1: "x"}
 
 
 def test_names_for_files_and_models():
     taken: set[str] = set()
-    assert [state.unique_name(n, taken) for n in ("CT 1/2", "CT 1/2", "", "..")] == [
+    assert [matching.unique_name(n, taken) for n in ("CT 1/2", "CT 1/2", "", "..")] == [
         "CT_1_2", "CT_1_2-2", "case", "case-2"]
-    assert state.fine_tuned_id("liver-ct", "finetune", ["liver-ct-finetune-1"]) == \
+    assert matching.fine_tuned_id("liver-ct", "finetune", ["liver-ct-finetune-1"]) == \
         "liver-ct-finetune-2"
-    assert state.fine_tuned_id("", "scratch", []) == "new-scratch-1"
-    assert state.fine_tuned_id("liver-ct-finetune-2", "two-stage", ["liver-ct-two-stage-1"]) == \
+    assert matching.fine_tuned_id("", "scratch", []) == "new-scratch-1"
+    assert matching.fine_tuned_id("liver-ct-finetune-2", "two-stage", ["liver-ct-two-stage-1"]) == \
         "liver-ct-two-stage-2"
 
 
 # --- colours ----------------------------------------------------------------------------------
 
 def test_dice_colour_runs_from_red_to_green():
-    red, amber, green = (state.dice_colour(d) for d in (0.0, 0.5, 1.0))
+    red, amber, green = (jobstate.dice_colour(d) for d in (0.0, 0.5, 1.0))
     assert red[0] > 150 and red[1] < 60
     assert green[1] > 150 and green[0] < 60
     assert amber[0] > 150 and amber[1] > 150 and amber[2] < 80  # yellow-ish halfway
-    greens = [state.dice_colour(d / 10)[1] for d in range(6)]
+    greens = [jobstate.dice_colour(d / 10)[1] for d in range(6)]
     assert greens == sorted(greens)
-    assert state.dice_colour(-1) == red and state.dice_colour(2) == green
-    assert state.dice_colour(None) == state.dice_colour(float("nan")) == (160, 160, 160)
-    assert state.progress_bar_style((255, 0, 16)) == \
+    assert jobstate.dice_colour(-1) == red and jobstate.dice_colour(2) == green
+    assert jobstate.dice_colour(None) == jobstate.dice_colour(float("nan")) == (160, 160, 160)
+    assert jobstate.progress_bar_style((255, 0, 16)) == \
         "QProgressBar::chunk { background-color: #ff0010; }"
 
 
 # --- job events -> panel state ----------------------------------------------------------------
 
 def test_monitor_follows_a_training_job():
-    monitor = state.JobMonitor(log_limit=100)
+    monitor = jobstate.JobMonitor(log_limit=100)
     assert monitor.button_text == "Start" and not monitor.active
     monitor.start(steps=100)
     assert monitor.button_text == "Cancel" and monitor.percent == 0
@@ -585,7 +596,7 @@ def test_monitor_follows_a_training_job():
     monitor.update([{"event": "validation", "step": 100, "dice": 0.7, "per_label": {"a": 0.7}},
                     {"event": "done", "status": "done", "model": "/m.safetensors", "step": 100,
                      "best_dice": 0.7, "seconds": 3725}])
-    assert monitor.state == state.DONE and monitor.percent == 100 and not monitor.active
+    assert monitor.state == jobstate.DONE and monitor.percent == 100 and not monitor.active
     assert monitor.model == "/m.safetensors" and monitor.best_dice == 0.7
     assert monitor.log[-1] == "done in 1 h 02 min"
     assert monitor.status == "done; best validation Dice 0.700"
@@ -593,29 +604,29 @@ def test_monitor_follows_a_training_job():
 
 
 def test_monitor_cancel_error_and_crash():
-    monitor = state.JobMonitor()
+    monitor = jobstate.JobMonitor()
     monitor.start(10)
     monitor.request_cancel()
-    assert monitor.state == state.CANCELLING and monitor.button_text == "Cancelling..."
+    assert monitor.state == jobstate.CANCELLING and monitor.button_text == "Cancelling..."
     monitor.update([{"event": "cancelled", "model": "/last.safetensors"}])
-    assert monitor.state == state.CANCELLED and monitor.model == "/last.safetensors"
+    assert monitor.state == jobstate.CANCELLED and monitor.model == "/last.safetensors"
 
     monitor.start(10)
     monitor.update([{"event": "error", "message": "The GPU ran out of memory; use cpu."}])
-    assert monitor.state == state.FAILED and monitor.status.startswith("failed: The GPU")
+    assert monitor.state == jobstate.FAILED and monitor.status.startswith("failed: The GPU")
 
     monitor.start(10)
     lines = monitor.finish(-9, "Traceback\nMemoryError")
-    assert monitor.state == state.FAILED and "exit status -9" in lines[0]
+    assert monitor.state == jobstate.FAILED and "exit status -9" in lines[0]
     assert lines[0].endswith("MemoryError")
     monitor.start(10)
     monitor.request_cancel()
     monitor.finish(-15)
-    assert monitor.state == state.CANCELLED
+    assert monitor.state == jobstate.CANCELLED
 
 
 def test_monitor_keeps_a_capped_log_and_download_progress():
-    monitor = state.JobMonitor(log_limit=3)
+    monitor = jobstate.JobMonitor(log_limit=3)
     monitor.start()
     monitor.update([{"event": "log", "text": f"line {i}"} for i in range(5)])
     assert list(monitor.log) == ["line 2", "line 3", "line 4"]
@@ -626,21 +637,21 @@ def test_monitor_keeps_a_capped_log_and_download_progress():
 
 
 def test_segmentation_job_outputs_in_case_order():
-    monitor = state.JobMonitor("segment")
+    monitor = jobstate.JobMonitor("segment")
     monitor.start()
     monitor.update([{"event": "case", "case": "b", "message": "segmenting b"},
                     {"event": "segmented", "case": "b", "path": "/out/b.seg.nrrd"},
                     {"event": "segmented", "case": "a", "path": "/out/a.seg.nrrd"},
                     {"event": "done", "outputs": ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]}])
-    assert state.job_outputs(monitor, ["a", "b"]) == ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]
+    assert jobstate.job_outputs(monitor, ["a", "b"]) == ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]
     monitor.outputs.clear()
-    assert state.job_outputs(monitor, ["a", "b"]) == ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]
+    assert jobstate.job_outputs(monitor, ["a", "b"]) == ["/out/a.seg.nrrd", "/out/b.seg.nrrd"]
     with pytest.raises(ValueError, match="output files"):
-        state.job_outputs(monitor, ["a"])
+        jobstate.job_outputs(monitor, ["a"])
 
 
 def test_the_panel_shows_what_a_job_costs():
-    monitor = state.JobMonitor("segment")
+    monitor = jobstate.JobMonitor("segment")
     monitor.start()
     lines = monitor.update([{"event": "segmented", "case": "a", "path": "/a.seg.nrrd",
                              "seconds": 3.21, "gpu_peak_gb": 2.5},
@@ -650,7 +661,7 @@ def test_the_panel_shows_what_a_job_costs():
     assert lines[:2] == ["segmented a (3.2 s, GPU peak 2.5 GB)",
                          "segmented b (1.0 s, GPU peak 1.5 GB)"]
     assert monitor.gpu_peak_gb == 2.5 and monitor.status == "done, GPU peak 2.5 GB"
-    training = state.JobMonitor("finetune")
+    training = jobstate.JobMonitor("finetune")
     training.start(100)
     training.update([{"event": "step", "step": 10, "steps": 100, "loss": 1.0,
                       "cpu_peak_rss_gb": 1.2}])
@@ -660,7 +671,7 @@ def test_the_panel_shows_what_a_job_costs():
 # --- the annotate loop ------------------------------------------------------------------------
 
 def test_rounds_show_forgetting():
-    rounds = state.RoundHistory()
+    rounds = annotation.RoundHistory()
     assert rounds.current == 0
     assert rounds.begin("base", []) == 1
     rounds.record(1, "val 1", 0.80)
@@ -684,7 +695,7 @@ def test_score_rows_end_with_the_mean():
                "volume_pred_ml": 1500.0, "volume_ref_ml": 1450.0},
               {"name": "tumour", "present": False, "dice": 0.0, "hd95_mm": float("inf"),
                "volume_pred_ml": 2.0, "volume_ref_ml": 0.0}]
-    header, rows = state.score_rows(scores, {"labels": 1, "dice": 0.9, "hd95_mm": 3.0})
+    header, rows = annotation.score_rows(scores, {"labels": 1, "dice": 0.9, "hd95_mm": 3.0})
     assert header[:2] == ["segment", "Dice"]
     assert rows[1][0] == "tumour (not in reference)"
     assert rows[-1] == ["mean of 1", 0.9, 3.0, None, None]
@@ -705,41 +716,42 @@ CATALOG = [
 
 
 def test_catalog_search_lines_and_details():
-    assert [m["id"] for m in state.filter_models(CATALOG, "ct LIVER")] == ["liver-ct", "mine"]
-    assert [m["id"] for m in state.filter_models(CATALOG, "enhancing")] == ["brain-mr"]
-    assert state.filter_models(CATALOG, "") == CATALOG
-    assert state.model_line(CATALOG[0]) == "Liver CT  [CT]"
-    assert state.model_line(CATALOG[1]) == "Brain MR  [MR, not downloaded]"
-    assert state.model_line(CATALOG[2]) == "mine  [CT, fine-tuned]"
-    html = state.model_details(CATALOG[1])
+    assert [m["id"] for m in catalog.filter_models(CATALOG, "ct LIVER")] == ["liver-ct", "mine"]
+    assert [m["id"] for m in catalog.filter_models(CATALOG, "enhancing")] == ["brain-mr"]
+    assert catalog.filter_models(CATALOG, "") == CATALOG
+    assert catalog.model_line(CATALOG[0]) == "Liver CT  [CT]"
+    assert catalog.model_line(CATALOG[1]) == "Brain MR  [MR, not downloaded]"
+    assert catalog.model_line(CATALOG[2]) == "mine  [CT, fine-tuned]"
+    html = catalog.model_details(CATALOG[1])
     for text in ("<h3>Brain MR</h3>", "2: edema, enhancing", "CC-BY-4.0", "no (fetch it first)"):
         assert text in html
-    assert "1: liver" in state.model_details(CATALOG[2])  # background not listed
-    assert "&lt;b&gt;" in state.model_details({"id": "<b>"})
+    assert "1: liver" in catalog.model_details(CATALOG[2])  # background not listed
+    assert "&lt;b&gt;" in catalog.model_details({"id": "<b>"})
 
 
 def test_gpu_lines():
     text = "NVIDIA H100 80GB HBM3, 81559\nbad line\nNVIDIA A10, 23028\n"
-    gpus = state.parse_nvidia_smi(text)
+    gpus = environment.parse_nvidia_smi(text)
     assert [name for name, _ in gpus] == ["NVIDIA H100 80GB HBM3", "NVIDIA A10"]
     assert gpus[0][1] == pytest.approx(79.65, abs=0.01)
-    assert state.gpu_description(gpus) == "GPU: NVIDIA H100 80GB HBM3, 79.6 GiB (+1 more)"
-    assert state.gpu_description([]).startswith("No NVIDIA GPU found")
+    assert environment.gpu_description(gpus) == "GPU: NVIDIA H100 80GB HBM3, 79.6 GiB (+1 more)"
+    assert environment.gpu_description([]).startswith("No NVIDIA GPU found")
     assert isinstance(dependencies.gpus(), list)
 
 
 def test_job_python_prefers_python_slicer():
     slicer_app = os.path.join("opt", "Slicer", "bin", "SlicerApp-real")
     beside = os.path.join("opt", "Slicer", "bin", "PythonSlicer")
-    assert state.job_python(beside, lambda _: None) == beside
-    assert state.job_python(slicer_app, lambda _: None, exists=lambda p: p == beside) == beside
-    assert state.job_python(slicer_app, lambda n: f"/path/{n}", exists=lambda _: False) == \
+    assert environment.job_python(beside, lambda _: None) == beside
+    assert environment.job_python(slicer_app, lambda _: None,
+                                  exists=lambda p: p == beside) == beside
+    assert environment.job_python(slicer_app, lambda n: f"/path/{n}", exists=lambda _: False) == \
         "/path/PythonSlicer"
-    assert state.job_python(sys.executable, lambda _: None, lambda _: False) == sys.executable
+    assert environment.job_python(sys.executable, lambda _: None, lambda _: False) == sys.executable
 
 
 def test_job_environment_puts_the_library_first():
-    env = state.job_environment({"PYTHONPATH": os.pathsep.join(["/a", "/lib"]), "X": "1"},
+    env = environment.job_environment({"PYTHONPATH": os.pathsep.join(["/a", "/lib"]), "X": "1"},
                                 "/lib")
     assert env["PYTHONPATH"].split(os.pathsep) == ["/lib", "/a"] and env["X"] == "1"
     assert dependencies.library_root() == ROOT
@@ -799,7 +811,7 @@ def test_training_case_from_nodes_renames_segments(mrml_scene):
     label = sitk.GetArrayFromImage(case["label"])
     assert set(np.unique(label)) == {0, 2} and (label == 2).sum() > 100
     assert case["image"].GetSize() == case["label"].GetSize() == (32, 32, 32)
-    ignored = scene.training_case(volume, segmentation, {"tumour": state.IGNORE}, labels, set())
+    ignored = scene.training_case(volume, segmentation, {"tumour": matching.IGNORE}, labels, set())
     assert sitk.GetArrayFromImage(ignored["label"]).max() == 0
 
 

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "TransferSeg"))
 
 from conftest import catalog_entry, write_catalog  # noqa: E402
+from TransferSegModule import jobstate, scene  # noqa: E402
 from TransferSegModule import logic as module_logic  # noqa: E402
-from TransferSegModule import scene, state  # noqa: E402
 
 from TransferSegLib import jobrunner, jobs  # noqa: E402
 
@@ -225,7 +225,7 @@ def test_a_cancelled_fine_tune_is_registered_as_cancelled_at_its_step(
         logic.poll()
         time.sleep(0.05)
     logic.cancel()
-    assert logic.monitor.state == state.CANCELLING and logic.busy
+    assert logic.monitor.state == jobstate.CANCELLING and logic.busy
     (result,) = run_until_idle(logic)
     assert result.error is None and "cancelled at step" in result.finished
     step = logic.rounds.rounds[-1]
@@ -257,9 +257,9 @@ def test_a_model_download_can_be_cancelled_and_then_completes(
     logic = make_logic(mrml_scene, Parameters(), tmp_path / "runs", fetch=fetch)
     logic.startFetch("tiny-sphere")
     logic.cancel()  # before the child has read its first chunk (it is still importing)
-    assert logic.monitor.state == state.CANCELLING
+    assert logic.monitor.state == jobstate.CANCELLING
     (result,) = run_until_idle(logic, 120)
-    assert result.error is None and logic.monitor.state == state.CANCELLED, logic.monitor.log
+    assert result.error is None and logic.monitor.state == jobstate.CANCELLED, logic.monitor.log
     assert result.finished.startswith("fetch: cancelled")
     assert made[0].wait(60) == 3, made[0].log_tail()  # it stopped by itself
     assert not list((home / "models").glob("tiny-sphere/*.safetensors"))
@@ -275,7 +275,7 @@ def test_a_fetch_of_an_unknown_model_fails_with_its_name(mrml_scene, home, tmp_p
     logic = make_logic(mrml_scene, Parameters(), tmp_path / "runs")
     logic.startFetch("no-such-model")
     (result,) = run_until_idle(logic, 120)
-    assert logic.monitor.state == state.FAILED and "no-such-model" in logic.monitor.error
+    assert logic.monitor.state == jobstate.FAILED and "no-such-model" in logic.monitor.error
     assert result.finished.startswith("fetch: ") and not logic.busy
 
 

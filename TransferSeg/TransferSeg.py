@@ -5,8 +5,8 @@ volumes and score them, then loop: segment the next volume, correct it in Segmen
 it, fine-tune again. The module is a thin shell over TransferSegLib: the widget reads the
 parameter node and calls the logic; the logic turns nodes into jobs that run in a child Python
 (PythonSlicer) and report JSON events, which the widget's timer polls. The parts without Qt
-live in the TransferSegModule package: logic (the module's logic, its processes injected),
-state (no Slicer either), scene (MRML only) and dependencies.
+live in the TransferSegModule package (logic, jobstate, matching, annotation, catalog,
+environment, scene, dependencies, sampledata).
 """
 
 import logging
@@ -34,10 +34,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from TransferSegModule import dependencies, scene, state
+from TransferSegModule import catalog, dependencies, environment, jobstate, matching, scene
 from TransferSegModule.logic import LOG_LINES, Logic
 
 dependencies.make_library_importable()
+from TransferSegLib.strategies import STRATEGIES  # noqa: E402 (the library, found above)
+
 POLL_MS = 500
 # The button that starts each kind of job; it turns into that job's Cancel while it runs.
 JOB_BUTTONS = {"fetch": "fetchModelButton", "finetune": "startButton", "rescore": "startButton",
@@ -90,11 +92,11 @@ class TransferSegParameterNode:
     trainingSegmentation: vtkMRMLSegmentationNode
     pairs: list[TrainingPair]
     labelMapping: dict[str, str]  # segment name -> training label name ("" = ignore)
-    strategy: Annotated[str, Choice(list(state.STRATEGIES)), Default("finetune")]
+    strategy: Annotated[str, Choice(list(STRATEGIES)), Default("finetune")]
     steps: Annotated[int, WithinRange(1, 100000), Default(300)]
     # 0: each strategy's own learning rate (TransferSegLib.strategies.DEFAULTS)
     learningRate: Annotated[float, WithinRange(0.0, 1.0), Default(0.0)]
-    device: Annotated[str, Choice(list(state.DEVICES)), Default("auto")]
+    device: Annotated[str, Choice(list(environment.DEVICES)), Default("auto")]
     inputVolume: vtkMRMLScalarVolumeNode
     prediction: vtkMRMLSegmentationNode
     reference: vtkMRMLSegmentationNode
@@ -129,7 +131,7 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._buttonTexts = {name: getattr(self.ui, name).text
                              for name in set(JOB_BUTTONS.values())}
         self.ui.logText.setMaximumBlockCount(LOG_LINES)
-        self.ui.gpuLabel.text = state.gpu_description(dependencies.gpus())
+        self.ui.gpuLabel.text = environment.gpu_description(dependencies.gpus())
         self.plotWidget = None
         if hasattr(slicer, "qMRMLPlotWidget"):
             self.plotWidget = slicer.qMRMLPlotWidget()
@@ -233,7 +235,7 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if busy:  # the running job's own button cancels it
             button = getattr(self.ui, JOB_BUTTONS.get(self.logic.jobKind, "startButton"))
             button.text = self.logic.monitor.button_text
-            button.enabled = self.logic.monitor.state == state.RUNNING
+            button.enabled = self.logic.monitor.state == jobstate.RUNNING
         self.ui.roundLabel.text = self.logic.roundText()
         self.ui.modelInUseLabel.text = p.model or "(choose one under Base model)"
         self.ui.scoresTableView.setMRMLTableNode(p.scores)
@@ -270,18 +272,18 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def listModels(self):
         current = self._parameterNode.model if self._parameterNode is not None else ""
-        shown = state.filter_models(self._models, self.ui.modelSearchEdit.text)
+        shown = catalog.filter_models(self._models, self.ui.modelSearchEdit.text)
         self.ui.modelList.blockSignals(True)
         self.ui.modelList.clear()
         for row, model in enumerate(shown):
-            item = qt.QListWidgetItem(state.model_line(model))
+            item = qt.QListWidgetItem(catalog.model_line(model))
             item.setData(qt.Qt.UserRole, model["id"])
             self.ui.modelList.addItem(item)
             if model["id"] == current:
                 self.ui.modelList.setCurrentRow(row)
         self.ui.modelList.blockSignals(False)
         entry = next((m for m in self._models if m["id"] == current), None)
-        self.ui.modelDetails.setHtml(state.model_details(entry) if entry else
+        self.ui.modelDetails.setHtml(catalog.model_details(entry) if entry else
                                      "Choose a base model from the list.")
 
     def onModelSelected(self, row):
@@ -301,7 +303,7 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = self.logic.importRequirements(entry["id"], path)
         if not missing:
             return
-        names = ", ".join(state.requirement_name(line) for line in missing)
+        names = ", ".join(environment.requirement_name(line) for line in missing)
         if not slicer.util.confirmOkCancelDisplay(
                 f"Importing {entry['title']} needs {names} (from the Python package index; "
                 "Slicer's numpy and SimpleITK and your PyTorch are not changed). Install now?",
@@ -386,7 +388,7 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._safely(lambda: self.logic.setMapping(
                     p, segment, "" if text == "(ignore)" else text))))
             table.setCellWidget(row, 1, combo)
-        new = state.unmatched(mapping, model_labels)
+        new = matching.unmatched(mapping, model_labels)
         self.ui.mappingNoteLabel.text = (f"New labels (new output channels): {', '.join(new)}"
                                          if new else "Every label matches one of the model's.")
 
@@ -439,7 +441,7 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.diceProgressBar.value = round(100 * monitor.dice)
             self.ui.diceProgressBar.format = f"{self.logic.diceLabel} {monitor.dice:.3f}"
             self.ui.diceProgressBar.setStyleSheet(
-                state.progress_bar_style(state.dice_colour(monitor.dice)))
+                jobstate.progress_bar_style(jobstate.dice_colour(monitor.dice)))
         if monitor.kind == "finetune":
             scene.update_plot(slicer.mrmlScene, monitor.losses, monitor.dices)
 
@@ -545,7 +547,7 @@ class TransferSegTest(ScriptedLoadableModuleTest):
             logic.startTraining(base, [(*train, False)], {label: label}, "vanilla", steps, 0.01,
                                 "cpu")
             message = logic.wait(900, idle=slicer.app.processEvents)
-            self.assertEqual(logic.monitor.state, state.DONE, message)
+            self.assertEqual(logic.monitor.state, jobstate.DONE, message)
             self.delayDisplay("Segmenting")
             logic.startSegment(test[0], logic.monitor.model, "cpu")
             message = logic.wait(600, idle=slicer.app.processEvents)

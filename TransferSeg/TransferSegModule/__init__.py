@@ -1,7 +1,11 @@
 """The TransferSeg module's parts that need no Qt, kept out of the module file.
 
 - :mod:`logic`: the module's logic (scene nodes <-> jobs), its processes injected;
-- :mod:`state`: the job state machine, label matching, colours, rounds (no Slicer either);
+- :mod:`jobstate`: a job's events -> what the panel shows (no Slicer either);
+- :mod:`matching`: segment names -> training labels, new model ids;
+- :mod:`annotation`: the annotate loop's rounds and the scores table;
+- :mod:`catalog`: the model list and details in the panel;
+- :mod:`environment`: supported Slicer, the GPU line, the jobs' Python, requirements;
 - :mod:`scene`: training cases from nodes, new segmentation nodes, scores, tables and the
   training plot (MRML only);
 - :mod:`dependencies`: installing PyTorch and the requirements, the GPU, the jobs' Python;

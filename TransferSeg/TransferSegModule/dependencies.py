@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from TransferSegModule import MODULE_FOLDER, library_root, make_library_importable, state
+from TransferSegModule import MODULE_FOLDER, environment, library_root, make_library_importable
 
 __all__ = ["library_root", "make_library_importable"]  # used by the module file and the jobs
 
@@ -25,7 +25,7 @@ REQUIREMENTS = MODULE_FOLDER / "Resources" / "requirements.txt"
 
 
 def requirements() -> list[str]:
-    return state.read_requirements(REQUIREMENTS.read_text(encoding="utf-8"))
+    return environment.read_requirements(REQUIREMENTS.read_text(encoding="utf-8"))
 
 
 # Distributions whose import name is not their own name.
@@ -34,7 +34,7 @@ IMPORT_NAMES = {"pyyaml": "yaml"}
 
 def missing() -> list[str]:
     """Distributions (torch first) that cannot be imported yet."""
-    names = ["torch", *[state.requirement_name(line) for line in requirements()]]
+    names = ["torch", *[environment.requirement_name(line) for line in requirements()]]
     return [name for name in names if importlib.util.find_spec(
         IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))) is None]
 
@@ -53,9 +53,10 @@ def installed_core_versions() -> dict[str, str]:
 
 def unsupported() -> str | None:
     """Why this Slicer cannot run TransferSeg (None when it can)."""
-    if sys.version_info < state.PYTHON_MINIMUM:
-        return (f"TransferSeg needs {state.SUPPORTED_SLICER} (Python "
-                f"{'.'.join(map(str, state.PYTHON_MINIMUM))} or newer); this Slicer runs Python "
+    if sys.version_info < environment.PYTHON_MINIMUM:
+        minimum = ".".join(map(str, environment.PYTHON_MINIMUM))
+        return (f"TransferSeg needs {environment.SUPPORTED_SLICER} (Python {minimum} or "
+                "newer); this Slicer runs Python "
                 f"{sys.version_info[0]}.{sys.version_info[1]}. Install a newer Slicer "
                 "from download.slicer.org.")
     return None
@@ -72,19 +73,19 @@ def install() -> None:
         except ModuleNotFoundError:
             raise RuntimeError("TransferSeg needs the PyTorch extension: install 'PyTorch' from "
                                "the Extensions Manager and restart Slicer.") from None
-        torch_floor = ">=" + ".".join(map(str, state.TORCH_MINIMUM))
+        torch_floor = ">=" + ".".join(map(str, environment.TORCH_MINIMUM))
         if PyTorchUtils.PyTorchUtilsLogic().installTorch(
                 askConfirmation=False, torchVersionRequirement=torch_floor) is None:
             raise RuntimeError("PyTorch was not installed, so TransferSeg cannot run yet.")
         importlib.invalidate_caches()
-    _pip_ensure(state.install_requirements(requirements(), installed_core_versions()))
+    _pip_ensure(environment.install_requirements(requirements(), installed_core_versions()))
 
 
 def missing_for_import(file_names) -> list[str]:
     """Requirement lines (onnx, h5py) that importing the weight files ``file_names`` needs
     and that are not installed."""
-    return [line for line in state.import_requirements(file_names)
-            if importlib.util.find_spec(state.requirement_name(line)) is None]
+    return [line for line in environment.import_requirements(file_names)
+            if importlib.util.find_spec(environment.requirement_name(line)) is None]
 
 
 def install_packages(lines) -> None:
@@ -100,7 +101,7 @@ def _pip_ensure(lines: list[str]) -> None:
     folder = Path(slicer.app.temporaryPath)
     wanted, pins = folder / "TransferSeg-requirements.txt", folder / "TransferSeg-constraints.txt"
     wanted.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    pins.write_text(state.constraints(installed_core_versions()), encoding="utf-8")
+    pins.write_text(environment.constraints(installed_core_versions()), encoding="utf-8")
     try:
         pydeps = importlib.import_module("slicer.pydeps")  # Slicer 5.11 and later
     except ImportError:
@@ -124,15 +125,15 @@ def gpus() -> list[tuple[str, float]]:
                               timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return state.parse_nvidia_smi(text)
+    return environment.parse_nvidia_smi(text)
 
 
 def job_python() -> str:
-    return state.job_python(sys.executable, shutil.which)
+    return environment.job_python(sys.executable, shutil.which)
 
 
 def job_environment() -> dict[str, str]:
-    return state.job_environment(os.environ, str(library_root()))
+    return environment.job_environment(os.environ, str(library_root()))
 
 
 def run_folder(kind: str) -> Path:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from TransferSegModule import dependencies, scene, state
+from TransferSegModule import annotation, dependencies, environment, jobstate, matching, scene
 
 LOG_LINES = 2000
 # A download stops at its next chunk (its partial file is kept to resume); the grace covers
@@ -73,7 +73,7 @@ def job_process(job_json: Path):
 
 
 def fetch_process(command, folder: Path):
-    """The child process of a model download (``state.fetch_command``) in ``folder``."""
+    """The child process of a model download (``environment.fetch_command``) in ``folder``."""
     from TransferSegLib.process import ChildProcess
 
     return ChildProcess(command, env=dependencies.job_environment(),
@@ -90,7 +90,7 @@ class Logic:
         self.scene, self.parameters, self.make_pair = mrml_scene, parameters, make_pair
         self.make_job_process, self.make_fetch_process = make_job_process, make_fetch_process
         self.run_folder = run_folder
-        self.monitor, self.rounds = state.JobMonitor(), state.RoundHistory()
+        self.monitor, self.rounds = jobstate.JobMonitor(), annotation.RoundHistory()
         self.job, self.context, self.lastVolume = None, None, None
         self.loopPredictions = {}  # loop segmentation ID -> (label map, names, round)
         self.validationNote = ""  # what the validation Dice of the last fine-tune measures
@@ -149,7 +149,7 @@ class Logic:
             from TransferSegLib.checkpoint import read_card
 
             return dict(read_card(self.modelFile(model_id)).labels)
-        return state.catalog_labels(entry.get("labels"))
+        return matching.catalog_labels(entry.get("labels"))
 
     def importRequirements(self, model_id, path=None) -> list:
         """Packages (onnx, h5py) that importing ``model_id`` from its catalog files, or from
@@ -161,7 +161,7 @@ class Logic:
 
     def startFetch(self, model_id, accept_unverified=False):
         folder = self.run_folder("fetch")
-        command = state.fetch_command(dependencies.job_python(), model_id, accept_unverified,
+        command = environment.fetch_command(dependencies.job_python(), model_id, accept_unverified,
                                       cancel_file=folder / "cancel")
         self._begin(self.make_fetch_process(command, folder), FetchJob(model_id), 0)
 
@@ -174,7 +174,7 @@ class Logic:
         from TransferSegLib import zoo
 
         taken = [m["id"] for m in self.models()]
-        return zoo.register(path, state.unique_name(Path(path).stem, set(taken)))["id"]
+        return zoo.register(path, matching.unique_name(Path(path).stem, set(taken)))["id"]
 
     # --- training data ---------------------------------------------------------------------------
     def addPair(self, p, volume, segmentation, validation=False):
@@ -194,7 +194,7 @@ class Logic:
     def mapping(self, p) -> dict:
         """Segment name -> label for every segment of the pairs; the user's choices win."""
         names = dict.fromkeys(n for pair in p.pairs for n in scene.segment_names(pair.segmentation))
-        matched = state.match_segments(names, self.modelLabels(p.model))
+        matched = matching.match_segments(names, self.modelLabels(p.model))
         return {name: p.labelMapping.get(name, matched[name]) for name in names}
 
     def setMapping(self, p, segment, label):
@@ -202,7 +202,7 @@ class Logic:
 
     # --- jobs ------------------------------------------------------------------------------------
     def _begin(self, process, context, steps):
-        monitor = state.JobMonitor(self.jobKind_of(context), LOG_LINES)
+        monitor = jobstate.JobMonitor(self.jobKind_of(context), LOG_LINES)
         monitor.start(steps)
         process.start()  # raises before anything changes when the program cannot start
         self.job, self.context, self.monitor = process, context, monitor
@@ -236,7 +236,7 @@ class Logic:
         held_out = [(volume, segmentation) for volume, segmentation, held in pairs if held]
         if not training:
             raise ValueError("Add a training pair: every pair is marked for validation.")
-        labels = state.training_labels(mapping, self.modelLabels(base_id) if base_id else {})
+        labels = matching.training_labels(mapping, self.modelLabels(base_id) if base_id else {})
         if len(labels) < 2:
             raise ValueError("No segment is mapped to a label: choose labels under Training data.")
         taken = set()
@@ -267,7 +267,7 @@ class Logic:
 
         path, taken = self.modelFile(model), set()
         volumes = [volume] if volume is not None else [pair.volume for pair in pairs]
-        cases = [{"name": state.unique_name(v.GetName(), taken),
+        cases = [{"name": matching.unique_name(v.GetName(), taken),
                   "image": mrml.volume_to_image(v), "label": None} for v in volumes]
         context = SegmentJob(purpose, str(path), str(model), [v.GetID() for v in volumes],
                              [c["name"] for c in cases], list(pairs))
@@ -320,15 +320,16 @@ class Logic:
         context, monitor = self.context, self.monitor
         self.job, self.context, self.lastVolume = None, None, None
         if isinstance(context, TrainJob):
-            if monitor.state == state.CANCELLED and monitor.model and Path(monitor.model).exists():
+            saved = monitor.model and Path(monitor.model).exists()
+            if monitor.state == jobstate.CANCELLED and saved:
                 return self._newRound(context, monitor, cancelled_at=monitor.step)
-            if monitor.state == state.DONE:
+            if monitor.state == jobstate.DONE:
                 return self._newRound(context, monitor)
-        if monitor.state != state.DONE:
+        if monitor.state != jobstate.DONE:
             return f"{self.jobKind_of(context) if context else 'job'}: {monitor.status}"
         if isinstance(context, FetchJob):
             return f"{context.model} is ready."
-        outputs = state.job_outputs(monitor, context.names)
+        outputs = jobstate.job_outputs(monitor, context.names)
         names = scene.output_names(context.model)
         if context.purpose == "rescore":
             for output, pair in zip(outputs, context.pairs, strict=True):
@@ -364,7 +365,7 @@ class Logic:
         from TransferSegLib import zoo
 
         taken = [m["id"] for m in self.models()]
-        model_id = state.fine_tuned_id(context.base_id, context.strategy, taken)
+        model_id = matching.fine_tuned_id(context.base_id, context.strategy, taken)
         title = f"{model_id} (cancelled at step {cancelled_at})" if cancelled_at is not None \
             else None
         zoo.register(monitor.model, model_id, title=title)

@@ -14,7 +14,7 @@ import math
 import slicer
 import vtk
 
-from TransferSegModule import state
+from TransferSegModule import annotation, matching
 
 ROLE = "TransferSeg.role"  # attribute marking the module's own nodes (plots, tables)
 
@@ -104,7 +104,7 @@ def _relabelled(label, lookup, geometry=None):
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(
-        state.relabel_array(sitk.GetArrayViewFromImage(label), lookup))
+        matching.relabel_array(sitk.GetArrayViewFromImage(label), lookup))
     image.CopyInformation(geometry or label)
     return image
 
@@ -115,9 +115,9 @@ def training_case(volume, segmentation, mapping, labels, taken: set) -> dict:
     from TransferSegLib import mrml
 
     label, values, _ = mrml.segmentation_to_labelmap(segmentation, volume, strict=False)
-    return {"name": state.unique_name(volume.GetName(), taken),
+    return {"name": matching.unique_name(volume.GetName(), taken),
             "image": mrml.volume_to_image(volume),
-            "label": _relabelled(label, state.relabel(values, mapping, labels))}
+            "label": _relabelled(label, matching.relabel(values, mapping, labels))}
 
 
 def training_terminology(segmentations, mapping) -> dict:
@@ -174,12 +174,12 @@ def score(label, table, reference, volume) -> list:
     from TransferSegLib import metrics, mrml
 
     truth, names, _ = mrml.segmentation_to_labelmap(reference, volume, strict=False)
-    shared = state.shared_labels(table, names)
+    shared = matching.shared_labels(table, names)
     if not shared:
         raise ValueError(f"The prediction ({', '.join(table.values())}) and "
                          f"{reference.GetName()} ({', '.join(names.values())}) have no segment "
                          "name in common; rename segments so that they match.")
-    prediction = _relabelled(label, state.match_by_name(table, shared), truth)
+    prediction = _relabelled(label, matching.match_by_name(table, shared), truth)
     truth = _relabelled(truth, {value: value if value in shared else 0 for value in names})
     return metrics.evaluate(prediction, truth, shared, prediction_name="the prediction",
                             reference_name=reference.GetName())
@@ -206,7 +206,7 @@ def write_scores(node, scores) -> str:
     from TransferSegLib import metrics
 
     mean = metrics.mean_scores(scores)
-    header, rows = state.score_rows([asdict(s) for s in scores], mean)
+    header, rows = annotation.score_rows([asdict(s) for s in scores], mean)
     write_table(node, header, rows, text_columns=(0,))
     return f"Mean Dice {mean['dice']:.3f} over the {mean['labels']} segment(s) both have."
 
