@@ -16,7 +16,7 @@ import torch
 from brainmask import icbm152_brain_mask
 from conftest import real_sample
 
-from TransferSegLib import importers, inference, networks, preprocess, transfer, zoo
+from TransferSegLib import importers, inference, networks, preprocess, surgery, zoo
 from TransferSegLib.checkpoint import read_torch_weights
 from TransferSegLib.errors import InputError, ModelFileError
 from TransferSegLib.importers import hdbet
@@ -100,7 +100,7 @@ def test_hdbet_network_parts_and_shapes():
 def test_hdbet_head_surgery_keeps_brain_and_adds_a_label():
     model = networks.build_network("hdbet", 1, 2, base_filters=4, levels=3)
     arguments = networks.resolve_kwargs("hdbet", base_filters=4, levels=3)
-    new, report = transfer.head_surgery("hdbet", model, {0: "background", 1: "brain"},
+    new, report = surgery.head_surgery("hdbet", model, {0: "background", 1: "brain"},
                                         {0: "background", 1: "brain", 2: "tumour"},
                                         arguments=arguments, seed=0, keep_background=True)
     assert report.remapped == ["head.weight"] and report.new == ["tumour"]

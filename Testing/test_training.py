@@ -275,7 +275,7 @@ def test_two_stage_unfreezes_everything_on_a_plateau(tmp_path, base_model):
 
 
 def test_multi_head_network_shares_all_but_the_label_tied_tensors():
-    from TransferSegLib.transfer import MultiHeadNetwork
+    from TransferSegLib.multihead import MultiHeadNetwork
 
     torch.manual_seed(0)
     net = MultiHeadNetwork("unet", networks.resolve_kwargs("unet", **TINY), 1,

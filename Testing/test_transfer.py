@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from TransferSegLib import networks, transfer
+from TransferSegLib import networks, surgery, transfer
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import InputError
 
@@ -222,7 +222,7 @@ def test_discriminative_puts_the_head_at_a_higher_learning_rate():
 
 def test_head_surgery_copies_matched_labels_bit_exact():
     base, card = _base()
-    model, report = transfer.head_surgery("unet", base, BASE_LABELS, TARGET_LABELS,
+    model, report = surgery.head_surgery("unet", base, BASE_LABELS, TARGET_LABELS,
                                           arguments=card.arguments, keep_background=True)
     assert report.kept == [("background", 0, 0), ("kidney", 3, 1), ("liver", 1, 3)]
     assert report.new == ["pancreas"] and report.dropped == ["spleen"]
@@ -259,7 +259,7 @@ def test_new_labels_give_a_fresh_background_and_known_ones_keep_it():
     initialised afresh; with only known labels it is copied."""
     base, card = _base("segresnet")
     head = "conv_final.2.conv."
-    model, report = transfer.head_surgery("segresnet", base, BASE_LABELS, TARGET_LABELS,
+    model, report = surgery.head_surgery("segresnet", base, BASE_LABELS, TARGET_LABELS,
                                           arguments=card.arguments, seed=3)
     assert [name for name, _, _ in report.kept] == ["kidney", "liver"]
     assert report.new == ["background", "pancreas"]
@@ -267,7 +267,7 @@ def test_new_labels_give_a_fresh_background_and_known_ones_keep_it():
     assert not torch.equal(new[head + "weight"][0], old[head + "weight"][0])
     assert torch.equal(new[head + "weight"][1], old[head + "weight"][3])  # kidney, bit-exact
     known = {0: "background", 1: "kidney", 2: "liver"}
-    model, report = transfer.head_surgery("segresnet", base, BASE_LABELS, known,
+    model, report = surgery.head_surgery("segresnet", base, BASE_LABELS, known,
                                           arguments=card.arguments)
     assert report.kept[0] == ("background", 0, 0) and report.new == []
     assert torch.equal(model.state_dict()[head + "weight"][0], old[head + "weight"][0])
@@ -276,7 +276,7 @@ def test_new_labels_give_a_fresh_background_and_known_ones_keep_it():
 def test_head_surgery_with_the_same_labels_gives_the_same_model():
     base, card = _base()
     same = {0: "Background", 1: "Liver", 2: "spleen", 3: "KIDNEY"}  # names match ignoring case
-    model, report = transfer.head_surgery("unet", base, BASE_LABELS, same,
+    model, report = surgery.head_surgery("unet", base, BASE_LABELS, same,
                                           arguments=card.arguments)
     assert report.new == [] and report.dropped == [] and report.reinitialised == []
     x = torch.randn(2, 1, SIZE, SIZE, SIZE)
@@ -288,7 +288,7 @@ def test_head_surgery_with_the_same_labels_gives_the_same_model():
 def test_adding_a_label_keeps_the_logits_of_the_kept_ones(num_res_units):
     base, card = _base(num_res_units=num_res_units)
     target = {0: "background", 1: "pancreas", 2: "kidney", 3: "spleen", 4: "liver"}
-    model, report = transfer.head_surgery("unet", base, BASE_LABELS, target,
+    model, report = surgery.head_surgery("unet", base, BASE_LABELS, target,
                                           arguments=card.arguments, keep_background=True)
     if num_res_units == 0:  # the head is a ConvTranspose3d: labels on weight axis 1
         assert report.remapped == ["model.2.conv.bias", "model.2.conv.weight"]
@@ -303,7 +303,7 @@ def test_adding_a_label_keeps_the_logits_of_the_kept_ones(num_res_units):
 def test_head_surgery_on_a_1x1_head_keeps_logits_even_when_dropping_labels():
     base, card = _base("segresnet")
     target = {0: "background", 1: "kidney", 2: "pancreas"}
-    model, report = transfer.head_surgery("segresnet", base, BASE_LABELS, target,
+    model, report = surgery.head_surgery("segresnet", base, BASE_LABELS, target,
                                           arguments=card.arguments, keep_background=True)
     assert report.dropped == ["liver", "spleen"]
     assert sorted(report.remapped) == ["conv_final.2.conv.bias", "conv_final.2.conv.weight"]
@@ -316,7 +316,7 @@ def test_head_surgery_on_a_1x1_head_keeps_logits_even_when_dropping_labels():
 def test_head_surgery_refuses_a_model_that_is_not_the_card_s_network():
     base, _ = _base()
     with pytest.raises(InputError, match="not the network"):
-        transfer.head_surgery("unet", base, BASE_LABELS, TARGET_LABELS,
+        surgery.head_surgery("unet", base, BASE_LABELS, TARGET_LABELS,
                               arguments=_arguments(channels=[4, 8, 32]))
 
 
@@ -325,7 +325,7 @@ def test_head_surgery_refuses_a_model_that_is_not_the_card_s_network():
 @pytest.mark.parametrize(("base_in", "new_in"), [(1, 3), (2, 3)])
 def test_input_adaptation_gives_the_base_output_for_a_repeated_image(base_in, new_in):
     base, card = _base(in_channels=base_in)
-    model, report = transfer.adapt_input_channels("unet", base, base_in, new_in,
+    model, report = surgery.adapt_input_channels("unet", base, base_in, new_in,
                                                   arguments=card.arguments)
     assert report.adapted == ["model.0.conv.unit0.conv.weight", "model.0.residual.weight"]
     assert model.state_dict()["model.0.residual.weight"].shape[1] == new_in

@@ -214,7 +214,7 @@ def pretrain(
     with one output head per dataset, each trained on its own dataset's cases and labels only;
     every head is written as a model file (see :func:`train`).
     """
-    from TransferSegLib import datasets, networks, transfer
+    from TransferSegLib import datasets, multihead, networks, transfer
     from TransferSegLib.preprocess import default_normalisation
 
     if heads not in ("shared", "per-dataset"):
@@ -268,7 +268,7 @@ def pretrain(
                          training_cases=[c.case.name for c in cases if c.head == k])
         head_card["lineage"] = [dict(card.lineage[0], heads=head_names, head=name)]
         cards.append(ModelCard(**head_card))
-    plan = transfer.prepare_multihead(architecture, arguments, 1, label_sets, head_names,
+    plan = multihead.prepare_multihead(architecture, arguments, 1, label_sets, head_names,
                                       lr=config.lr, seed=config.seed)
     return run_training(plan, cards[0], cases, val_cases, config, out_dir, events, resume,
                    overwrite, cancel_file, cards=cards)

@@ -277,7 +277,7 @@ def train(
     no validation), ``last.safetensors``, ``state.safetensors`` (for ``resume``) and
     ``progress.jsonl`` (every event).
 
-    Multi-head co-training (``plan.model`` a :class:`~TransferSegLib.transfer.MultiHeadNetwork`):
+    Multi-head co-training (``plan.model`` a :class:`~TransferSegLib.multihead.MultiHeadNetwork`):
     ``cards[k]`` describes head ``k`` and ``heads`` gives the head of each training and
     validation case. Each step draws a head, then a batch from that head's cases. Besides
     ``model.safetensors``/``last.safetensors`` (head 0), every head is written as its own model
@@ -286,6 +286,7 @@ def train(
     from TransferSegLib import distributed, resources, transfer
     from TransferSegLib.inference import out_of_memory, select_device
     from TransferSegLib.losses import SegmentationLoss
+    from TransferSegLib.multihead import MultiHeadNetwork
 
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.device(select_device(config.device))
@@ -293,7 +294,7 @@ def train(
         torch.set_num_threads(choose_threads(config.threads))
     resources.reset(device)
     model = plan.model.to(device)
-    multi = isinstance(model, transfer.MultiHeadNetwork)
+    multi = isinstance(model, MultiHeadNetwork)
     if multi:
         if not cards or heads is None or len(cards) != len(model.heads):
             raise TransferSegError("A multi-head network needs one card per head; this is a bug.")
@@ -480,7 +481,7 @@ def _multi_head_scores(model, val_cases, cards, heads, device, overlap) -> dict[
 def _save_models(path: Path, model, card: ModelCard, cards, meta: dict,
                  config: TrainConfig) -> None:
     """Write ``model`` to ``path``; a multi-head network also as one file per head."""
-    from TransferSegLib.transfer import MultiHeadNetwork
+    from TransferSegLib.multihead import MultiHeadNetwork
 
     if not isinstance(model, MultiHeadNetwork):
         save_model(path, model, _card_with(card, meta, config), overwrite=True)
