@@ -110,21 +110,20 @@ def test_write_job_writes_exact_nrrd_inputs_and_a_versioned_job_json(tmp_path, b
     job = jobs.read_job(path)
     assert job.labels == LABELS and job.params["strategy"] == "vanilla"
     assert job.output == tmp_path / "job" / "output"
-    # The trainer reads the same cases as a dataset.
-    from TransferSegLib import datasets
-
-    dataset = datasets.discover(job.dataset)
+    # The trainer reads the very cases of job.json (they travel once: no second case list).
+    dataset, validation = jobrunner.job_datasets(job)
     assert [c.name for c in dataset.cases] == ["a/b", "a b"]
+    assert [c.label for c in dataset.cases] == [j.label for j in job.cases]
     assert dataset.labels.foreground == LABELS
+    assert sorted(p.name for p in (path.parent / "inputs").iterdir()) == sorted(
+        f"{slug}_{role}.nrrd" for slug in ("a_b", "a_b-2") for role in ("image", "label"))
     # No case is marked for validation: the trainer validates on the training cases.
     assert job.validation == "training" and document["validation"] == "training"
-    assert [c.name for c in datasets.discover(job.validation_dataset).cases] == ["a/b", "a b"]
+    assert [c.name for c in validation.cases] == ["a/b", "a b"]
 
 
 def test_validation_cases_are_the_trainers_validation_set_and_not_trained_on(tmp_path,
                                                                             base_model):
-    from TransferSegLib import datasets
-
     image, label = synthetic_case()
     path = jobs.write_job(tmp_path / "job", "finetune", labels=LABELS,
                           cases=[{"name": "train", "image": image, "label": label},
@@ -133,18 +132,19 @@ def test_validation_cases_are_the_trainers_validation_set_and_not_trained_on(tmp
                           params=finetune_params(base_model))
     job = jobs.read_job(path)
     assert job.validation == "held-out"
-    assert [c.name for c in datasets.discover(job.dataset).cases] == ["train"]
-    assert [c.name for c in datasets.discover(job.validation_dataset).cases] == ["held"]
+    training, validation = jobrunner.job_datasets(job)
+    assert [c.name for c in training.cases] == ["train"]
+    assert [c.name for c in validation.cases] == ["held"]
     events = []
     assert jobrunner.run_job(path, events.append) == jobs.EXIT_DONE
     validations = [e for e in events if e["event"] == "validation"]
     assert validations and not any("training cases" in e.get("message", "") for e in events)
     # A job written before validation sets were passed: the trainer splits its cases itself.
     document = json.loads(path.read_text(encoding="utf-8"))
-    del document["validation_dataset"], document["validation"]
+    del document["validation"], document["cases"][1]
     path.write_text(json.dumps(document), encoding="utf-8")
     old = jobs.read_job(path)
-    assert old.validation == "split" and old.validation_dataset is None
+    assert old.validation == "split" and jobrunner.job_datasets(old)[1] is None
 
     folder = tmp_path / "bad"
     with pytest.raises(InputError, match="at least one case to train on"):
@@ -226,7 +226,7 @@ BAD_JOBS = [
     (lambda d: d["cases"][0].pop("label"), "cases[0]'.label is missing"),
     (lambda d: d.update(labels={"one": "ball"}), "field 'labels'"),
     (lambda d: d.update(cases=[]), "field 'cases'"),
-    (lambda d: d.update(validation_dataset="inputs/none.csv"), "field 'validation_dataset'"),
+    (lambda d: d["cases"][0].update(validation=True), "is marked for validation"),
     (lambda d: d.update(validation="some"), "field 'validation' is 'some'"),
 ]
 

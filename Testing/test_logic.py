@@ -154,10 +154,9 @@ def test_validation_pairs_are_the_trainers_validation_set_and_are_rescored(
     job_json = next((tmp_path / "runs").glob("*-finetune/job.json"))
     document = json.loads(job_json.read_text(encoding="utf-8"))
     assert document["validation"] == "held-out"
-    folder = job_json.parent
-    assert "train" in (folder / document["dataset"]).read_text(encoding="utf-8")
-    assert "held" not in (folder / document["dataset"]).read_text(encoding="utf-8")
-    assert "held" in (folder / document["validation_dataset"]).read_text(encoding="utf-8")
+    training, validation = jobrunner.job_datasets(jobs.read_job(job_json))
+    assert [c.name for c in training.cases] == ["train"]
+    assert [c.name for c in validation.cases] == ["held"]
 
     finished = run_until_idle(logic)
     assert [r.error for r in finished] == [None, None]
@@ -182,7 +181,8 @@ def test_without_validation_pairs_the_training_pairs_are_validated_and_the_panel
     assert "mark a pair for validation" in logic.validationNote
     job = jobs.read_job(next((tmp_path / "runs").glob("*-finetune/job.json")))
     assert job.validation == "training"
-    assert job.validation_dataset.read_text() == job.dataset.read_text()
+    training, validation = jobrunner.job_datasets(job)
+    assert [c.name for c in validation.cases] == [c.name for c in training.cases] == ["train"]
     lines = []
     while logic.busy:
         lines += logic.poll().lines

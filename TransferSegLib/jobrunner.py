@@ -143,6 +143,23 @@ def run_job(job_json: str | os.PathLike, emit: Emit) -> int:
         return EXIT_CRASH
 
 
+def job_datasets(job: Job):
+    """The training and validation datasets of a finetune job, made from its cases (None for
+    validation: the trainer splits the training cases itself, as jobs written before
+    validation cases existed ask)."""
+    from TransferSegLib.datasets import Case, Dataset, LabelTable
+
+    def dataset(cases) -> Dataset:
+        return Dataset([Case(c.name, (c.image,), c.label) for c in cases],
+                       LabelTable(job.labels), kind="job", source=job.path)
+
+    training = [c for c in job.cases if not c.validation]
+    held_out = [c for c in job.cases if c.validation]
+    if job.validation == "split":
+        return dataset(training), None
+    return dataset(training), dataset(held_out or training)
+
+
 def _run_finetune(job: Job, emit: Emit) -> int:
     from TransferSegLib import recipes, training
 
@@ -152,12 +169,13 @@ def _run_finetune(job: Job, emit: Emit) -> int:
     if job.validation == "training":
         emit(ev.message("no case is marked for validation: validation uses the training "
                         "cases, so its Dice says how well they are fitted"))
+    data, validation = job_datasets(job)
     # While it trains, the trainer's own handler turns SIGTERM into a clean stop with a saved
     # model; before and after, _cancel_on_signals stops the job.
     with _cancel_on_signals():
         result = recipes.finetune(
-            job.path_of("base"), job.dataset, job.output, params["strategy"], config,
-            val_data=job.validation_dataset, architecture=params["architecture"],
+            job.path_of("base"), data, job.output, params["strategy"], config,
+            val_data=validation, architecture=params["architecture"],
             arguments=params["arguments"], events=emit, terminology=job.terminology,
             resume=params["resume"], overwrite=params["overwrite"],
             cancel_file=job.folder / CANCEL_FILE,

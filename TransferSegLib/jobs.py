@@ -7,10 +7,6 @@ A job folder, as :func:`write_job` makes it::
     job.json                what to do (below); written last, so its presence means the
                             inputs are complete
     inputs/<case>_image.nrrd, inputs/<case>_label.nrrd, inputs/<case>_prediction.nrrd
-    inputs/cases.csv, inputs/validation.csv, inputs/labels.json
-                            (finetune) the training cases and the validation cases as
-                            datasets the trainer reads; without validation cases,
-                            validation.csv lists the training cases
     output/                 results: model.safetensors (finetune), <case>.seg.nrrd (segment),
                             <case>_scores.json (evaluate)
 
@@ -23,18 +19,18 @@ A job folder, as :func:`write_job` makes it::
                {"name": "CT 2", "image": "inputs/CT_2_image.nrrd",
                 "label": "inputs/CT_2_label.nrrd", "validation": true}],
      "labels": {"1": "liver", "2": "spleen"},
-     "dataset": "inputs/cases.csv", "validation_dataset": "inputs/validation.csv",
      "validation": "held-out",
      "terminology": {"liver": "Segmentation category and type - 3D Slicer General ..."},
      "params": {"base": "/models/ct-base.safetensors", "strategy": "finetune", "steps": 200,
                 "lr": 0.001, "device": "auto", "output": "output"}}
 
-``terminology`` (finetune, optional) gives label names their Slicer ``TerminologyEntry``; the
-new model's card keeps them, and its segmentations carry them. A finetune case with
-``"validation": true`` is not trained on: the trainer validates on it
-(and keeps its best model by it). ``"validation"`` says which: ``"held-out"`` cases, or, when
-no case is marked, the ``"training"`` cases themselves. Relative paths are relative to the
-job folder. ``python -m TransferSegLib run job.json`` runs
+The cases travel once: ``cases`` and ``labels`` are what the trainer reads (as a dataset
+made in memory by the job runner). ``terminology`` (finetune, optional) gives label names
+their Slicer ``TerminologyEntry``; the new model's card keeps them, and its segmentations
+carry them. A finetune case with ``"validation": true`` is not trained on: the trainer
+validates on it (and keeps its best model by it). ``"validation"`` says which:
+``"held-out"`` cases, or, when no case is marked, the ``"training"`` cases themselves.
+Relative paths are relative to the job folder. ``python -m TransferSegLib run job.json`` runs
 it (:func:`TransferSegLib.jobrunner.run_job`, the only part that needs torch) and prints one
 JSON object per line: the trainer's events (``start``,
 ``step``, ``validation``, ``stage``, ``checkpoint``, ``done``, ``cancelled``, ``message``), per
@@ -51,7 +47,6 @@ process tree (:mod:`TransferSegLib.process`).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -230,14 +225,7 @@ def write_job(
                 "transferseg": __version__, "cases": entries,
                 "labels": {str(v): n for v, n in table.items()}, "params": params}
     if kind == "finetune":
-        training = [e for e in entries if not e.get("validation")]
         held_out = [e for e in entries if e.get("validation")]
-        with atomic_output(folder / INPUTS / "labels.json") as tmp:
-            tmp.write_text(json.dumps({str(v): n for v, n in table.items()}, indent=2) + "\n",
-                           encoding="utf-8")
-        document["dataset"] = _write_dataset(folder, "cases", training)
-        document["validation_dataset"] = _write_dataset(folder, "validation",
-                                                        held_out or training)
         document["validation"] = "held-out" if held_out else "training"
         if terminology:
             document["terminology"] = terminology
@@ -245,20 +233,6 @@ def write_job(
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def _write_dataset(folder: Path, stem: str, entries: list[dict]) -> str:
-    """The cases as a CSV dataset (``labels.json`` beside it names the labels) for
-    ``datasets.discover``."""
-    relative = f"{INPUTS}/{stem}.csv"
-    with atomic_output(folder / relative) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["image", "label", "name"])
-            for entry in entries:
-                writer.writerow([Path(entry["image"]).name, Path(entry["label"]).name,
-                                 entry["name"]])
-    return relative
 
 
 # ----------------------------------------------------------------------------- reading job.json
@@ -270,6 +244,7 @@ class JobCase:
     image: Path | None = None
     label: Path | None = None
     prediction: Path | None = None
+    validation: bool = False  # a finetune case validated on, not trained on
 
 
 @dataclass
@@ -281,9 +256,8 @@ class Job:
     cases: list[JobCase]
     labels: dict[int, str]
     params: dict = field(default_factory=dict)
-    dataset: Path | None = None
-    validation_dataset: Path | None = None  # None: the trainer splits ``dataset`` itself
-    validation: str = "split"  # which cases it validates on: held-out, training or split
+    validation: str = "split"  # which cases it validates on: held-out, training, or split
+    # (a job written before validation cases existed: the trainer splits the cases itself)
     terminology: dict[str, str] = field(default_factory=dict)  # label name -> entry
 
     @property
@@ -407,25 +381,22 @@ def read_job(path: str | os.PathLike) -> Job:
                 raise InputError(f"{field_name}.{role} names {file}, which does not exist; "
                                  "write the job again.")
             files[role] = file
-        cases.append(JobCase(entry["name"], **files))
+        held = entry.get("validation", False)
+        if not isinstance(held, bool) or (held and kind != "finetune"):
+            raise InputError(f"{field_name}.validation must be true or false, and only a "
+                             "finetune job has validation cases.")
+        cases.append(JobCase(entry["name"], **files, validation=held))
     job = Job(path, kind, cases, table, params)
     if kind == "finetune":
-        dataset = document.get("dataset")
-        if not isinstance(dataset, str) or not (path.parent / dataset).is_file():
-            raise InputError(f"{where} 'dataset' must name the job's case list (a CSV file in "
-                             f"the job folder), not {dataset!r}; write the job again.")
-        job.dataset = path.parent / dataset
-        held = document.get("validation_dataset")
-        if held is not None:
-            if not isinstance(held, str) or not (path.parent / held).is_file():
-                raise InputError(f"{where} 'validation_dataset' must name the job's validation "
-                                 f"case list (a CSV file in the job folder), not {held!r}; "
-                                 "write the job again.")
-            which = document.get("validation", "held-out")
-            if which not in ("held-out", "training"):
-                raise InputError(f"{where} 'validation' is {which!r}; use 'held-out' or "
-                                 "'training'.")
-            job.validation_dataset, job.validation = path.parent / held, which
+        which = document.get("validation", "split")
+        held = any(case.validation for case in cases)
+        if which not in ("held-out", "training", "split") or (which == "held-out") != held:
+            raise InputError(f"{where} 'validation' is {which!r} but {'some' if held else 'no'} "
+                             "case is marked for validation; write the job again.")
+        if all(case.validation for case in cases):
+            raise InputError(f"{where} 'cases': every case is marked for validation; a "
+                             "finetune job needs at least one case to train on.")
+        job.validation = which
         job.terminology = _check_terminology(document.get("terminology") or {}, table,
                                              f"{where} 'terminology'", kind)
     for option in ("base", "model"):

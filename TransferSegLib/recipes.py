@@ -14,6 +14,7 @@ from pathlib import Path
 
 from TransferSegLib import events as ev
 from TransferSegLib.checkpoint import ModelCard
+from TransferSegLib.datasets import Dataset
 from TransferSegLib.errors import InputError
 from TransferSegLib.sampling import LabelledCase, labelled_cases, median_spacing, split_cases
 from TransferSegLib.training import Events, TrainConfig, TrainResult, run_training
@@ -21,12 +22,12 @@ from TransferSegLib.training import Events, TrainConfig, TrainResult, run_traini
 
 def finetune(
     base: Path | None,
-    data: Path,
+    data: Path | Dataset,
     out_dir: Path,
     strategy: str = "finetune",
     config: TrainConfig | None = None,
     *,
-    val_data: Path | None = None,
+    val_data: Path | Dataset | None = None,
     labels: Sequence[str] | None = None,
     architecture: str | None = None,
     arguments: dict | None = None,
@@ -37,7 +38,8 @@ def finetune(
     cancel_file: Path | None = None,
     terminology: Mapping[str, str] | None = None,
 ) -> TrainResult:
-    """Make a model for the labels of ``data`` from the base model file ``base``.
+    """Make a model for the labels of ``data`` (a dataset path, or a
+    :class:`~TransferSegLib.datasets.Dataset` made in memory) from the base model file ``base``.
 
     ``strategy`` is one of :data:`TransferSegLib.transfer.STRATEGIES`; ``scratch`` uses only
     the base model's architecture and settings (or ``architecture``/``arguments`` without a
@@ -60,16 +62,18 @@ def finetune(
         config = replace(config, patience=2)  # the second stage starts on a plateau
         events(ev.message("two-stage: unfreezing after 2 validations without improvement "
                           "(set --patience to change)"))
-    dataset = datasets.discover(data)
-    cases = labelled_cases(dataset, str(data))
+    dataset = data if isinstance(data, datasets.Dataset) else datasets.discover(data)
+    where = str(dataset.source or data)
+    cases = labelled_cases(dataset, where)
     if val_data is not None:
-        val_cases = labelled_cases(datasets.discover(val_data), str(val_data))
+        held = val_data if isinstance(val_data, datasets.Dataset) else datasets.discover(val_data)
+        val_cases = labelled_cases(held, str(held.source or val_data))
     else:
         cases, val_cases, _ = split_cases(cases, config.seed)
     names = list(labels) if labels else list(dataset.labels.foreground.values())
     unknown = [n for n in names if n not in dataset.labels.names.values()]
     if unknown:
-        raise InputError(f"Labels {unknown} are not in dataset {data}; it has "
+        raise InputError(f"Labels {unknown} are not in dataset {where}; it has "
                          f"{list(dataset.labels.foreground.values())}.")
     target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
     if labels:  # a chosen subset: the dataset's other labels become background
