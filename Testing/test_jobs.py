@@ -197,15 +197,30 @@ def test_write_job_checks_cases_and_options_before_writing(tmp_path, base_model)
     assert not folder.exists()
 
 
-def test_train_settings_match_the_trainer():
+def test_training_settings_come_from_one_definition():
+    """TrainConfig's fields (settings.py) are the job's options and the command line's flags,
+    with the field's default and help text."""
     from dataclasses import fields
 
-    from TransferSegLib.training import TrainConfig
+    from TransferSegLib.settings import TrainConfig
 
     assert set(jobs.TRAIN_SETTINGS) == {f.name for f in fields(TrainConfig)}
     for item in fields(TrainConfig):
         if item.default is not None:
             assert isinstance(item.default, jobs.TRAIN_SETTINGS[item.name]), item.name
+    finetune = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.items()
+                    if a[0] == "finetune")[1]
+    flags = {o: a for a in finetune._actions for o in a.option_strings}
+    assert flags["--batch-size"].help == TrainConfig.__dataclass_fields__["batch_size"].metadata[
+        "help"] and flags["--batch-size"].default == 2
+    assert "--no-augment" in flags and "--mirror" in flags and "--freeze-depth" in flags
+    assert "--cache-gb" not in flags  # a job and library option only
+    args = cli.build_parser().parse_args(["finetune", "--data", "d", "--out", "o", "--steps",
+                                          "7", "--no-augment", "--mirror"])
+    config = cli._train_config(args)
+    assert (config.steps, config.augment, config.mirror) == (7, False, True)
+    pretrain = cli.build_parser().parse_args(["pretrain", "--data", "d", "--out", "o"])
+    assert not hasattr(pretrain, "freeze_depth")  # no flag that pretraining would ignore
 
 
 def test_exit_codes_agree_with_the_command_line():

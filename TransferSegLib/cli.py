@@ -276,17 +276,13 @@ class EventPrinter:
 
 
 def _train_config(args: argparse.Namespace):
-    from TransferSegLib.training import TrainConfig
+    from TransferSegLib.settings import TrainConfig, command_line_settings
 
-    lr = args.lr if not isinstance(args.lr, dict) else None
-    return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=lr, val_every=args.val_every,
-        patience=args.patience, seed=args.seed, device=args.device,
-        checkpoint_every=args.checkpoint_every, augment=not args.no_augment, mirror=args.mirror,
-        head_lr_factor=getattr(args, "head_lr_factor", None),
-        freeze_depth=getattr(args, "freeze_depth", None), optimizer=args.optimizer,
-        warmup=args.warmup, threads=args.threads,
-    )
+    values = {item.name: getattr(args, item.name) for item in command_line_settings()
+              if hasattr(args, item.name)}
+    if isinstance(values.get("lr"), dict):  # a study's rate per strategy is passed apart
+        values["lr"] = None
+    return TrainConfig(**values)
 
 
 def _in_process_group(run) -> int:
@@ -363,28 +359,28 @@ def _learning_rates(text: str) -> float | dict[str, float]:
     return rates
 
 
-def _training_arguments(parser: argparse.ArgumentParser, per_strategy_lr: bool = False) -> None:
+def _training_arguments(parser: argparse.ArgumentParser, per_strategy_lr: bool = False,
+                        transfer: bool = True) -> None:
+    """The training flags, one per field of :class:`TransferSegLib.settings.TrainConfig`
+    (its help text and default), and the flags of a run (output, events, resume, ...)."""
+    from TransferSegLib.settings import command_line_settings
+
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, ...)")
-    parser.add_argument("--steps", type=int, default=500, help="optimiser steps")
-    parser.add_argument("--batch-size", type=int, default=2, help="patches per step")
-    if per_strategy_lr:  # a study compares strategies: one rate for all, or one each
-        parser.add_argument("--lr", type=_learning_rates, default=None,
-                            help="learning rate for every strategy, or per strategy "
-                            "(scratch=3e-3,finetune=1e-3); default: each strategy's own")
-    else:
-        parser.add_argument("--lr", type=float, default=None,
-                            help="learning rate (default: the strategy's own, see the README)")
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--val-every", type=int, default=50, help="steps between validations")
-    parser.add_argument("--patience", type=int, default=0,
-                        help="validations without improvement before stopping (0: never)")
-    parser.add_argument("--checkpoint-every", type=int, default=50,
-                        help="steps between resumable checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda")
-    parser.add_argument("--no-augment", action="store_true", help="no data augmentation")
-    parser.add_argument("--mirror", action="store_true",
-                        help="also random flips (off by default: they swap left and right)")
+    for item in command_line_settings(transfer):
+        flag, kind = "--" + item.name.replace("_", "-"), str(item.type).split(" |")[0]
+        if item.name == "lr" and per_strategy_lr:  # a study: one rate for all, or one each
+            parser.add_argument(flag, type=_learning_rates, default=None,
+                                help="learning rate for every strategy, or per strategy "
+                                "(scratch=3e-3,finetune=1e-3); default: each strategy's own")
+        elif kind == "bool":  # a switch away from the default
+            name = flag if not item.default else "--no-" + flag[2:]
+            parser.add_argument(name, dest=item.name, action="store_const",
+                                const=not item.default, default=item.default,
+                                help=("no " if item.default else "") + item.metadata["help"])
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[kind],
+                                default=item.default, help=item.metadata["help"],
+                                choices=item.metadata.get("choices"))
     parser.add_argument("--events", choices=["bar", "jsonl"], default="bar",
                         help="progress bar, or JSON lines on stdout for programs")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -392,10 +388,6 @@ def _training_arguments(parser: argparse.ArgumentParser, per_strategy_lr: bool =
     parser.add_argument("--cancel-file", help="stop cleanly (saving) when this file appears")
     parser.add_argument("--architecture", default="unet",
                         help="network for scratch/pretrain (unet, dynunet, segresnet, ...)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="steps of linear learning-rate warm-up (default: the strategy's)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: the cores other programs leave idle)")
 
 
 def _transfer_arguments(parser: argparse.ArgumentParser) -> tuple[str, ...]:
@@ -403,12 +395,6 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> tuple[str, ...]:
 
     parser.add_argument("--patch", type=int, nargs=3,
                         help="training and inference patch, voxels x y z (default: the base's)")
-    parser.add_argument("--freeze-depth", type=int,
-                        help="finetune, two-stage: freeze only this many encoder blocks "
-                        "(default: the whole encoder)")
-    parser.add_argument("--head-lr-factor", type=float, default=None,
-                        help="learning-rate factor of the head and new label channels "
-                        "(default: the strategy's; discriminative 10)")
     return STRATEGIES
 
 
@@ -495,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shared: one head for the union of the labels, unannotated classes "
                           "masked out of the loss; per-dataset: a shared network with one head "
                           "per dataset (Med3D co-training), one model file per head")
-    _training_arguments(pre)
+    _training_arguments(pre, transfer=False)
     pre.set_defaults(run=_pretrain)
 
     st = commands.add_parser("study", help="strategies x training-set sizes x seeds")

@@ -61,6 +61,7 @@ from TransferSegLib.errors import InputError, OutputExistsError
 from TransferSegLib.files import atomic_output
 from TransferSegLib.names import unique_name
 from TransferSegLib.process import ChildProcess
+from TransferSegLib.settings import json_types
 
 FORMAT = "transferseg-job"
 VERSION = 1
@@ -78,16 +79,8 @@ Emit = Callable[[dict], None]
 # default is UNSET is left out when not given (the trainer's own default applies).
 UNSET = object()
 _COMMON = {"output": ((str,), "output"), "overwrite": ((bool,), False)}
-# training.TrainConfig's fields, listed here so that writing a job never imports torch.
-TRAIN_SETTINGS = {
-    "steps": (int,), "batch_size": (int,), "lr": (int, float, type(None)),
-    "weight_decay": (int, float),
-    "optimizer": (str,), "val_every": (int,), "patience": (int,), "checkpoint_every": (int,),
-    "foreground_ratio": (int, float), "augment": (bool,), "mirror": (bool,), "seed": (int,),
-    "device": (str,), "amp": (bool,), "cache_gb": (int, float), "val_overlap": (int, float),
-    "head_lr_factor": (int, float, type(None)), "freeze_depth": (int, type(None)),
-    "warmup": (int, type(None)), "threads": (int, type(None)),
-}
+# training's TrainConfig fields and their JSON types, from the one definition (no torch).
+TRAIN_SETTINGS = json_types()
 PARAMS: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
     "finetune": {
         **_COMMON,

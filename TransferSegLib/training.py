@@ -45,60 +45,9 @@ from TransferSegLib.sampling import (
     prepare_case,
     sample_patch,
 )
+from TransferSegLib.settings import TrainConfig  # noqa: F401 (defined there, used here)
 
 Events = Callable[[dict], None]
-
-
-@dataclass
-class TrainConfig:
-    """How to train. Steps count optimiser updates; one step sees ``batch_size`` patches."""
-
-    steps: int = 500
-    batch_size: int = 2
-    lr: float | None = None  # None: the strategy's own (strategies.DEFAULTS)
-    weight_decay: float = 1e-5
-    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.99, nesterov, as nnU-Net)
-    val_every: int = 50
-    patience: int = 0  # validation rounds without improvement before stopping; 0 = never
-    checkpoint_every: int = 50
-    foreground_ratio: float = 0.67  # share of patches centred on an annotated foreground voxel
-    augment: bool = True
-    # Mirroring swaps left and right: with few cases it teaches the spleen where the liver is.
-    mirror: bool = False
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # mixed precision, CUDA only
-    cache_gb: float = 8.0  # RAM for preprocessed cases; the rest are re-read when needed
-    val_overlap: float = 0.25
-    head_lr_factor: float | None = None  # None: the strategy's own (strategies.DEFAULTS)
-    freeze_depth: int | None = None
-    warmup: int | None = None  # steps of linear learning-rate warm-up; None: the strategy's
-    threads: int | None = None  # CPU threads for torch; None: the idle cores (choose_threads)
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
-            raise InputError("steps, batch size and validation interval must be at least 1.")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise InputError(f"Unknown optimiser {self.optimizer!r}; use adamw or sgd.")
-        if not 0 <= self.foreground_ratio <= 1:
-            raise InputError("The foreground ratio must lie between 0 and 1.")
-        if self.lr is not None and not self.lr > 0:
-            raise InputError(f"The learning rate must be a positive number, not {self.lr}.")
-        if self.warmup is not None and self.warmup < 0:
-            raise InputError(f"Warm-up steps must be 0 or more, not {self.warmup}.")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"Threads must be at least 1, not {self.threads}.")
-
-    def for_strategy(self, strategy: str) -> TrainConfig:
-        """This configuration with the strategy's defaults filled in where a value is None."""
-        from TransferSegLib.strategies import defaults
-
-        chosen = defaults(strategy)
-        return replace(
-            self, lr=chosen["lr"] if self.lr is None else self.lr,
-            head_lr_factor=(chosen["head_lr_factor"] if self.head_lr_factor is None
-                            else self.head_lr_factor),
-            warmup=int(chosen["warmup"]) if self.warmup is None else self.warmup)
 
 
 def choose_threads(requested: int | None = None) -> int:

@@ -1,0 +1,100 @@
+"""Training settings: :class:`TrainConfig`, defined once (no torch needed).
+
+Each field carries its help text in its metadata. The command line's training flags
+(:mod:`TransferSegLib.cli`), the options a finetune job accepts (:mod:`TransferSegLib.jobs`)
+and the trainer (:mod:`TransferSegLib.training`) all read them from here. A field whose
+metadata has ``cli=False`` is a job and library option only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from TransferSegLib.errors import InputError
+
+
+def _setting(default, help: str, cli: bool = True, **extra):
+    return field(default=default, metadata={"help": help, "cli": cli, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Steps count optimiser updates; one step sees ``batch_size`` patches."""
+
+    steps: int = _setting(500, "optimiser steps")
+    batch_size: int = _setting(2, "patches per step")
+    lr: float | None = _setting(None, "learning rate (default: the strategy's own, see the "
+                                "README)")
+    weight_decay: float = _setting(1e-5, "AdamW weight decay", cli=False)
+    optimizer: str = _setting("adamw", "adamw, or sgd (momentum 0.99, nesterov, as nnU-Net)",
+                              choices=("adamw", "sgd"))
+    val_every: int = _setting(50, "steps between validations")
+    patience: int = _setting(0, "validations without improvement before stopping (0: never)")
+    checkpoint_every: int = _setting(50, "steps between resumable checkpoints")
+    foreground_ratio: float = _setting(0.67, "share of patches centred on an annotated "
+                                       "foreground voxel", cli=False)
+    augment: bool = _setting(True, "data augmentation")
+    # Mirroring swaps left and right: with few cases it teaches the spleen where the liver is.
+    mirror: bool = _setting(False, "also random flips (off by default: they swap left and right)")
+    seed: int = _setting(0, "seed of patches, augmentation and new weights")
+    device: str = _setting("auto", "auto (CUDA > MPS > CPU), cpu, cuda")
+    amp: bool = _setting(True, "mixed precision (CUDA only)", cli=False)
+    cache_gb: float = _setting(8.0, "RAM for preprocessed cases; the rest are re-read",
+                               cli=False)
+    val_overlap: float = _setting(0.25, "sliding-window overlap of validation", cli=False)
+    head_lr_factor: float | None = _setting(
+        None, "learning-rate factor of the head and new label channels (default: the "
+        "strategy's; discriminative 10)", transfer=True)
+    freeze_depth: int | None = _setting(
+        None, "finetune, two-stage: freeze only this many encoder blocks (default: the whole "
+        "encoder)", transfer=True)
+    warmup: int | None = _setting(None, "steps of linear learning-rate warm-up (default: the "
+                                  "strategy's)")
+    threads: int | None = _setting(None, "CPU threads (default: the cores other programs "
+                                   "leave idle)")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
+            raise InputError("steps, batch size and validation interval must be at least 1.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise InputError(f"Unknown optimiser {self.optimizer!r}; use adamw or sgd.")
+        if not 0 <= self.foreground_ratio <= 1:
+            raise InputError("The foreground ratio must lie between 0 and 1.")
+        if self.lr is not None and not self.lr > 0:
+            raise InputError(f"The learning rate must be a positive number, not {self.lr}.")
+        if self.warmup is not None and self.warmup < 0:
+            raise InputError(f"Warm-up steps must be 0 or more, not {self.warmup}.")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"Threads must be at least 1, not {self.threads}.")
+
+    def for_strategy(self, strategy: str) -> TrainConfig:
+        """This configuration with the strategy's defaults filled in where a value is None."""
+        from TransferSegLib.strategies import defaults
+
+        chosen = defaults(strategy)
+        return replace(
+            self, lr=chosen["lr"] if self.lr is None else self.lr,
+            head_lr_factor=(chosen["head_lr_factor"] if self.head_lr_factor is None
+                            else self.head_lr_factor),
+            warmup=int(chosen["warmup"]) if self.warmup is None else self.warmup)
+
+
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def json_types() -> dict[str, tuple[type, ...]]:
+    """Each setting's accepted JSON types (a job's options): from the field's annotation."""
+    found = {}
+    for item in fields(TrainConfig):
+        kinds = [part.strip() for part in str(item.type).split("|")]
+        found[item.name] = tuple(t for kind in kinds if kind != "None"
+                                 for t in _JSON_TYPES[kind]) + (
+            (type(None),) if "None" in kinds else ())
+    return found
+
+
+def command_line_settings(transfer: bool = True):
+    """The fields the command line offers as flags (``--batch-size`` for ``batch_size``);
+    without ``transfer``, not those that only a transfer from a base uses."""
+    return [item for item in fields(TrainConfig) if item.metadata.get("cli", True)
+            and (transfer or not item.metadata.get("transfer"))]
