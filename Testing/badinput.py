@@ -39,7 +39,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
 
-from TransferSegLib import checkpoint, datasets, metrics, networks, volumes
+from TransferSegLib import checkpoint, datasets, metrics, networks, segmentations, volumes
 from TransferSegLib.errors import GeometryError, InputError, ModelFileError, TransferSegError
 
 Call = Callable[[], object]
@@ -166,8 +166,9 @@ def dicom_series(folder: Path, count: int = 6, step: float = 2.5) -> list[Path]:
 
 def segmentation_file(folder: Path, name: str = "valid.seg.nrrd") -> Path:
     """A valid two-segment ``.seg.nrrd`` (liver = 1, spleen = 2 in one layer)."""
-    segmentation = volumes.Segmentation.from_label_map(small_label(), {1: "liver", 2: "spleen"})
-    return volumes.write_segmentation(segmentation, folder / name)
+    segmentation = segmentations.Segmentation.from_label_map(small_label(),
+                                                             {1: "liver", 2: "spleen"})
+    return segmentations.write_segmentation(segmentation, folder / name)
 
 
 TINY_UNET = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
@@ -585,7 +586,7 @@ def _seg_variant(folder: Path, name: str, old: bytes, new: bytes) -> Path:
       match=r"layer\.seg\.nrrd: segment 'spleen' is in layer 3.*save it again from Slicer")
 def _(folder):
     path = _seg_variant(folder, "layer.seg.nrrd", b"Segment1_Layer:=0", b"Segment1_Layer:=3")
-    return lambda: volumes.read_segmentation(path)
+    return lambda: segmentations.read_segmentation(path)
 
 
 @case("seg_segment_gap", "segmentations", ".seg.nrrd describing Segment0 and Segment7 but no "
@@ -594,7 +595,7 @@ def _(folder):
 def _(folder):
     path = _seg_variant(folder, "gap.seg.nrrd", b"Segment1_", b"Segment7_")
     path.write_bytes(path.read_bytes().replace(b"Segment1_", b"Segment7_"))
-    return lambda: volumes.read_segmentation(path)
+    return lambda: segmentations.read_segmentation(path)
 
 
 @case("seg_unnamed_voxels", "segmentations", ".seg.nrrd whose spleen segment says value 7 "
@@ -603,7 +604,7 @@ def _(folder):
 def _(folder):
     path = _seg_variant(folder, "unnamed.seg.nrrd", b"Segment1_LabelValue:=2",
                         b"Segment1_LabelValue:=7")
-    return lambda: volumes.read_segmentation(path)
+    return lambda: segmentations.read_segmentation(path)
 
 
 def _empty_segment(segmentation) -> None:
@@ -615,10 +616,11 @@ def _empty_segment(segmentation) -> None:
       "has no voxels", recovery=_empty_segment,
       outcome="read; the segment is kept, empty (as Slicer keeps it)")
 def _(folder):
-    segmentation = volumes.Segmentation.from_label_map(small_label(), {1: "liver", 2: "spleen"})
-    segmentation.segments.append(volumes.Segment("kidney", 7, (0.5, 0.2, 0.1)))
-    path = volumes.write_segmentation(segmentation, folder / "empty_kidney.seg.nrrd")
-    return lambda: volumes.read_segmentation(path)
+    segmentation = segmentations.Segmentation.from_label_map(small_label(),
+                                                             {1: "liver", 2: "spleen"})
+    segmentation.segments.append(segmentations.Segment("kidney", 7, (0.5, 0.2, 0.1)))
+    path = segmentations.write_segmentation(segmentation, folder / "empty_kidney.seg.nrrd")
+    return lambda: segmentations.read_segmentation(path)
 
 
 @case("seg_shared_value", "segmentations", ".seg.nrrd giving two segments label value 1 in one "
@@ -627,7 +629,7 @@ def _(folder):
 def _(folder):
     path = _seg_variant(folder, "shared.seg.nrrd", b"Segment1_LabelValue:=2",
                         b"Segment1_LabelValue:=1")
-    return lambda: volumes.read_segmentation(path)
+    return lambda: segmentations.read_segmentation(path)
 
 
 @case("seg_duplicate_name", "segmentations", ".seg.nrrd with two segments named liver",
@@ -635,7 +637,7 @@ def _(folder):
 def _(folder):
     path = _seg_variant(folder, "names.seg.nrrd", b"Segment1_Name:=spleen",
                         b"Segment1_Name:=liver")
-    return lambda: volumes.read_segmentation(path)
+    return lambda: segmentations.read_segmentation(path)
 
 
 @case("seg_fractional_value", "segmentations", ".seg.nrrd with Segment1_LabelValue 1.5",
@@ -644,14 +646,14 @@ def _(folder):
 def _(folder):
     path = _seg_variant(folder, "value.seg.nrrd", b"Segment1_LabelValue:=2",
                         b"Segment1_LabelValue:=1.5")
-    return lambda: volumes.read_segmentation(path)
+    return lambda: segmentations.read_segmentation(path)
 
 
 @case("seg_nan_layer", "segmentations", ".seg.nrrd with Segment1_Layer nan", error=InputError,
       match=r"nan\.seg\.nrrd has a malformed Segment1_Layer \('nan'\).*save it")
 def _(folder):
     path = _seg_variant(folder, "nan.seg.nrrd", b"Segment1_Layer:=0", b"Segment1_Layer:=nan")
-    return lambda: volumes.read_segmentation(path)
+    return lambda: segmentations.read_segmentation(path)
 
 
 @case("seg_overlap_as_label_map", "segmentations", "two-layer .seg.nrrd with overlapping "
@@ -660,9 +662,9 @@ def _(folder):
 def _(folder):
     liver = small_label((0, 1, 1))
     tumour = small_label((0, 1, 0))
-    segmentation = volumes.Segmentation([liver, tumour], [
-        volumes.Segment("liver", 1, layer=0), volumes.Segment("tumour", 1, layer=1)])
-    path = volumes.write_segmentation(segmentation, folder / "overlap.seg.nrrd")
+    segmentation = segmentations.Segmentation([liver, tumour], [
+        segmentations.Segment("liver", 1, layer=0), segmentations.Segment("tumour", 1, layer=1)])
+    path = segmentations.write_segmentation(segmentation, folder / "overlap.seg.nrrd")
     return lambda: volumes.read_label(path)
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import real_sample
 from safetensors.torch import save_file
 
-from TransferSegLib import checkpoint, networks, volumes
+from TransferSegLib import checkpoint, networks, segmentations, volumes
 from TransferSegLib.cli import EXIT_USER_ERROR, main
 
 
@@ -67,7 +67,7 @@ def test_evaluate_real_segmentations_to_table_csv_and_json(tmp_path, capsys):
 
 def test_evaluate_matches_seg_nrrd_segments_by_name(tmp_path, capsys):
     case = real_sample("slicerio_chest")
-    seg = volumes.read_segmentation(case.extras["seg_nrrd"])
+    seg = segmentations.read_segmentation(case.extras["seg_nrrd"])
     # The same segments with other values, in another order: scores must still be perfect.
     label, table = seg.to_label_map()
     array = sitk.GetArrayFromImage(label)
@@ -78,9 +78,9 @@ def test_evaluate_matches_seg_nrrd_segments_by_name(tmp_path, capsys):
     image.CopyInformation(label)
     # ... and spelt otherwise ("right lung" -> "Right_Lung"): names match as they do in head
     # surgery and the Slicer module (TransferSegLib.names.normalised).
-    shuffled = volumes.Segmentation.from_label_map(
+    shuffled = segmentations.Segmentation.from_label_map(
         image, {10 + (8 - v): n.title().replace(" ", "_") for v, n in table.items()})
-    volumes.write_segmentation(shuffled, tmp_path / "shuffled.seg.nrrd")
+    segmentations.write_segmentation(shuffled, tmp_path / "shuffled.seg.nrrd")
     code, out, _ = run(capsys, "evaluate", "--prediction", str(tmp_path / "shuffled.seg.nrrd"),
                        "--reference", str(case.extras["seg_nrrd"]),
                        "--json", str(tmp_path / "s.json"))
@@ -98,7 +98,7 @@ def test_segment_writes_a_named_segmentation_on_the_input_grid(tmp_path, capsys,
                          str(case.image), "--output", str(output), "--quiet")
     assert code == 0, err
     assert "wrote" in out
-    written = volumes.read_segmentation(output)
+    written = segmentations.read_segmentation(output)
     image = volumes.read_volume(case.image)
     volumes.check_same_grid(image, written.layers[0])
     assert {(s.name, s.value) for s in written.segments} <= {("liver", 5), ("spleen", 1)}

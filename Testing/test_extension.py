@@ -818,12 +818,13 @@ def test_training_case_from_nodes_renames_segments(mrml_scene):
 def test_segmentation_result_and_its_scores(mrml_scene, tmp_path):
     from TransferSegModule import scene
 
-    from TransferSegLib import mrml, volumes
+    from TransferSegLib import mrml, segmentations
 
     volume, truth = scene.sphere_case(mrml_scene, 1, "held out", size=32)
     label, names, _ = mrml.segmentation_to_labelmap(truth, volume)
     output = tmp_path / "held.seg.nrrd"
-    volumes.write_segmentation(volumes.Segmentation.from_label_map(label, {1: "tumour"}), output)
+    segmentations.write_segmentation(
+        segmentations.Segmentation.from_label_map(label, {1: "tumour"}), output)
     read, table, colours, _ = scene.read_output(output, {1: "ignored: the file names it"})
     assert table == {1: "tumour"} and set(colours) == {1}
     node = scene.new_segmentation(mrml_scene, read, table, colours, volume, "held out TransferSeg")

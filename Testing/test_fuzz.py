@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from TransferSegLib import checkpoint, metrics, preprocess, volumes
+from TransferSegLib import checkpoint, metrics, preprocess, segmentations, volumes
 from TransferSegLib.errors import TransferSegError
 
 FAST = settings(max_examples=40, deadline=5000, derandomize=True,
@@ -248,7 +248,7 @@ def valid_files(tmp_path_factory) -> ValidFiles:
 
 def read_as_its_kind(path: Path) -> object:
     if path.name.endswith(".seg.nrrd"):
-        return volumes.read_segmentation(path)
+        return segmentations.read_segmentation(path)
     if path.suffix == ".safetensors":
         return checkpoint.load_model(path)
     return volumes.read_volume(path)

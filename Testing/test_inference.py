@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 from conftest import make_image, oblique_direction, real_sample
 
-from TransferSegLib import checkpoint, inference, networks, volumes
+from TransferSegLib import checkpoint, inference, networks, segmentations, volumes
 from TransferSegLib.errors import InputError, OutputExistsError
 
 
@@ -93,7 +93,7 @@ def test_model_file_round_trip_gives_identical_segmentations(tmp_path):
     output = tmp_path / "seg.seg.nrrd"
     result = inference.segment_file(path, real_sample("totalseg_ct").image, output,
                                     probabilities_output=tmp_path / "p.nrrd")
-    written = volumes.read_segmentation(output)
+    written = segmentations.read_segmentation(output)
     assert {s.name for s in written.segments} <= {"liver", "spleen"}
     assert set(result.labels.values()) == {"liver", "spleen"}
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(written.layers[0]),

@@ -17,7 +17,16 @@ import SimpleITK as sitk
 import torch
 from conftest import make_image
 
-from TransferSegLib import checkpoint, cli, jobrunner, jobs, networks, process, volumes
+from TransferSegLib import (
+    checkpoint,
+    cli,
+    jobrunner,
+    jobs,
+    networks,
+    process,
+    segmentations,
+    volumes,
+)
 from TransferSegLib.errors import InputError, OutputExistsError
 
 LABELS = {1: "ball", 2: "box"}
@@ -279,7 +288,7 @@ def test_segment_and_evaluate_jobs_write_their_outputs(tmp_path, base_model):
     assert [e["event"] for e in events] == ["case", "segmented", "done"]
     output = Path(events[-1]["outputs"][0])
     assert output == tmp_path / "seg" / "output" / "scan.seg.nrrd"
-    segmentation = volumes.read_segmentation(output)
+    segmentation = segmentations.read_segmentation(output)
     assert {s.name for s in segmentation.segments} <= set(LABELS.values())
     assert volumes.Geometry.of(segmentation.layers[0]) == volumes.Geometry.of(image)
     assert events[1]["labels"] == {"1": "ball", "2": "box"}

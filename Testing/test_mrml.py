@@ -16,7 +16,7 @@ vtk = pytest.importorskip("vtk")
 
 from vtk.util import numpy_support  # noqa: E402
 
-from TransferSegLib import jobrunner, jobs, mrml, volumes  # noqa: E402
+from TransferSegLib import jobrunner, jobs, mrml, segmentations, volumes  # noqa: E402
 from TransferSegLib.errors import InputError  # noqa: E402
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -111,7 +111,7 @@ def test_a_totalsegmentator_ct_and_its_41_labels_through_the_bridge(scene):
     assert [name for name, _ in segments(seg)] == list(case.labels.values())
     out, names, colours = mrml.segmentation_to_labelmap(seg, node)
     assert list(names.values()) == list(case.labels.values())
-    assert colours == {v: volumes.default_color(value)
+    assert colours == {v: segmentations.default_color(value)
                        for v, value in zip(names, case.labels, strict=True)}
     assert_same_geometry(out, image)
     # Values 1..n in segment order; mapped back they are the file's values, voxel for voxel.
@@ -179,7 +179,7 @@ def test_the_slicerio_segmentation_exports_its_seven_named_segments(scene):
     assert label.GetPixelID() == sitk.sitkUInt8
     assert_same_geometry(label, mrml.volume_to_image(ct))
     # The same voxels as the file itself, read without Slicer.
-    from_file, table = volumes.read_segmentation(case.extras["seg_nrrd"]).to_label_map()
+    from_file, table = segmentations.read_segmentation(case.extras["seg_nrrd"]).to_label_map()
     assert table == names
     assert_same_geometry(from_file, label)
     assert np.array_equal(array(from_file), array(label))
@@ -244,7 +244,7 @@ def test_a_label_without_voxels_still_gets_its_segment(scene):
     label = make_image(np.pad(np.ones((2, 2, 2), np.uint8) * 3, 2), spacing=(1, 1, 1))
     seg = mrml.labelmap_to_segmentation(label, {0: "background", 3: "liver", 7: "tumour"},
                                         scene, "prediction", colours={7: (1.0, 0.0, 0.0)})
-    assert segments(seg) == [("liver", volumes.default_color(3)), ("tumour", (1.0, 0.0, 0.0))]
+    assert segments(seg) == [("liver", segmentations.default_color(3)), ("tumour", (1.0, 0.0, 0.0))]
     out, names, _ = mrml.segmentation_to_labelmap(seg)  # the label map's own grid
     assert names == {1: "liver", 2: "tumour"}
     assert volumes.Geometry.of(out) == volumes.Geometry.of(label)
@@ -349,7 +349,7 @@ def test_a_job_written_from_nodes_comes_back_as_a_new_segmentation_node(scene, t
     assert jobrunner.run_job(segment, events.append) == 0, events[-1]
     done = next(e for e in events if e["event"] == "segmented")
     table = {int(v): n for v, n in done["labels"].items()}
-    result, _ = volumes.read_segmentation(done["path"]).to_label_map()
+    result, _ = segmentations.read_segmentation(done["path"]).to_label_map()
     new = mrml.labelmap_to_segmentation(result, table, scene, "CT segmentation",
                                         reference_volume=ct)
     assert new is not user and snapshot(user) == before
@@ -370,13 +370,13 @@ def test_terminology_survives_seg_nrrd_and_the_scene(tmp_path):
     .seg.nrrd, written back, and carried into and out of segmentation nodes."""
 
     chest = real_sample("slicerio_chest")
-    original = volumes.read_segmentation(chest.extras["seg_nrrd"])
+    original = segmentations.read_segmentation(chest.extras["seg_nrrd"])
     codes = original.terminology()
     assert len(codes) == 7 and "SCT^113197003^Rib" in codes["ribs"]
-    again = volumes.write_segmentation(original, tmp_path / "again.seg.nrrd")
-    assert volumes.read_segmentation(again).terminology() == codes
+    again = segmentations.write_segmentation(original, tmp_path / "again.seg.nrrd")
+    assert segmentations.read_segmentation(again).terminology() == codes
     assert all(s.tags.get("Segmentation.Status") == "inprogress"
-               for s in volumes.read_segmentation(again).segments)
+               for s in segmentations.read_segmentation(again).segments)
 
     scene = slicer.vtkMRMLScene()
     label, table = original.to_label_map()
@@ -384,5 +384,5 @@ def test_terminology_survives_seg_nrrd_and_the_scene(tmp_path):
     # "tissue" holds Slicer's default entry for new segments, which counts as not coded.
     assert mrml.segment_terminology(node) == {n: c for n, c in codes.items() if n != "tissue"}
     assert mrml.segment_terminology(mrml.labelmap_to_segmentation(label, table, scene, "x")) == {}
-    assert volumes.parse_tags("A:1|B:x:y|bad|") == {"A": "1", "B": "x:y"}
-    assert volumes.format_tags({"A": "a|b", "C|D": "no"}) == "A:a b|"
+    assert segmentations.parse_tags("A:1|B:x:y|bad|") == {"A": "1", "B": "x:y"}
+    assert segmentations.format_tags({"A": "a|b", "C|D": "no"}) == "A:a b|"

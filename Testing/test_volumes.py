@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import make_image, oblique_direction, real_sample
 
-from TransferSegLib import volumes
+from TransferSegLib import segmentations, volumes
 from TransferSegLib.errors import GeometryError, InputError, OutputExistsError
 
 
@@ -96,13 +96,13 @@ def test_folder_without_dicom_is_refused(tmp_path):
 # ------------------------------------------------------------------------------ segmentations
 def test_seg_nrrd_keeps_names_colours_and_values(tmp_path):
     case = real_sample("slicerio_chest")
-    seg = volumes.read_segmentation(case.extras["seg_nrrd"])
+    seg = segmentations.read_segmentation(case.extras["seg_nrrd"])
     names = [s.name for s in seg.segments]
     assert names == ["ribs", "cervical vertebral column", "thoracic vertebral column",
                      "lumbar vertebral column", "right lung", "left lung", "tissue"]
     assert seg.segments[4].color == pytest.approx((0.0862745, 0.772549, 0.278431))
-    path = volumes.write_segmentation(seg, tmp_path / "copy.seg.nrrd")
-    again = volumes.read_segmentation(path)
+    path = segmentations.write_segmentation(seg, tmp_path / "copy.seg.nrrd")
+    again = segmentations.read_segmentation(path)
     assert [(s.name, s.value, s.layer) for s in again.segments] == [
         (s.name, s.value, s.layer) for s in seg.segments]
     for a, b in zip(seg.segments, again.segments, strict=True):
@@ -116,12 +116,12 @@ def test_seg_nrrd_keeps_names_colours_and_values(tmp_path):
 
 def test_overlapping_segments_keep_their_layers(tmp_path):
     case = real_sample("slicerio_chest")
-    seg = volumes.read_segmentation(case.extras["seg_nrrd_overlapping"])
+    seg = segmentations.read_segmentation(case.extras["seg_nrrd_overlapping"])
     assert len(seg.layers) == 2 and len(seg.segments) == 8
     sphere = seg.mask("overlapping sphere")
     assert sphere.sum() > 0 and (sphere & seg.mask("tissue")).sum() > 0
-    again = volumes.read_segmentation(
-        volumes.write_segmentation(seg, tmp_path / "overlap.seg.nrrd"))
+    again = segmentations.read_segmentation(
+        segmentations.write_segmentation(seg, tmp_path / "overlap.seg.nrrd"))
     assert len(again.layers) == 2
     for segment in seg.segments:
         np.testing.assert_array_equal(seg.mask(segment.name), again.mask(segment.name))
@@ -132,8 +132,8 @@ def test_overlapping_segments_keep_their_layers(tmp_path):
 def test_written_seg_nrrd_loads_in_real_mrml(tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core is part of the dev extra")
     case = real_sample("slicerio_chest")
-    seg = volumes.read_segmentation(case.extras["seg_nrrd_overlapping"])
-    path = volumes.write_segmentation(seg, tmp_path / "for_slicer.seg.nrrd")
+    seg = segmentations.read_segmentation(case.extras["seg_nrrd_overlapping"])
+    path = segmentations.write_segmentation(seg, tmp_path / "for_slicer.seg.nrrd")
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
@@ -150,8 +150,9 @@ def test_written_seg_nrrd_loads_in_real_mrml(tmp_path):
 def test_label_map_saved_as_seg_nrrd_gets_named_segments(tmp_path):
     case = real_sample("totalseg_ct")
     label = volumes.read_label(case.label)
-    seg = volumes.Segmentation.from_label_map(label, case.labels)
-    again = volumes.read_segmentation(volumes.write_segmentation(seg, tmp_path / "ts.seg.nrrd"))
+    seg = segmentations.Segmentation.from_label_map(label, case.labels)
+    again = segmentations.read_segmentation(
+        segmentations.write_segmentation(seg, tmp_path / "ts.seg.nrrd"))
     assert {s.value: s.name for s in again.segments} == case.labels
     assert_same_voxels(label, again.layers[0])
 

@@ -143,9 +143,9 @@ def _segment(args: argparse.Namespace) -> int:
 
 def read_labelled(path: str) -> tuple:
     """A label map and its names: from a .seg.nrrd's segments or a plain label map."""
-    from TransferSegLib import volumes
+    from TransferSegLib import segmentations, volumes
 
-    segmentation = volumes.read_segmentation(path)
+    segmentation = segmentations.read_segmentation(path)
     label, table = segmentation.to_label_map()
     named = volumes.image_format(path) == "Slicer segmentation"
     return label, (table if named else None)

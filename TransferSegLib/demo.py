@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from TransferSegLib import samples, volumes
+from TransferSegLib import samples, segmentations, volumes
 from TransferSegLib.training import TrainConfig
 
 TARGET = ("liver", "spleen", "stomach")
@@ -147,8 +147,9 @@ def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
     model, card = load_model(out / "study" / "runs" / "finetune_n1_s0" / "last.safetensors")
     image = volumes.read_volume(samples.require_sample("totalseg_dicom").image)
     result = inference.segment(model, card, image)
-    segmentation = volumes.Segmentation.from_label_map(result.label, result.labels)
-    volumes.write_segmentation(segmentation, out / "held_out_finetune.seg.nrrd", overwrite=True)
+    segmentation = segmentations.Segmentation.from_label_map(result.label, result.labels)
+    segmentations.write_segmentation(segmentation, out / "held_out_finetune.seg.nrrd",
+                                     overwrite=True)
     outputs = ["study/summary.md", "study/results.csv", "study/dice_vs_n.png",
                "study/learning_curves.png", "held_out_finetune.seg.nrrd",
                "dice_totalseg_fast.csv"]

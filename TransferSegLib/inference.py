@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from TransferSegLib import networks, preprocess, volumes
+from TransferSegLib import networks, preprocess, segmentations, volumes
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.files import refuse_existing
 
@@ -276,9 +276,9 @@ def segment_file(
     model, card = load_model(model_path, device="cpu")
     result = segment(model, card, images, device=device, overlap=overlap, batch_size=batch_size,
                      keep_probabilities=probabilities_output is not None, progress=progress)
-    segmentation = volumes.Segmentation.from_label_map(result.label, result.labels,
+    segmentation = segmentations.Segmentation.from_label_map(result.label, result.labels,
                                                        card.terminology)
-    volumes.write_segmentation(segmentation, output, overwrite=overwrite)
+    segmentations.write_segmentation(segmentation, output, overwrite=overwrite)
     if probabilities_output is not None:
         probabilities = sitk.GetImageFromArray(
             np.moveaxis(result.probabilities, 0, -1), isVector=True

@@ -25,7 +25,7 @@ import vtk
 from vtk.util import numpy_support
 
 from TransferSegLib.errors import InputError
-from TransferSegLib.volumes import default_color
+from TransferSegLib.segmentations import default_color
 
 # RAS <-> LPS: negate x and y (its own inverse).
 FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -219,7 +219,7 @@ def labelmap_to_segmentation(
     coded concept, as Segment Editor does.
 
     Segments come in increasing label value, named from ``labels``, coloured from ``colours``
-    or the library's default palette (:func:`TransferSegLib.volumes.default_color`). A label
+    or the library's default palette (:func:`TransferSegLib.segmentations.default_color`). A label
     without voxels still gets its (empty) segment, so the node always lists every label. The
     reference geometry (for Segment Editor) is ``reference_volume``'s, else the label map's.
     Never modifies an existing node. InputError if the label map holds values ``labels`` lacks.

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from TransferSegLib import volumes
+from TransferSegLib import segmentations, volumes
 from TransferSegLib.errors import InputError, MissingSampleError, TransferSegError
 from TransferSegLib.files import write_error
 
@@ -386,7 +386,7 @@ def _label_with_table(spec: SampleSpec, raw: Path) -> tuple[sitk.Image, dict[int
             raise TransferSegError(f"{spec.label} has values {unknown} missing from its class map.")
         return label, {v: names[v] for v in present}
     if spec.labeller == "seg_nrrd":
-        return volumes.read_segmentation(raw / spec.label).to_label_map()
+        return segmentations.read_segmentation(raw / spec.label).to_label_map()
     if spec.labeller == "binary":
         label = volumes.read_label(raw / spec.label)
         array = sitk.GetArrayFromImage(label)

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TransferSegLib import volumes  # noqa: E402
+from TransferSegLib import segmentations, volumes  # noqa: E402
 
 SIZE = (1200, 800)
 
@@ -46,7 +46,7 @@ def render_segmentation(image_path: Path, segmentation_path: Path, out: Path,
     import vtk
 
     image = volumes.read_volume(image_path)
-    segmentation = volumes.read_segmentation(segmentation_path)
+    segmentation = segmentations.read_segmentation(segmentation_path)
     label, table = segmentation.to_label_map()
     label = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     colours = {s.value: s.color for s in segmentation.segments}
@@ -80,12 +80,12 @@ def render_segmentation(image_path: Path, segmentation_path: Path, out: Path,
         mapper.ScalarVisibilityOff()
         actor = vtk.vtkActor()
         actor.SetMapper(mapper)
-        actor.GetProperty().SetColor(*colours.get(value, volumes.default_color(value)))
+        actor.GetProperty().SetColor(*colours.get(value, segmentations.default_color(value)))
         actor.GetProperty().SetOpacity(0.85)
         renderer.AddActor(actor)
         text = vtk.vtkTextActor()
         text.SetInput(name)
-        text.GetTextProperty().SetColor(*colours.get(value, volumes.default_color(value)))
+        text.GetTextProperty().SetColor(*colours.get(value, segmentations.default_color(value)))
         text.GetTextProperty().SetFontSize(26)
         text.SetDisplayPosition(20, SIZE[1] - 84 - 34 * renderer.GetActors2D().GetNumberOfItems())
         renderer.AddActor2D(text)

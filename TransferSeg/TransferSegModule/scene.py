@@ -145,9 +145,9 @@ def output_names(model_path) -> dict:
 def read_output(path, names) -> tuple:
     """A segmentation job's output: ``(label map, {value: name}, {value: rgb}, {name:
     TerminologyEntry})``; a plain label map (no names of its own) is named from ``names``."""
-    from TransferSegLib import volumes
+    from TransferSegLib import segmentations, volumes
 
-    segmentation = volumes.read_segmentation(path)
+    segmentation = segmentations.read_segmentation(path)
     label, table = segmentation.to_label_map()
     if volumes.image_format(path) != "Slicer segmentation":
         table = {value: names.get(value, name) for value, name in table.items()}
