@@ -751,12 +751,12 @@ def test_job_python_prefers_python_slicer():
 
 
 def test_job_environment_puts_the_library_first():
-    env = environment.job_environment({"PYTHONPATH": os.pathsep.join(["/a", "/lib"]), "X": "1"},
-                                "/lib")
-    assert env["PYTHONPATH"].split(os.pathsep) == ["/lib", "/a"] and env["X"] == "1"
-    assert dependencies.library_root() == ROOT
-    child = dependencies.job_environment()["PYTHONPATH"].split(os.pathsep)
-    assert child[0] == str(ROOT)
+    from TransferSegLib.process import child_environment
+
+    env = child_environment({"PYTHONPATH": os.pathsep.join(["/a", str(ROOT)]), "X": "1"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/a"] and env["X"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert dependencies.library_root() == ROOT  # the library the module and its jobs run
 
 
 def test_dependencies_are_found_in_this_environment(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ from TransferSegLib import __version__
 from TransferSegLib.errors import InputError, OutputExistsError
 from TransferSegLib.files import atomic_output
 from TransferSegLib.names import unique_name
-from TransferSegLib.process import ChildProcess
+from TransferSegLib.process import ChildProcess, child_environment
 from TransferSegLib.settings import json_types
 
 FORMAT = "transferseg-job"
@@ -422,12 +422,7 @@ class JobProcess(ChildProcess):
                          cleanup=[self.job_json.parent])
 
     def _environment(self) -> dict[str, str]:
-        env = dict(os.environ if self.env is None else self.env)
-        library_root = str(Path(__file__).resolve().parent.parent)
-        paths = [library_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1",
-                   PYTHONIOENCODING="utf-8")
-        return env
+        return child_environment(self.env)
 
 
 # Seconds a cancelled job may take to stop by itself: a training step plus saving the model;

@@ -61,6 +61,18 @@ def describe_exit(returncode: int) -> str:
     return f"The job stopped with exit code {returncode} without saying why."
 
 
+def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child that runs this TransferSegLib: ``base`` (default: this
+    process's) with the folder holding the library first on PYTHONPATH (once), unbuffered
+    UTF-8 output. The one place PYTHONPATH is set for jobs and downloads."""
+    env = dict(os.environ if base is None else base)
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env.update(PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)), PYTHONUNBUFFERED="1",
+               PYTHONIOENCODING="utf-8")
+    return env
+
+
 # ------------------------------------------------------------------------- the process tree
 def _linux_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, start time) of every process, from /proc."""

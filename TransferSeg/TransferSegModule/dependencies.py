@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -130,10 +129,6 @@ def gpus() -> list[tuple[str, float]]:
 
 def job_python() -> str:
     return environment.job_python(sys.executable, shutil.which)
-
-
-def job_environment() -> dict[str, str]:
-    return environment.job_environment(os.environ, str(library_root()))
 
 
 def run_folder(kind: str) -> Path:

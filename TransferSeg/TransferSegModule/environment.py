@@ -64,14 +64,6 @@ def job_python(executable: str, which: Callable[[str], str | None],
     return which("PythonSlicer") or executable
 
 
-def job_environment(base: Mapping[str, str], library_root: str) -> dict[str, str]:
-    """``base`` with ``library_root`` (the folder holding ``TransferSegLib``) first on
-    PYTHONPATH, so the child imports the same library as the module."""
-    env = dict(base)
-    paths = [library_root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def requirement_name(line: str) -> str:

@@ -68,15 +68,14 @@ def job_process(job_json: Path):
     """The child process of a job written to ``job_json`` (PythonSlicer inside Slicer)."""
     from TransferSegLib import jobs
 
-    return jobs.JobProcess(job_json, python=dependencies.job_python(),
-                           env=dependencies.job_environment())
+    return jobs.JobProcess(job_json, python=dependencies.job_python())
 
 
 def fetch_process(command, folder: Path):
     """The child process of a model download (``environment.fetch_command``) in ``folder``."""
-    from TransferSegLib.process import ChildProcess
+    from TransferSegLib.process import ChildProcess, child_environment
 
-    return ChildProcess(command, env=dependencies.job_environment(),
+    return ChildProcess(command, env=child_environment(),
                         cancel_file=folder / "cancel", grace_s=FETCH_GRACE_S)
 
 
