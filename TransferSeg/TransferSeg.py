@@ -180,8 +180,9 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
-        if self.logic is not None and self.logic.busy:  # its nodes are about to go
-            self.logic.cancel()
+        # A running job goes on: its inputs were exported, a fine-tuned model is registered
+        # whatever the scene holds, and a segmentation whose volume is gone says where its
+        # result was kept.
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
