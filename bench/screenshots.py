@@ -128,23 +128,26 @@ def _write(renderer, out: Path) -> Path:
 
 
 def plot_curves(study: Path, out: Path) -> Path:
-    """Held-out validation Dice against the step for each strategy of a study (seed 0)."""
+    """Held-out Dice against the step for each strategy of the last run set of a controlled
+    study (``bench/results/transfer-*.json``), seed 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = json.loads(study.read_text(encoding="utf-8"))
+    name, runs = list(results["runs"].items())[-1]
     figure, axis = plt.subplots(figsize=(SIZE[0] / 100, SIZE[1] / 100), dpi=100)
-    for run in results["runs"]:
+    for run in runs:
         if run.get("seed", 0) != 0 or not run.get("curve"):
             continue
-        steps, dice = zip(*[(point["step"], point["dice"]) for point in run["curve"]],
-                          strict=True)
-        axis.plot(steps, dice, marker="o", label=run["strategy"])
+        steps, dice = zip(*run["curve"], strict=True)
+        label = f"{run['strategy']} (final model {run['test_dice']:.3f})"
+        axis.plot(steps, dice, marker="o", label=label)
     axis.set_xlabel("training step")
-    axis.set_ylabel("Dice on the unseen scan")
-    axis.set_title(results.get("title", "Fine-tuning from a base vs training from scratch"))
+    axis.set_ylabel("Dice on a CT no model has seen")
+    axis.set_title("One annotated CT: fine-tuning a base vs training from scratch "
+                   f"({name.replace('_', ' ')})")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
