@@ -132,9 +132,18 @@ def test_catalog_entry_agrees_with_the_cmake_metadata():
     homepage = cmake_value(text, "EXTENSION_HOMEPAGE")[0]
     assert entry["scm_url"].removesuffix(".git") == homepage
     assert "project(TransferSeg)" in text and "add_subdirectory(TransferSeg)" in text
-    for name in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
-        url = cmake_value(text, name)[0]
-        assert url.startswith(homepage.replace("github.com", "raw.githubusercontent.com") + "/")
+    raw = homepage.replace("github.com", "raw.githubusercontent.com") + "/main/"
+    # The ExtensionsIndex checker reads these with its own patterns and downloads each URL:
+    # every one must name a PNG that this repository holds.
+    icon = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text)
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text)
+    urls = icon + shots[0].split()
+    assert len(icon) == 1 and len(urls) >= 3
+    for url in urls:
+        assert url.startswith(raw), url
+        file = ROOT / url[len(raw):]
+        assert file.is_file() and file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in text  # template's
     for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
                  "include(${Slicer_EXTENSION_CPACK})"):
