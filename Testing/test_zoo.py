@@ -192,6 +192,8 @@ def test_offline_import_checks_the_hash_and_leaves_the_users_file(setup, tmp_pat
     before = setup["source"].read_bytes()
     path = zoo.import_file("tiny-liver-ct", setup["source"], log=lambda text: None)
     assert checkpoint.read_card(path).labels[1] == "liver"
+    # The publisher's "liver" is coded as Slicer's anatomy list codes it (SNOMED CT 10200004).
+    assert "SCT^10200004^Liver" in checkpoint.read_card(path).terminology["liver"]
     assert setup["source"].read_bytes() == before
     assert zoo.published_file("tiny-liver-ct").read_bytes() == before
     other = tmp_path / "other.safetensors"
@@ -260,3 +262,25 @@ def test_models_export_writes_a_bundle_and_torchscript(setup, tmp_path, capsys):
                  str(tmp_path / "net.ts")]) == 2  # exists: not overwritten
     assert main(["models", "export", str(setup["source"])]) == 2
 
+
+
+def test_published_label_names_get_the_codes_of_slicers_anatomy_list():
+    """The entries are exactly what Slicer writes: the slicerio sample's lungs, coded in Slicer,
+    carry the same strings; a structure the list lacks, or a side it has no modifier for, gets
+    none."""
+    from conftest import real_sample
+
+    from TransferSegLib import anatomy, segmentations
+
+    coded = segmentations.read_segmentation(real_sample("slicerio_chest").extras["seg_nrrd"])
+    for name in ("right lung", "left lung"):
+        assert anatomy.entry(name) == coded.terminology()[name]
+    assert anatomy.entry("lung_left") == anatomy.entry("Left Lung") == coded.terminology()[
+        "left lung"]
+    assert anatomy.entry("kidney_right").endswith("SCT^64033007^Kidney~SCT^24028007^Right~"
+                                                  "Anatomic codes - DICOM master list~^^~^^")
+    assert "SCT^89837001^Bladder" in anatomy.entry("urinary_bladder")
+    for uncoded in ("psoas_major_left", "tumour", "heart_left", "left right lung", "foreground"):
+        assert anatomy.entry(uncoded) is None, uncoded
+    assert anatomy.terminology({0: "background", 1: "liver", 2: "tumour"}) == {
+        "liver": anatomy.entry("liver")}

@@ -319,6 +319,12 @@ def published_file(model_id: str, index: int = 0) -> Path:
 def _import(item: dict, folder: Path, log: Callable[[str], None]) -> tuple[Path, ImportReport]:
     model, card, report = importers.load(item["importer"], folder / item["files"][0]["name"],
                                          item)
+    from dataclasses import replace
+
+    from TransferSegLib.anatomy import terminology
+
+    # The publisher's label names, coded where Slicer's anatomy list names the structure.
+    card = replace(card, terminology={**terminology(card.labels), **card.terminology})
     log(report.text())
     target = save_model(folder / MODEL_FILE, model, card, overwrite=True)
     return target, report
