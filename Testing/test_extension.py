@@ -311,9 +311,8 @@ def run_self_test(problem, missing, sample_missing=False):
         "dependencies": types.SimpleNamespace(unsupported=lambda: problem),
         "TransferSegLogic": lambda: types.SimpleNamespace(missingDependencies=lambda: missing),
     }
-    for name in ("runTest",):
-        function = next(n for n in test.body if isinstance(n, ast.FunctionDef) and n.name == name)
-        exec(compile(ast.Module([function], []), "TransferSeg.py", "exec"), namespace)
+    function = next(n for n in test.body if isinstance(n, ast.FunctionDef) and n.name == "runTest")
+    exec(compile(ast.Module([function], []), "TransferSeg.py", "exec"), namespace)
     case = types.SimpleNamespace(
         delayDisplay=shown.append, setUp=lambda: None, skipTest=None,
         test_synthetic=lambda: ran.append("synthetic"),

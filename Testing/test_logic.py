@@ -254,7 +254,10 @@ def test_a_model_download_can_be_cancelled_and_then_completes(
         made.append(module_logic.fetch_process(command, folder))
         return made[-1]
 
-    logic = make_logic(mrml_scene, Parameters(), tmp_path / "runs", fetch=fetch)
+    folder = tmp_path / "fetch"  # both downloads in one folder: the first leaves its cancel file
+    folder.mkdir()
+    logic = make_logic(mrml_scene, Parameters(), tmp_path / "runs", fetch=fetch,
+                       run_folder=lambda kind: folder)
     logic.startFetch("tiny-sphere")
     logic.cancel()  # before the child has read its first chunk (it is still importing)
     assert logic.monitor.state == jobstate.CANCELLING

@@ -30,10 +30,12 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from TransferSegLib import importers
+from TransferSegLib.anatomy import terminology
 from TransferSegLib.checkpoint import ImportReport, read_card, save_model
 from TransferSegLib.errors import InputError, MissingSampleError, ModelFileError, TransferSegError
 from TransferSegLib.files import atomic_output, write_error
@@ -319,10 +321,6 @@ def published_file(model_id: str, index: int = 0) -> Path:
 def _import(item: dict, folder: Path, log: Callable[[str], None]) -> tuple[Path, ImportReport]:
     model, card, report = importers.load(item["importer"], folder / item["files"][0]["name"],
                                          item)
-    from dataclasses import replace
-
-    from TransferSegLib.anatomy import terminology
-
     # The publisher's label names, coded where Slicer's anatomy list names the structure.
     card = replace(card, terminology={**terminology(card.labels), **card.terminology})
     log(report.text())
