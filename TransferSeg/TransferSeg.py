@@ -327,8 +327,10 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showModels()
 
     def onAddModelFile(self):
-        path = qt.QFileDialog.getOpenFileName(self.parent, "TransferSeg model file", "",
-                                              "TransferSeg models (*.safetensors)")
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, "TransferSeg model file, or an nnU-Net model", "",
+            "TransferSeg models (*.safetensors);;nnU-Net result folder (plans.json);;"
+            "nnU-Net checkpoint (*.pth);;nnU-Net model zip (*.zip)")
         if path:
             self._parameterNode.model = self.logic.addModelFile(path)
             self.showModels()

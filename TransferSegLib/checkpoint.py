@@ -60,10 +60,14 @@ class ModelCard:
     # label name -> Slicer's TerminologyEntry (coded concept, e.g. SNOMED CT), where known
     terminology: dict[str, str] = field(default_factory=dict)
     # Direction each voxel axis (x, y, z) points to, patient-based as in DICOM: "LPS" means x
-    # grows toward the patient's left, y posterior, z superior (ITK's physical space).
+    # grows toward the patient's left, y posterior, z superior (ITK's physical space). "" keeps
+    # each scan's own voxel axes, as nnU-Net does.
     orientation: str = "LPS"
     modality: str = ""  # "CT", "MR", ...
     lineage: list[dict[str, Any]] = field(default_factory=list)  # base model and strategy/step
+    # How to segment when not the default (MONAI tiling at the caller's overlap): nnU-Net's
+    # {"tiling": "nnunet", "step_size": 0.5, "mirror_axes": [0, 1, 2], "crop_nonzero": true}.
+    inference: dict[str, Any] = field(default_factory=dict)
     training_cases: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     title: str = ""
@@ -179,6 +183,8 @@ def _terminology(value: Any) -> dict[str, str]:
 
 
 def _orientation(value: Any) -> str:
+    if value == "":
+        return value  # the scan's own voxel axes
     if not isinstance(value, str) or len(value) != 3:
         raise ValueError("must be three letters such as 'LPS'")
     axes = [{"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}.get(c) for c in value.upper()]
@@ -191,6 +197,22 @@ def _normalisation(value: Any) -> dict[str, Any]:
     value = _json_object(value)
     if not isinstance(value.get("kind"), str):
         raise ValueError("must have a 'kind' such as 'ct', 'mr' or 'none'")
+    return value
+
+
+def _inference(value: Any) -> dict[str, Any]:
+    value = _json_object(value)
+    if value.get("tiling", "monai") not in ("monai", "nnunet"):
+        raise ValueError("must have 'tiling' 'monai' or 'nnunet'")
+    step = value.get("step_size", 0.5)
+    if not _is_number(step) or not 0 < step <= 1:
+        raise ValueError("must have a 'step_size' above 0 and at most 1")
+    axes = value.get("mirror_axes", [])
+    if not isinstance(axes, list) or not all(_is_int(a) and 0 <= a < 3 for a in axes) or \
+            len(set(axes)) != len(axes):
+        raise ValueError("must have 'mirror_axes' a list of distinct array axes 0, 1, 2")
+    if not isinstance(value.get("crop_nonzero", False), bool):
+        raise ValueError("must have 'crop_nonzero' true or false")
     return value
 
 
@@ -218,6 +240,7 @@ _CHECKS = {
     "orientation": _orientation,
     "modality": _string,
     "lineage": _list_of("JSON objects", _is_dict),
+    "inference": _inference,
     "training_cases": _list_of("case names", lambda v: isinstance(v, str)),
     "metrics": _json_object,
     "title": _string,

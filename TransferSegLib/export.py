@@ -108,6 +108,12 @@ def intensity_transforms(normalisation: dict[str, Any]) -> list[dict[str, Any]]:
     kind = normalisation.get("kind")
     if kind == "ct":
         lo, hi = (float(v) for v in normalisation.get("window", (-1000.0, 1000.0)))
+        if "mean" in normalisation or "std" in normalisation:  # clip, then (x - mean) / std
+            mean = float(normalisation.get("mean", 0.0))
+            std = max(float(normalisation.get("std", 1.0)), 1e-8)
+            return [{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": lo,
+                     "a_max": hi, "b_min": (lo - mean) / std, "b_max": (hi - mean) / std,
+                     "clip": True}]
         scaled = normalisation.get("scale", True) is not False
         return [{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": lo, "a_max": hi,
                  "b_min": 0.0 if scaled else lo, "b_max": 1.0 if scaled else hi,
@@ -130,6 +136,11 @@ def intensity_transforms(normalisation: dict[str, Any]) -> list[dict[str, Any]]:
     if kind == "zscore":
         return [{"_target_": "NormalizeIntensityd", "keys": "image",
                  "nonzero": bool(normalisation.get("nonzero", False))}]
+    if kind == "rescale":
+        return [{"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0}]
+    if kind == "rgb":
+        return [{"_target_": "ScaleIntensityd", "keys": "image", "minv": None, "maxv": None,
+                 "factor": 1 / 255 - 1}]
     if kind == "none":
         return []
     raise InputError(f"Intensity recipe {kind!r} has no MONAI equivalent; cannot export it.")
@@ -141,9 +152,10 @@ def inference_config(card: ModelCard, model_class: type[nn.Module]) -> dict[str,
     preprocessing = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        # The letters say where each array axis points, as in nibabel (and DICOM).
-        {"_target_": "Orientationd", "keys": "image", "axcodes": card.orientation[::-1],
-         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+        # The letters say where each array axis points, as in nibabel (and DICOM); a card
+        # without an orientation (nnU-Net's) takes each scan's axes as they are.
+        *([{"_target_": "Orientationd", "keys": "image", "axcodes": card.orientation[::-1],
+            "labels": [["L", "R"], ["P", "A"], ["I", "S"]]}] if card.orientation else []),
         {"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in
                                                                reversed(card.spacing)],
          "mode": "bilinear"},
@@ -359,3 +371,188 @@ def export_torchscript(model_path: str | os.PathLike, file: str | os.PathLike,
         temporary.write_bytes(_serialised(torch.jit.save, compiled,
                                           _extra_files={CARD_FILE: card.to_json()}))
     return how
+
+
+# --- nnU-Net v2 ------------------------------------------------------------------------------
+
+NNUNET_CONFIGURATION = "3d_fullres"
+NNUNET_TRAINER = "nnUNetTrainer"
+
+
+def _nnunet_scheme(recipe: dict[str, Any]) -> tuple[str, bool, dict[str, float] | None]:
+    """(nnU-Net normalisation scheme, use_mask_for_norm, foreground properties) for a recipe."""
+    kind = recipe.get("kind")
+    if kind == "ct":
+        lo, hi = (float(v) for v in recipe.get("window", (-1000.0, 1000.0)))
+        if "mean" in recipe or "std" in recipe:
+            mean, std = float(recipe.get("mean", 0.0)), float(recipe.get("std", 1.0))
+        elif recipe.get("scale", True) is False:
+            mean, std = 0.0, 1.0
+        else:  # clipped and mapped to [0, 1]: (x - lo) / (hi - lo)
+            mean, std = lo, hi - lo
+        return "CTNormalization", False, {"percentile_00_5": lo, "percentile_99_5": hi,
+                                          "mean": mean, "std": std, "min": lo, "max": hi,
+                                          "median": (lo + hi) / 2}
+    if kind == "zscore":
+        return "ZScoreNormalization", bool(recipe.get("nonzero", False)), None
+    if kind == "none":
+        return "NoNormalization", False, None
+    if kind == "rescale":
+        return "RescaleTo01Normalization", False, None
+    if kind == "rgb":
+        return "RGBTo01Normalization", False, None
+    raise InputError(f"Intensity recipe {kind!r} has no nnU-Net equivalent; cannot export it "
+                     "as an nnU-Net model.")
+
+
+def nnunet_folder_files(card: ModelCard, tensors: dict[str, torch.Tensor]
+                        ) -> tuple[dict, dict, dict]:
+    """(plans.json, dataset.json, checkpoint dict) of an nnU-Net v2 result folder for a model
+    whose architecture is an nnU-Net topology."""
+    from TransferSegLib.importers import nnunet
+
+    names = {v: k for k, v in nnunet.ARCHITECTURES.items()}
+    if card.architecture not in names:
+        raise InputError(
+            f"A {card.architecture} model cannot be written as an nnU-Net folder: nnU-Net "
+            f"runs {', '.join(names.values())} only (architectures "
+            f"{', '.join(names)}). Export it as a MONAI bundle instead."
+        )
+    args = card.arguments
+    transpose = [int(t) for t in args.get("transpose", [0, 1, 2])]
+    backward = [transpose.index(a) for a in range(3)]
+
+    def transposed(values: list) -> list:  # card (x, y, z) -> nnU-Net's transposed axes
+        array = list(values)[::-1]
+        return [array[t] for t in transpose]
+
+    recipes = (card.normalisation.get("channels", []) if card.normalisation.get("kind") ==
+               "channels" else [card.normalisation] * card.in_channels)
+    schemes, masks, properties = [], [], {}
+    for index, recipe in enumerate(recipes):
+        scheme, mask, stats = _nnunet_scheme(recipe)
+        schemes.append(scheme)
+        masks.append(mask)
+        properties[str(index)] = stats or {"mean": 0.0, "std": 1.0, "min": 0.0, "max": 0.0,
+                                           "median": 0.0, "percentile_00_5": 0.0,
+                                           "percentile_99_5": 0.0}
+    residual = card.architecture == "nnunet-resenc"
+    stages = len(args["features_per_stage"])
+    arch_kwargs = {
+        "n_stages": stages,
+        "features_per_stage": list(args["features_per_stage"]),
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [list(k) for k in args["kernel_sizes"]],
+        "strides": [list(s) for s in args["strides"]],
+        ("n_blocks_per_stage" if residual else "n_conv_per_stage"):
+            list(args["n_conv_per_stage"]),
+        "n_conv_per_stage_decoder": list(args["n_conv_per_stage_decoder"]),
+        "conv_bias": bool(args["conv_bias"]),
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": float(args["norm_eps"]), "affine": bool(args["norm_affine"])},
+        "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"negative_slope": float(args["negative_slope"]), "inplace": True},
+    }
+    if not residual:
+        arch_kwargs["nonlin_first"] = bool(args.get("nonlin_first", False))
+    module = "unet"
+    spacing, patch = transposed(card.spacing), transposed(card.patch_size)
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    config = {
+        "data_identifier": f"nnUNetPlans_{NNUNET_CONFIGURATION}",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2,
+        "patch_size": [int(p) for p in patch],
+        "median_image_size_in_voxels": [int(p) for p in patch],
+        "spacing": [float(s) for s in spacing],
+        "normalization_schemes": schemes,
+        "use_mask_for_norm": masks,
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": resampling,
+        "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
+        "architecture": {
+            "network_class_name":
+                f"dynamic_network_architectures.architectures.{module}."
+                f"{names[card.architecture]}",
+            "arch_kwargs": arch_kwargs,
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+        "batch_dice": False,
+    }
+    dataset_name = "Dataset900_" + "".join(
+        c if c.isalnum() else "_" for c in (card.title or "TransferSeg"))[:60]
+    plans = {
+        "dataset_name": dataset_name,
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [float(s) for s in spacing],
+        "original_median_shape_after_transp": [int(p) for p in patch],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": transpose,
+        "transpose_backward": backward,
+        "configurations": {NNUNET_CONFIGURATION: config},
+        "experiment_planner_used": f"TransferSeg {__version__}",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": properties,
+    }
+    channel_name = card.modality or "image"
+    dataset = {
+        "channel_names": {str(i): channel_name if card.in_channels == 1 else
+                          f"{channel_name}{i}" for i in range(card.in_channels)},
+        "labels": {card.labels[c]: c for c in range(card.out_channels)},
+        "numTraining": len(card.training_cases),
+        "file_ending": ".nii.gz",
+        "name": card.title,
+        "description": card.description,
+        "transferseg_card": json.loads(card.to_json()),
+    }
+    mirror = [backward[a] for a in card.inference.get("mirror_axes", [])]
+    init_args = {"plans": plans, "configuration": NNUNET_CONFIGURATION, "fold": 0,
+                 "dataset_json": dataset}
+    checkpoint = {
+        "network_weights": nnunet.theirs(tensors, {**args, "residual": residual},
+                                         card.out_channels),
+        "init_args": init_args,
+        "trainer_name": NNUNET_TRAINER,
+        "inference_allowed_mirroring_axes": tuple(sorted(mirror)),
+        "current_epoch": 0,
+    }
+    return plans, dataset, checkpoint
+
+
+def export_nnunet(model_path: str | os.PathLike, folder: str | os.PathLike,
+                  overwrite: bool = False) -> Path:
+    """Write the TransferSeg model at ``model_path`` as an nnU-Net v2 result folder
+    (``plans.json``, ``dataset.json``, ``fold_0/checkpoint_final.pth``) that nnU-Net's
+    predictor (``nnUNetv2_predict_from_modelfolder``) and Slicer's NNUNet extension run.
+
+    The folder appears complete or not at all; an existing one is refused unless ``overwrite``.
+    """
+    folder = Path(folder)
+    refuse_existing(folder, overwrite)
+    if not folder.parent.is_dir():
+        raise TransferSegError(f"Cannot write {folder}: {folder.parent} does not exist.")
+    model, card = load_model(model_path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    plans, dataset, checkpoint = nnunet_folder_files(card, tensors)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        (staging / "fold_0").mkdir()
+        (staging / "plans.json").write_text(json.dumps(plans, indent=2) + "\n",
+                                            encoding="utf-8")
+        (staging / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n",
+                                              encoding="utf-8")
+        (staging / "fold_0" / "checkpoint_final.pth").write_bytes(
+            _serialised(torch.save, checkpoint))
+        if folder.exists():
+            refuse_existing(folder, overwrite)
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except OSError as error:
+        raise write_error(folder, error) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

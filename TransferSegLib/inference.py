@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,11 +156,15 @@ def segment(
     batch_size: int = 2,
     keep_probabilities: bool = False,
     progress: bool = False,
+    mirror: bool | None = None,
 ) -> SegmentationResult:
     """Segment ``images`` (one scan, or one per input channel on a shared grid) with a model.
 
     ``card`` is the model's :class:`~TransferSegLib.checkpoint.ModelCard`. The label map has
     the input's size, spacing, origin and direction, and values from ``card.label_values``.
+    A card with nnU-Net's ``inference`` settings is segmented as nnU-Net does (crop to the
+    nonzero region, its tiling; ``overlap`` is then unused); ``mirror`` turns its mirroring
+    on or off (default: as the card says).
     """
     images = [images] if isinstance(images, sitk.Image) else list(images)
     if len(images) != card.in_channels:
@@ -168,12 +172,20 @@ def segment(
             f"Model {card.title or card.architecture} takes {card.in_channels} input channel(s) "
             f"but {len(images)} image(s) were given; give one image per channel."
         )
+    options = {"device": device, "overlap": overlap, "batch_size": batch_size,
+               "keep_probabilities": keep_probabilities, "progress": progress, "mirror": mirror}
+    if card.inference.get("crop_nonzero"):
+        box = nonzero_box(images)
+        if box is not None:
+            inner = replace(card, inference={**card.inference, "crop_nonzero": False})
+            result = segment(model, inner, [image[box] for image in images], **options)
+            return _uncropped(result, box, images[0])
     device = select_device(device) if isinstance(device, str) else device
     reference = images[0]
     channels, grid = [], None
-    for image in images:
+    for channel, image in enumerate(images):
         array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
-                                                card.orientation)
+                                                card.orientation, channel)
         channels.append(array)
     inputs = channels[0][None] if len(channels) == 1 else np.stack(channels)
     del channels
@@ -181,6 +193,15 @@ def segment(
     valid_output = networks.output_size(card.architecture, card.arguments, patch)
 
     def predict(array: np.ndarray, batch: int) -> torch.Tensor:
+        if card.inference.get("tiling") == "nnunet":
+            from TransferSegLib import nnunet_tiling
+
+            use_mirror = mirror if mirror is not None else True
+            return nnunet_tiling.predict_logits(
+                model, array, patch, device=device, out_channels=card.out_channels,
+                step_size=float(card.inference.get("step_size", 0.5)),
+                mirror_axes=card.inference.get("mirror_axes", []) if use_mirror else [],
+                batch_size=batch, progress=progress)
         if valid_output is None:
             return predict_logits(model, array, patch, device=device,
                                   out_channels=card.out_channels, overlap=overlap,
@@ -244,6 +265,42 @@ def segment(
     return SegmentationResult(label, table, on_input)
 
 
+def nonzero_box(images: Sequence[sitk.Image]) -> tuple[slice, slice, slice] | None:
+    """The (x, y, z) slices of the smallest box holding every nonzero voxel of ``images``
+    (nnU-Net's crop), or None when that is the whole volume or nothing is nonzero."""
+    inside = None
+    for image in images:
+        nonzero = sitk.GetArrayViewFromImage(image) != 0
+        inside = nonzero if inside is None else inside | nonzero
+    if inside is None or not inside.any():
+        return None
+    box = []
+    for axis in range(3):  # array axes (z, y, x)
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(inside.any(axis=other))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, inside.shape, strict=True)):
+        return None
+    return tuple(box[::-1])  # SimpleITK indexes (x, y, z)
+
+
+def _uncropped(result: SegmentationResult, box: tuple[slice, slice, slice],
+               reference: sitk.Image) -> SegmentationResult:
+    """A result computed inside ``box`` put back on ``reference``'s grid: background outside."""
+    inside = tuple(box[::-1])  # array order
+    array = np.zeros(sitk.GetArrayViewFromImage(reference).shape,
+                     sitk.GetArrayViewFromImage(result.label).dtype)
+    array[inside] = sitk.GetArrayViewFromImage(result.label)
+    label = sitk.GetImageFromArray(array)
+    label.CopyInformation(reference)
+    probabilities = None
+    if result.probabilities is not None:
+        probabilities = np.zeros((result.probabilities.shape[0], *array.shape), np.float32)
+        probabilities[0] = 1.0
+        probabilities[(slice(None), *inside)] = result.probabilities
+    return SegmentationResult(label, result.labels, probabilities)
+
+
 def segment_file(
     model_path: str | Path,
     image_paths: str | Path | Sequence[str | Path],
@@ -255,6 +312,7 @@ def segment_file(
     overlap: float = 0.25,
     batch_size: int = 2,
     progress: bool = False,
+    mirror: bool | None = None,
 ) -> SegmentationResult:
     """Segment image file(s) with the model file and write the label map (atomically).
 
@@ -275,7 +333,8 @@ def segment_file(
         volumes.check_same_grid(images[0], image, str(paths[0]), str(path))
     model, card = load_model(model_path, device="cpu")
     result = segment(model, card, images, device=device, overlap=overlap, batch_size=batch_size,
-                     keep_probabilities=probabilities_output is not None, progress=progress)
+                     keep_probabilities=probabilities_output is not None, progress=progress,
+                     mirror=mirror)
     segmentation = segmentations.Segmentation.from_label_map(result.label, result.labels,
                                                        card.terminology)
     segmentations.write_segmentation(segmentation, output, overwrite=overwrite)

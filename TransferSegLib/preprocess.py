@@ -37,12 +37,16 @@ def normalise(array: np.ndarray, recipe: Mapping, in_place: bool = False) -> np.
     """Intensities of ``array`` (any shape) normalised by ``recipe``; returns float32.
 
     Recipes: ``{"kind": "ct", "window": [lo, hi]}`` (HU clipped, mapped to [0, 1]; with
-    ``"scale": false`` clipped only, kept in HU);
+    ``"scale": false`` clipped only, kept in HU; with ``"mean"`` and ``"std"`` clipped, then
+    ``(x - mean) / std``: nnU-Net's CTNormalization with its dataset's statistics);
     ``{"kind": "mr", "percentiles": [p_lo, p_hi]}`` (clipped to the volume's percentiles, then
     zero mean and unit variance, or ``"output_mean"`` and ``"output_std"`` if given);
     ``{"kind": "zscore"}`` (with ``"nonzero": true``: statistics
     of the nonzero voxels only, zeros kept, as MONAI's ``NormalizeIntensity(nonzero=True)``);
-    ``{"kind": "none"}``. With
+    ``{"kind": "rescale"}`` (the volume's minimum to 0, its maximum to 1);
+    ``{"kind": "rgb"}`` (divided by 255); ``{"kind": "none"}``;
+    ``{"kind": "channels", "channels": [recipe, ...]}`` holds one recipe per input channel
+    (:func:`channel_recipe` picks one; :func:`to_model_space` takes the channel). With
     ``in_place`` a float32 ``array`` is overwritten instead of copied (saves memory).
     """
     kind = recipe.get("kind")
@@ -54,6 +58,10 @@ def normalise(array: np.ndarray, recipe: Mapping, in_place: bool = False) -> np.
         if not hi > lo:
             raise InputError(f"CT window {lo}..{hi} is empty; the upper bound must be larger.")
         np.clip(data, lo, hi, out=data)
+        if "mean" in recipe or "std" in recipe:
+            data -= float(recipe.get("mean", 0.0))
+            data /= max(float(recipe.get("std", 1.0)), 1e-8)
+            return data
         if recipe.get("scale", True) is False:
             return data
         data -= lo
@@ -75,11 +83,33 @@ def normalise(array: np.ndarray, recipe: Mapping, in_place: bool = False) -> np.
                 data[inside] = _zscore(data[inside])
             return data
         return _zscore(data)
+    if kind == "rescale":
+        lo, hi = float(data.min(initial=0.0)), float(data.max(initial=0.0))
+        data -= lo
+        data /= max(hi - lo, 1e-8)
+        return data
+    if kind == "rgb":
+        data /= 255.0
+        return data
     if kind == "none":
         return data
     raise InputError(
-        f"Unknown intensity normalisation {kind!r}; use 'ct', 'mr', 'zscore' or 'none'."
+        f"Unknown intensity normalisation {kind!r}; use 'ct', 'mr', 'zscore', 'rescale', 'rgb' "
+        "or 'none'."
     )
+
+
+def channel_recipe(recipe: Mapping, channel: int) -> Mapping:
+    """The normalisation of input channel ``channel``: ``recipe`` itself, or its entry in a
+    ``{"kind": "channels", "channels": [...]}`` recipe."""
+    if recipe.get("kind") != "channels":
+        return recipe
+    channels = recipe.get("channels")
+    if not isinstance(channels, list) or not 0 <= channel < len(channels) or \
+            not isinstance(channels[channel], Mapping):
+        raise InputError(f"The normalisation has no recipe for input channel {channel}; the "
+                         "model card lists one per channel.")
+    return channels[channel]
 
 
 def _zscore(data: np.ndarray) -> np.ndarray:
@@ -94,9 +124,9 @@ def model_grid(image: sitk.Image, spacing: Sequence[float], orientation: str = "
     """The model-space grid covering ``image``: axes in ``orientation``, voxels of ``spacing``.
 
     The first voxel centre stays where it was and the grid covers the same physical extent
-    (rounded to whole voxels), as nnU-Net does.
+    (rounded to whole voxels), as nnU-Net does. Orientation ``""`` keeps the scan's axes.
     """
-    oriented = _orient_information(image, orientation)
+    oriented = _orient_information(image, orientation) if orientation else image
     old_spacing = np.array(oriented.GetSpacing())
     new_spacing = np.array([float(s) for s in spacing])
     if new_spacing.shape != (3,) or np.any(new_spacing <= 0):
@@ -142,10 +172,12 @@ def to_model_space(
     spacing: Sequence[float],
     normalisation: Mapping | None = None,
     orientation: str = "LPS",
+    channel: int = 0,
 ) -> tuple[np.ndarray, Geometry]:
     """A scan as the network sees it: ``(array (Z, Y, X) float32, model-space grid)``.
 
-    Linear interpolation for intensities; values outside the scan take its minimum.
+    Linear interpolation for intensities; values outside the scan take its minimum. ``channel``
+    picks the recipe of a per-channel normalisation.
     """
     grid = model_grid(image, spacing, orientation)
     _check_budget(image, grid)
@@ -156,7 +188,7 @@ def to_model_space(
         background = float(np.min(sitk.GetArrayViewFromImage(scan)))
         array = sitk.GetArrayFromImage(resample(scan, grid, sitk.sitkLinear, background))
     if normalisation is not None:
-        array = normalise(array, normalisation, in_place=True)
+        array = normalise(array, channel_recipe(normalisation, channel), in_place=True)
     return array, grid
 
 

@@ -75,9 +75,9 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
             f"{card.in_channels}."
         )
     arrays, grid = [], None
-    for image in images:
+    for channel, image in enumerate(images):
         array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
-                                                card.orientation)
+                                                card.orientation, channel)
         arrays.append(array)
     values = preprocess.label_to_model_space(label, grid)
     mapping = channel_map(card, table, str(case.label), others_background)

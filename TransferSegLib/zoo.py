@@ -39,6 +39,7 @@ from TransferSegLib.anatomy import terminology
 from TransferSegLib.checkpoint import ImportReport, read_card, save_model
 from TransferSegLib.errors import InputError, MissingSampleError, ModelFileError, TransferSegError
 from TransferSegLib.files import atomic_output, write_error
+from TransferSegLib.names import unique_name
 from TransferSegLib.samples import (
     Package,
     _safe_member,
@@ -389,6 +390,39 @@ def import_file(model_id: str, file: str | os.PathLike, index: int = 0,
     return folder / spec["name"]
 
 
+def import_nnunet(path: str | os.PathLike, model_id: str | None = None, *,
+                  fold: str | None = None, checkpoint: str | None = None,
+                  configuration: str | None = None,
+                  log: Callable[[str], None] = print) -> Path:
+    """Import an nnU-Net v2 result folder, its zip or a lone checkpoint as a TransferSeg model
+    in the cache, registered under ``model_id`` (default: derived from the folder name and
+    fold) so it can be chosen as a base; returns the model file. The user's files are only
+    read. Importing the same checkpoint again reuses the model file made the first time."""
+    from TransferSegLib.importers import nnunet
+
+    source = Path(path)
+    model, card, report = nnunet.load_folder(source, fold=fold, checkpoint=checkpoint,
+                                             configuration_name=configuration)
+    lineage = card.lineage[-1] if card.lineage else {}
+    if model_id is None:
+        stem = source.name.removesuffix(".zip").removesuffix(".pth")
+        model_id = unique_name(f"nnunet-{stem}-fold{lineage.get('fold', '')}"[:80], set())
+    if any(item["id"] == model_id for item in catalog()):
+        raise InputError(f"{model_id!r} is a published model's id; choose another with --id.")
+    card = replace(card, terminology={**terminology(card.labels), **card.terminology})
+    log(report.text())
+    folder = models_dir() / model_id
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / MODEL_FILE
+    if target.is_file():
+        known = read_card(target).lineage
+        if known and known[-1].get("checkpoint_sha256") == lineage.get("checkpoint_sha256"):
+            return target
+    target = save_model(target, model, card, overwrite=True)
+    register(target, model_id)
+    return target
+
+
 def remove(model_id: str) -> list[Path]:
     """Delete the cached files of a published model, or unregister a fine-tuned one (its model
     file is the user's and is never deleted). Returns what was removed."""
@@ -436,8 +470,14 @@ def register(path: str | os.PathLike, model_id: str | None = None,
 
 
 def require_model(model_id_or_path: str) -> Path:
-    """A model file from a path, or from an id of the catalog or registry (fetched if needed)."""
+    """A model file from a path, or from an id of the catalog or registry (fetched if needed).
+
+    An nnU-Net result folder or checkpoint is imported first (:func:`import_nnunet`)."""
     candidate = Path(model_id_or_path)
+    from TransferSegLib.importers import nnunet
+
+    if nnunet.is_nnunet(candidate):
+        return import_nnunet(candidate)
     if candidate.suffix == ".safetensors" or candidate.exists():
         if not candidate.is_file():
             raise ModelFileError(f"Model file {candidate} does not exist; check the path.")

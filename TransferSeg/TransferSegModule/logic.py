@@ -170,10 +170,19 @@ class Logic:
         return zoo.import_file(model_id, path, accept_unverified=accept_unverified, log=print)
 
     def addModelFile(self, path) -> str:
+        """Add a TransferSeg model file, or import an nnU-Net v2 model (its result folder's
+        plans.json, the folder's zip, or a checkpoint .pth); returns the model's id."""
         from TransferSegLib import zoo
 
+        from TransferSegLib.importers import nnunet
+
         taken = [m["id"] for m in self.models()]
-        return zoo.register(path, matching.unique_name(Path(path).stem, set(taken)))["id"]
+        path = Path(path)
+        if path.name == "plans.json":  # chosen inside an nnU-Net result folder
+            path = path.parent
+        if nnunet.is_nnunet(path):  # a result folder, its zip or a checkpoint: imported once
+            return zoo.import_nnunet(path, log=print).parent.name
+        return zoo.register(path, matching.unique_name(path.stem, set(taken)))["id"]
 
     # --- training data ---------------------------------------------------------------------------
     def addPair(self, p, volume, segmentation, validation=False):
