@@ -346,3 +346,19 @@ def test_terminology_of_the_training_segments_reaches_the_model_and_its_segmenta
     logic.startSegment(other, logic.monitor.model, "cpu")
     run_until_idle(logic)
     assert mrml.segment_terminology(p.prediction) == {"tumour": TUMOUR_CODE}
+
+
+def test_an_nnunet_result_folder_is_added_as_a_base_model(mrml_scene, home, tmp_path):
+    import shutil
+
+    folder = tmp_path / "Dataset999_Tiny"
+    shutil.copytree(ROOT / "Testing" / "fixtures" / "nnunet" / "plain", folder,
+                    ignore=shutil.ignore_patterns("predictions.npz", "*numpy1*"))
+    logic = make_logic(mrml_scene, Parameters(), tmp_path / "runs")
+    model_id = logic.addModelFile(folder / "plans.json")  # as chosen in the file dialog
+    entry = logic.modelEntry(model_id)
+    assert entry is not None and entry["kind"] == "fine-tuned"
+    assert logic.modelLabels(model_id) == {0: "background", 1: "liver", 2: "spleen",
+                                           3: "kidney_right"}
+    assert logic.modelFile(model_id).is_file()
+    assert logic.addModelFile(folder) == model_id  # the same model again: no second copy

@@ -26,6 +26,7 @@ from TransferSegLib.errors import InputError
 # catalog "importer" value -> module in this package
 FAMILIES = {
     "transferseg": "native",
+    "nnunet": "nnunet",
     "state_dict": "native",
     "medicalnet": "medicalnet",
     "diag_unet": "diag_unet",
