@@ -173,7 +173,6 @@ class Logic:
         """Add a TransferSeg model file, or import an nnU-Net v2 model (its result folder's
         plans.json, the folder's zip, or a checkpoint .pth); returns the model's id."""
         from TransferSegLib import zoo
-
         from TransferSegLib.importers import nnunet
 
         taken = [m["id"] for m in self.models()]
