@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--nnunet", help="import: an nnU-Net v2 result folder (or its zip, or a "
                      "checkpoint .pth); export: write an nnU-Net v2 result folder here")
     mod.add_argument("--fold", help="import --nnunet: the fold to import (default: all, else "
-                     "the first)")
+                     "the first); 0,1,2 or average: one model averaging those folds")
     mod.add_argument("--checkpoint", help="import --nnunet: checkpoint_final.pth (default) or "
                      "checkpoint_best.pth")
     mod.add_argument("--configuration", help="import --nnunet: the plans configuration "

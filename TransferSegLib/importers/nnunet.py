@@ -677,15 +677,91 @@ _DESCRIPTIVE = ("label_values", "terminology", "orientation", "modality", "linea
                 "training_cases", "metrics", "title", "description", "created", "inference")
 
 
+def available_folds(path: str | Path) -> list[str]:
+    """The folds of a result folder (or its zip) that hold a checkpoint, sorted."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(child.name[len("fold_"):] for child in path.iterdir()
+                      if child.is_dir() and child.name.startswith("fold_")
+                      and any((child / c).is_file() for c in CHECKPOINTS))
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = [PurePosixPath(n) for n in archive.namelist()]
+        return sorted({m.parent.name[len("fold_"):] for m in members
+                       if m.name in CHECKPOINTS and m.parent.name.startswith("fold_")})
+    return []
+
+
+def _requested_folds(path: Path, fold: str | int | None) -> list[str | None]:
+    """``fold`` as a list: None (the default fold), one fold, ``"0,1,2"`` or ``"average"``
+    (every fold with a checkpoint, as nnU-Net's predictor uses by default)."""
+    if fold is None:
+        return [None]
+    text = str(fold).strip()
+    if text == "average":
+        folds = [f for f in available_folds(path) if f != "all"]
+        if len(folds) < 2:
+            raise InputError(f"{path} has {len(folds)} cross-validation fold(s) with a "
+                             "checkpoint; averaging needs two or more.")
+        return folds
+    folds = [f.strip() for f in text.split(",") if f.strip()]
+    if len(set(folds)) != len(folds) or not folds:
+        raise InputError(f"Folds {text!r}: name each fold once, e.g. 0 or 0,1,2 or average.")
+    return folds
+
+
 def load_folder(path: str | Path, entry: dict | None = None, *, fold: str | int | None = None,
                 checkpoint: str | None = None, configuration_name: str | None = None
                 ) -> tuple[nn.Module, ModelCard, ImportReport]:
     """Import the nnU-Net model at ``path``: a result folder, its zip, or one checkpoint.
 
-    ``fold``: which ``fold_*`` (default ``all`` if present, else the first); ``checkpoint``:
-    ``checkpoint_final.pth`` (default, else ``checkpoint_best.pth``)."""
-    with _opened(Path(path), fold, checkpoint) as source:
-        return load_source(source, entry or {}, configuration_name)
+    ``fold``: which ``fold_*`` (default ``all`` if present, else the first); several
+    (``"0,1,2"``, or ``"average"`` for every fold) give one model that averages their logits,
+    as nnU-Net's predictor ensembles folds (it segments; fine-tuning needs one fold).
+    ``checkpoint``: ``checkpoint_final.pth`` (default, else ``checkpoint_best.pth``)."""
+    folds = _requested_folds(Path(path), fold)
+    parts = []
+    for one in folds:
+        with _opened(Path(path), one, checkpoint) as source:
+            parts.append(load_source(source, entry or {}, configuration_name))
+    if len(parts) == 1:
+        return parts[0]
+    return _ensemble(parts)
+
+
+def _ensemble(parts: list[tuple[nn.Module, ModelCard, ImportReport]]
+              ) -> tuple[nn.Module, ModelCard, ImportReport]:
+    _, card, report = parts[0]
+    same = ("architecture", "arguments", "labels", "normalisation", "spacing", "patch_size",
+            "in_channels")
+    for _, other, other_report in parts[1:]:
+        differs = [f for f in same if getattr(other, f) != getattr(card, f)]
+        if differs:
+            raise ModelFileError(f"{other_report.source} differs from {report.source} in "
+                                 f"{differs[0]}; only folds of one configuration can be "
+                                 "averaged.")
+    architecture = f"{card.architecture}-ensemble"
+    arguments = {**card.arguments, "folds": len(parts)}
+    model = networks.build_network(architecture, card.in_channels, card.out_channels,
+                                   **arguments)
+    with torch.no_grad():
+        for member, (part, _, _) in zip(model.members, parts, strict=True):
+            member.load_state_dict(part.state_dict())
+    folds = [c.lineage[-1]["fold"] for _, c, _ in parts]
+    lineage = {**card.lineage[-1], "fold": ",".join(folds),
+               "checkpoint_sha256": ",".join(c.lineage[-1]["checkpoint_sha256"]
+                                             for _, c, _ in parts)}
+    merged = ImportReport(source=report.source.replace(f"fold {folds[0]}",
+                                                       f"folds {', '.join(folds)}"))
+    for _, _, part in parts:
+        merged.loaded += part.loaded
+        merged.dropped += part.dropped
+    merged.notes = [*report.notes, f"{len(parts)} folds averaged (their logits), as nnU-Net's "
+                    "predictor ensembles them"]
+    title = card.title.replace(f"fold {folds[0]}", f"folds {', '.join(folds)}")
+    card = replace(card, architecture=architecture, arguments=arguments, lineage=[lineage],
+                   title=title)
+    return model.eval(), card, merged
 
 
 def load(path: Path, entry: dict) -> tuple[nn.Module, ModelCard, ImportReport]:

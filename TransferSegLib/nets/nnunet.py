@@ -204,6 +204,30 @@ class NNUNet(nn.Module):
         return x
 
 
+class NNUNetEnsemble(nn.Module):
+    """Several folds of one nnU-Net configuration whose logits are averaged, as nnU-Net's
+    predictor ensembles folds (``folds`` copies of :class:`NNUNet`, ``members.<i>.``)."""
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
+                 folds: int = 2, **arguments: Any) -> None:
+        super().__init__()
+        if folds < 2:
+            raise ValueError("an ensemble needs at least two folds")
+        self.members = nn.ModuleList(NNUNet(spatial_dims, in_channels, out_channels, **arguments)
+                                     for _ in range(folds))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](x)
+        for member in self.members[1:]:
+            total = total + member(x)
+        return total / len(self.members)
+
+
+def _not_for_transfer(model: NNUNetEnsemble) -> list[nn.Module]:
+    raise InputError("An average of several nnU-Net folds segments but cannot be fine-tuned; "
+                     "import one fold (--fold 0) as the base model.")
+
+
 def _resolve(kwargs: dict[str, Any], residual: bool) -> dict[str, Any]:
     levels = len(kwargs.get("features_per_stage", [32, 64, 128, 256, 320]))
     if levels < 2:
@@ -257,3 +281,29 @@ ARCHITECTURES = {
     }
     for name, residual in (("nnunet-plain", False), ("nnunet-resenc", True))
 }
+
+
+def _resolve_ensemble(kwargs: dict[str, Any], residual: bool) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    folds = kwargs.pop("folds", 2)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise InputError(f"An nnU-Net fold ensemble needs folds >= 2, not {folds!r}.")
+    return {**_resolve(kwargs, residual), "folds": folds}
+
+
+# The ensemble's constructor takes the member's arguments by keyword.
+_MEMBER_ARGUMENTS = tuple(p for p in NNUNet.__init__.__code__.co_varnames[
+    4:NNUNet.__init__.__code__.co_argcount])
+
+ARCHITECTURES.update({
+    f"{name}-ensemble": {
+        "network_class": NNUNetEnsemble,
+        "resolve": (lambda kw, r=residual: _resolve_ensemble(kw, r)),
+        "divisor": divisor,
+        "encoder": _not_for_transfer,
+        "decoder": _not_for_transfer,
+        "head": _not_for_transfer,
+        "extra_arguments": _MEMBER_ARGUMENTS,
+    }
+    for name, residual in (("nnunet-plain", False), ("nnunet-resenc", True))
+})
