@@ -293,21 +293,34 @@ def export_bundle(model_path: str | os.PathLike, folder: str | os.PathLike,
     model, card = load_model(model_path)
     name = folder.name
     config = inference_config(card, type(model))
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder.parent))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return _write_folder(folder, overwrite, {
+        "configs/inference.json": _json_text(config),
+        "configs/metadata.json": _json_text(metadata(card, name)),
+        "configs/logging.conf": LOGGING_CONF,
+        f"configs/{CARD_FILE}": card.to_json() + "\n",
+        "docs/README.md": _readme(card, name, config["network_def"]["_target_"]),
+        "models/model.pt": _serialised(torch.save, state),
+    })
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, indent=2) + "\n"
+
+
+def _write_folder(folder: Path, overwrite: bool, files: dict[str, str | bytes]) -> Path:
+    """Write ``files`` ({relative path: text or bytes}) as the folder ``folder``, which appears
+    complete or not at all (staged beside it, then renamed); an existing one is replaced only
+    with ``overwrite``."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        (staging / "configs").mkdir()
-        (staging / "models").mkdir()
-        (staging / "docs").mkdir()
-        (staging / "configs" / "inference.json").write_text(
-            json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (staging / "configs" / "metadata.json").write_text(
-            json.dumps(metadata(card, name), indent=2) + "\n", encoding="utf-8")
-        (staging / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
-        (staging / "configs" / CARD_FILE).write_text(card.to_json() + "\n", encoding="utf-8")
-        readme = _readme(card, name, config["network_def"]["_target_"])
-        (staging / "docs" / "README.md").write_text(readme, encoding="utf-8")
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        (staging / "models" / "model.pt").write_bytes(_serialised(torch.save, state))
+        for relative, content in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
         if folder.exists():
             refuse_existing(folder, overwrite)
             shutil.rmtree(folder)
@@ -538,21 +551,8 @@ def export_nnunet(model_path: str | os.PathLike, folder: str | os.PathLike,
     model, card = load_model(model_path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     plans, dataset, checkpoint = nnunet_folder_files(card, tensors)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
-        (staging / "fold_0").mkdir()
-        (staging / "plans.json").write_text(json.dumps(plans, indent=2) + "\n",
-                                            encoding="utf-8")
-        (staging / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n",
-                                              encoding="utf-8")
-        (staging / "fold_0" / "checkpoint_final.pth").write_bytes(
-            _serialised(torch.save, checkpoint))
-        if folder.exists():
-            refuse_existing(folder, overwrite)
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except OSError as error:
-        raise write_error(folder, error) from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return _write_folder(folder, overwrite, {
+        "plans.json": _json_text(plans),
+        "dataset.json": _json_text(dataset),
+        "fold_0/checkpoint_final.pth": _serialised(torch.save, checkpoint),
+    })

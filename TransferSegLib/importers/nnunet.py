@@ -41,7 +41,6 @@ surgery replaces. nnU-Net's modules register each convolution and norm twice
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -61,6 +60,7 @@ from torch import nn
 from TransferSegLib import networks
 from TransferSegLib.checkpoint import ImportReport, ModelCard, load_weights
 from TransferSegLib.errors import InputError, ModelFileError
+from TransferSegLib.samples import sha256_of
 
 ARCHITECTURES = {"PlainConvUNet": "nnunet-plain", "ResidualEncoderUNet": "nnunet-resenc"}
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -148,14 +148,6 @@ def _json(text: bytes, name: str) -> dict:
     return value
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fold_name(fold: str | int | None, available: list[str], where: str) -> str:
     if not available:
         raise InputError(
@@ -198,7 +190,7 @@ def _opened(path: Path, fold: str | int | None, checkpoint: str | None) -> Itera
                 "the result folder it came from (with plans.json and dataset.json) instead."
             )
         yield Source(path.name, init["plans"], init["dataset_json"], data, path.name,
-                     str(init.get("fold", "?")), _sha256(path))
+                     str(init.get("fold", "?")), sha256_of(path))
     else:
         raise InputError(f"{path} does not exist; give an nnU-Net result folder, its zip or a "
                          "checkpoint (.pth).")
@@ -221,7 +213,7 @@ def _from_folder(folder: Path, fold: str | int | None, checkpoint: str | None) -
     return Source(folder.name, _json((folder / "plans.json").read_bytes(), str(folder /
                   "plans.json")), _json((folder / "dataset.json").read_bytes(),
                   str(folder / "dataset.json")), read_checkpoint(file), name, chosen,
-                  _sha256(file))
+                  sha256_of(file))
 
 
 def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, where: str) -> bytes:
@@ -272,7 +264,7 @@ def _from_zip(path: Path, fold: str | int | None, checkpoint: str | None,
         dataset = _json(_member_bytes(archive, members[root / "dataset.json"], MAX_JSON_BYTES,
                                       path.name), f"{path.name}:{root / 'dataset.json'}")
         return Source(path.name, plans, dataset, read_checkpoint(target), name, chosen,
-                      _sha256(target))
+                      sha256_of(target))
 
 
 # --- plans -> network and card -----------------------------------------------------------------
