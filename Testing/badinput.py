@@ -1067,6 +1067,115 @@ def _(folder):
     return cli("models", "show", "no-such-model")
 
 
+# ------------------------------------------------------- outputs that are inputs (never replaced)
+@case("cli_evaluate_json_is_the_label_table", "cli", "transferseg evaluate --json naming the "
+      "--labels table, with --overwrite", cli=True,
+      match=r"Output .*table\.json is the input .*table\.json; writing it would destroy")
+def _(folder):
+    write(small_label(), folder / "ref.nrrd")
+    (folder / "table.json").write_text('{"1": "liver", "2": "spleen"}')
+    return cli("evaluate", "--prediction", folder / "ref.nrrd", "--reference",
+               folder / "ref.nrrd", "--labels", folder / "table.json", "--json",
+               folder / "table.json", "--overwrite")
+
+
+@case("cli_segment_output_is_a_link_to_the_image", "cli", "transferseg segment --output a "
+      "symbolic link to the scan, with --overwrite", cli=True,
+      match=r"Output .*seg\.nrrd is the input .*scan\.nrrd")
+def _(folder):
+    tiny_model_file(folder / "model.safetensors")
+    write(small_volume(), folder / "scan.nrrd")
+    (folder / "seg.nrrd").symlink_to(folder / "scan.nrrd")
+    return cli("segment", "--model", folder / "model.safetensors", "--image",
+               folder / "scan.nrrd", "--output", folder / "seg.nrrd", "--overwrite", "--quiet")
+
+
+@case("cli_segment_hard_link_to_the_model", "cli", "transferseg segment --probabilities a "
+      "hard link to the model file", cli=True,
+      match=r"Output .*probs\.nrrd is the input .*model\.safetensors")
+def _(folder):
+    tiny_model_file(folder / "model.safetensors")
+    write(small_volume(), folder / "scan.nrrd")
+    os.link(folder / "model.safetensors", folder / "probs.nrrd")
+    return cli("segment", "--model", folder / "model.safetensors", "--image",
+               folder / "scan.nrrd", "--output", folder / "seg.nii.gz", "--probabilities",
+               folder / "probs.nrrd", "--overwrite", "--quiet")
+
+
+@case("cli_segment_probabilities_are_the_output", "cli", "transferseg segment with "
+      "--probabilities equal to --output", cli=True,
+      match=r"Two outputs are the same file \(.*out\.nrrd and .*out\.nrrd\)")
+def _(folder):
+    tiny_model_file(folder / "model.safetensors")
+    write(small_volume(), folder / "scan.nrrd")
+    return cli("segment", "--model", folder / "model.safetensors", "--image",
+               folder / "scan.nrrd", "--output", folder / "out.nrrd", "--probabilities",
+               folder / "out.nrrd", "--overwrite", "--quiet")
+
+
+@case("cli_finetune_out_holds_the_base", "cli", "transferseg finetune --out the folder that "
+      "holds --base, with --overwrite", cli=True,
+      match=r"Output folder .*run holds the input .*base\.safetensors")
+def _(folder):
+    (folder / "run").mkdir()
+    tiny_model_file(folder / "run" / "base.safetensors")
+    write(small_volume(), folder / "a.nrrd")
+    write(small_label(), folder / "a_label.nrrd")
+    return cli("finetune", "--base", folder / "run" / "base.safetensors", "--data", folder,
+               "--out", folder / "run", "--steps", "1", "--device", "cpu", "--overwrite")
+
+
+@case("cli_export_torchscript_over_the_model", "cli", "transferseg models export M "
+      "--torchscript M --overwrite", cli=True,
+      match=r"Output .*model\.safetensors is the input .*model\.safetensors")
+def _(folder):
+    tiny_model_file(folder / "model.safetensors")
+    return cli("models", "export", folder / "model.safetensors", "--torchscript",
+               folder / "model.safetensors", "--overwrite")
+
+
+# ------------------------------------------------------------------ weights that give garbage
+@case("model_nan_weights", "model files", "model file whose weights hold NaN",
+      error=ModelFileError, match=r"nan\.safetensors hold NaN or infinite values \(first in "
+      r".*\); the model is broken")
+def _(folder):
+    tiny_model_file(folder / "ok.safetensors")
+    model, card = checkpoint.load_model(folder / "ok.safetensors")
+    with torch.no_grad():
+        next(iter(model.parameters()))[0] = float("nan")
+    checkpoint.save_model(folder / "nan.safetensors", model, card)
+    return lambda: checkpoint.load_model(folder / "nan.safetensors")
+
+
+@case("model_int8_weights", "model files", "model file whose weights are int8",
+      error=ModelFileError, match=r"int8\.safetensors hold .* as int8, not floating point")
+def _(folder):
+    reference = networks.build_network("unet", 1, 2, **TINY_UNET)
+    tensors = {k: v.to(torch.int8).contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in reference.state_dict().items()}
+    return lambda: checkpoint.load_model(model_file_with_card(
+        folder / "int8.safetensors", json.dumps(tiny_card()), tensors))
+
+
+@case("model_card_label_value_past_16_bits", "model files", "card giving a label the voxel "
+      "value 70000", error=ModelFileError,
+      match=r"label_values' must map each label name to a voxel value 0\.\.65535")
+def _(folder):
+    card = tiny_card()
+    card["label_values"] = {"background": 0, "liver": 70000}
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "big.safetensors",
+                                                              json.dumps(card)))
+
+
+@case("model_card_patch_of_a_billion_voxels", "model files", "card declaring a 1024^3 patch",
+      error=ModelFileError, match=r"'patch_size' \[1024, 1024, 1024\] is more than", huge=True)
+def _(folder):
+    card = tiny_card()
+    card["patch_size"] = [1024, 1024, 1024]
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "patch.safetensors",
+                                                              json.dumps(card)))
+
+
 def write_corpus(target: Path) -> list[Path]:
     """Write every case's input into ``target/<case name>``; returns the folders."""
     folders = []

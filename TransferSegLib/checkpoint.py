@@ -33,6 +33,8 @@ from TransferSegLib.files import atomic_output
 FORMAT = "transferseg-model"
 FORMAT_VERSION = "1"
 CARD_KEY = "transferseg.card"
+MAX_LABEL_VALUE = 65535  # label maps and Slicer's segmentation layers are at most 16-bit
+MAX_PATCH_VOXELS = 512**3  # larger patches are a card error, not a network anyone trains
 
 
 def _now() -> str:
@@ -168,8 +170,10 @@ def _labels(value: Any) -> dict[int, str]:
 def _label_values(value: Any) -> dict[str, int]:
     if not isinstance(value, dict):
         raise ValueError("must map label names to voxel values")
-    if not all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in value.items()):
-        raise ValueError("must map each label name to a voxel value >= 0")
+    if not all(isinstance(k, str) and _is_int(v) and 0 <= v <= MAX_LABEL_VALUE
+               for k, v in value.items()):
+        raise ValueError(f"must map each label name to a voxel value 0..{MAX_LABEL_VALUE} "
+                         "(what a label map or a Slicer segmentation stores)")
     if len(set(value.values())) != len(value):
         raise ValueError("gives two labels the same voxel value")
     return dict(value)
@@ -287,6 +291,11 @@ def _check_consistency(card: dict[str, Any], where: str) -> None:
         networks.resolve_kwargs(card["architecture"], **card.get("arguments", {}))
     except InputError as error:
         raise ModelFileError(f"In {where}, field 'arguments' is invalid: {error}") from None
+    patch = card["patch_size"]
+    if patch[0] * patch[1] * patch[2] > MAX_PATCH_VOXELS:
+        raise ModelFileError(
+            f"In {where}, field 'patch_size' {patch} is more than {MAX_PATCH_VOXELS:,} voxels; "
+            "no network is trained or run on patches that large. Fix the card.")
     count = card["out_channels"]  # compared by length first: a hostile count may be 2**40
     if len(card["labels"]) != count or sorted(card["labels"]) != list(range(count)):
         raise ModelFileError(
@@ -450,11 +459,28 @@ def load_model(
             f"The weights in {path} do not fit the {card.architecture} its card describes "
             f"({difference}); re-export or re-download it."
         )
+    _check_values(tensors, path)
     model = networks.build_network(
         card.architecture, card.in_channels, card.out_channels, **card.arguments
     )
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), card
+
+
+def _check_values(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights that would silently give garbage: integer or boolean tensors where a
+    network holds floating-point weights (only counters such as ``num_batches_tracked`` are
+    integers), and NaN or infinite values."""
+    for key, value in tensors.items():
+        counter = key.endswith("num_batches_tracked")
+        if not counter and not value.is_floating_point():
+            raise ModelFileError(
+                f"The weights in {path} hold {key} as {str(value.dtype).replace('torch.', '')}, "
+                "not floating point; the file is damaged or was not written by TransferSeg.")
+        if not counter and not bool(torch.isfinite(value).all()):
+            raise ModelFileError(
+                f"The weights in {path} hold NaN or infinite values (first in {key}); the model "
+                "is broken (a training that diverged?): use an earlier model file.")
 
 
 # --- foreign weights -----------------------------------------------------------------------------

@@ -539,10 +539,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# command -> (arguments it reads, output files, output folders); models export/import below
+_PATHS = {
+    "segment": (("model", "image"), ("output", "probabilities"), ()),
+    "evaluate": (("prediction", "reference", "labels"), ("csv", "json"), ()),
+    "finetune": (("base", "data", "val"), (), ("out",)),
+    "pretrain": (("data",), (), ("out",)),
+    "study": (("pool", "test", "base"), (), ("out",)),
+}
+
+
+def _paths(args: argparse.Namespace, names: tuple[str, ...]) -> list:
+    found = []
+    for name in names:
+        value = getattr(args, name, None)
+        found += value if isinstance(value, list) else [value]
+    return [v for v in found if v]
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """No output of the command may be, or (a folder) hold, one of its inputs: checked before
+    any work, with or without --overwrite (:func:`files.refuse_inputs_as_outputs`)."""
+    from TransferSegLib.files import refuse_inputs_as_outputs
+
+    if args.command == "models" and args.action == "export":
+        inputs = [p for p in args.ids if Path(p).exists()]
+        refuse_inputs_as_outputs(inputs, _paths(args, ("torchscript",)),
+                                 _paths(args, ("bundle", "nnunet")))
+        return
+    if args.command in _PATHS:
+        inputs, files, folders = _PATHS[args.command]
+        refuse_inputs_as_outputs(_paths(args, inputs), _paths(args, files),
+                                 _paths(args, folders))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_paths(args)
         return args.run(args)
     except TransferSegError as error:
         if args.debug:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from TransferSegLib.errors import OutputExistsError, TransferSegError
+from TransferSegLib.errors import InputError, OutputExistsError, TransferSegError
 
 # Multi-part suffixes that name a format; the temporary file must end the same way.
 COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz", ".tar.gz")
@@ -49,6 +49,46 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
         raise OutputExistsError(
             f"Output {path} already exists; choose another name or pass --overwrite to replace it."
         )
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal after resolving links, or the same inode."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def refuse_inputs_as_outputs(inputs: list, files: list, folders: list = ()) -> None:
+    """Raise :class:`InputError` before any work if an output would replace an input.
+
+    ``files`` are output files, ``folders`` output folders (replaced as a whole with
+    --overwrite); ``inputs`` are the paths a command reads. No output file may be an input or
+    another output; no output folder may be, or hold, an input. Empty entries are skipped."""
+    inputs = [Path(p) for p in inputs if p and os.path.lexists(p)]  # ids are not files
+    outputs = [Path(p) for p in files if p]
+    for index, output in enumerate(outputs):
+        for source in inputs:
+            if _same(output, source):
+                raise InputError(f"Output {output} is the input {source}; writing it would "
+                                 "destroy the input: choose another output name.")
+        for other in outputs[index + 1:]:
+            if _same(output, other):
+                raise InputError(f"Two outputs are the same file ({output} and {other}); "
+                                 "give each its own name.")
+    for folder in (Path(p) for p in folders if p):
+        resolved = folder.resolve()
+        for source in inputs:
+            inside = source.resolve()
+            if inside == resolved or resolved in inside.parents or _same(folder, source):
+                raise InputError(f"Output folder {folder} holds the input {source}; writing "
+                                 "there could replace it: choose another output folder.")
+        for output in outputs:
+            if resolved in output.resolve().parents or output.resolve() == resolved:
+                raise InputError(f"Output {output} is inside the output folder {folder}; "
+                                 "give it a place of its own.")
 
 
 def _fsync_file(path: Path) -> None:
