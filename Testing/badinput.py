@@ -1176,6 +1176,58 @@ def _(folder):
                                                               json.dumps(card)))
 
 
+# ------------------------------------------------------ code execution through an export
+def _hostile_model(folder: Path, **changes) -> Path:
+    torch.manual_seed(0)
+    card = checkpoint.ModelCard.from_json(json.dumps(tiny_card(**changes)))
+    model = networks.build_network("unet", 1, 2, **card.arguments)
+    return checkpoint.save_model(folder / "hostile.safetensors", model, card)
+
+
+@case("export_label_name_expression", "export", "model whose label name is a MONAI "
+      "expression ($__import__('os').system...), exported as a bundle", error=InputError,
+      match=r"holds \"\$__import__.*which a MONAI bundle would run as code")
+def _(folder):
+    from TransferSegLib import export
+
+    path = _hostile_model(folder, labels={"0": "background",
+                                          "1": "$__import__('os').system('touch pwned')"},
+                          label_values={})
+    return lambda: export.export_bundle(path, folder / "bundle")
+
+
+@case("export_title_reference", "export", "model whose title is a config reference "
+      "(@network_def), exported as a bundle", error=InputError,
+      match=r"holds '@network_def', which a MONAI bundle would run as code or a reference")
+def _(folder):
+    from TransferSegLib import export
+
+    path = _hostile_model(folder, title="@network_def")
+    return lambda: export.export_bundle(path, folder / "bundle")
+
+
+@case("export_argument_target_key", "export", "model whose network arguments hold a "
+      "'_target_' key", error=InputError,
+      match=r"holds the key '_target_', which a MONAI bundle would use to build objects")
+def _(folder):
+    from TransferSegLib import export
+
+    return lambda: export.inert({"norm": ["instance", {"_target_": "os.system"}]},
+                                "the model card's 'arguments'")
+
+
+@case("bundle_zip_config_bomb", "importers", "bundle zip whose inference.json inflates to "
+      "100 MB", error=ModelFileError, match=r"bomb\.zip: .*inference\.json declares "
+      r"104,857,602 bytes, more than the", huge=True)
+def _(folder):
+    from TransferSegLib.importers import monai_bundle
+
+    with zipfile.ZipFile(folder / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("b/configs/inference.json", "{" + " " * (100 * 2**20) + "}")
+        archive.writestr("b/models/model.pt", b"")
+    return lambda: monai_bundle.load(folder / "bomb.zip", {})
+
+
 def write_corpus(target: Path) -> list[Path]:
     """Write every case's input into ``target/<case name>``; returns the folders."""
     folders = []

@@ -448,7 +448,8 @@ def load_model(
     try:
         # Shapes first, on the meta device: a card asking for a huge network whose weights
         # the file does not hold must not allocate it.
-        expected = {k: tuple(v.shape) for k, v in _reference_network(card).state_dict().items()}
+        reference = _reference_network(card).state_dict()
+        expected = {k: tuple(v.shape) for k, v in reference.items()}
     except _BUILD_ERRORS as error:
         raise ModelFileError(
             f"The model card of {path} describes no buildable network: {error}"
@@ -459,7 +460,7 @@ def load_model(
             f"The weights in {path} do not fit the {card.architecture} its card describes "
             f"({difference}); re-export or re-download it."
         )
-    _check_values(tensors, path)
+    _check_values(tensors, {k: v.is_floating_point() for k, v in reference.items()}, path)
     model = networks.build_network(
         card.architecture, card.in_channels, card.out_channels, **card.arguments
     )
@@ -467,17 +468,19 @@ def load_model(
     return model.to(device).eval(), card
 
 
-def _check_values(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Refuse weights that would silently give garbage: integer or boolean tensors where a
-    network holds floating-point weights (only counters such as ``num_batches_tracked`` are
-    integers), and NaN or infinite values."""
+def _check_values(tensors: dict[str, torch.Tensor], floating: dict[str, bool],
+                  path: str | os.PathLike) -> None:
+    """Refuse weights that would silently give garbage: integer or boolean tensors where the
+    card's network holds floating-point ones (``floating``: key -> whether it does), and NaN or
+    infinite values."""
     for key, value in tensors.items():
-        counter = key.endswith("num_batches_tracked")
-        if not counter and not value.is_floating_point():
+        if not floating.get(key, True):
+            continue  # an integer buffer of the network (counters, index tables)
+        if not value.is_floating_point():
             raise ModelFileError(
                 f"The weights in {path} hold {key} as {str(value.dtype).replace('torch.', '')}, "
                 "not floating point; the file is damaged or was not written by TransferSeg.")
-        if not counter and not bool(torch.isfinite(value).all()):
+        if not bool(torch.isfinite(value).all()):
             raise ModelFileError(
                 f"The weights in {path} hold NaN or infinite values (first in {key}); the model "
                 "is broken (a training that diverged?): use an earlier model file.")

@@ -95,8 +95,36 @@ def network_definition(card: ModelCard, model_class: type[nn.Module]) -> dict[st
     module = model_class.__module__
     target = (f"monai.networks.nets.{model_class.__name__}" if module.startswith("monai.")
               else f"{module}.{model_class.__qualname__}")
+    inert(arguments, "the model card's 'arguments'")
     return {"_target_": target, "spatial_dims": 3, "in_channels": card.in_channels,
             "out_channels": card.out_channels, **arguments}
+
+
+# MONAI's ConfigParser evaluates "$..." as Python, resolves "@..." and "%..." as references,
+# and instantiates any object with a "_target_" (or other "_..._" key).
+_EVALUATED_PREFIXES = ("$", "@", "%")
+
+
+def inert(value: Any, where: str) -> None:
+    """Refuse a value from a model card that MONAI's ConfigParser would evaluate when the
+    bundle is loaded: a string starting with ``$``, ``@`` or ``%``, or a key starting with
+    ``_``, at any depth. A model file from elsewhere must not become code on the machine of
+    whoever exports it or runs the bundle."""
+    if isinstance(value, str):
+        if value.startswith(_EVALUATED_PREFIXES):
+            raise InputError(
+                f"{where[0].upper()}{where[1:]} holds {value[:40]!r}, which a MONAI bundle would "
+                "run as code or a reference; the model file is not safe to export.")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("_"):
+                raise InputError(
+                    f"{where[0].upper()}{where[1:]} holds the key {str(key)[:40]!r}, which a MONAI "
+                    "bundle would use to build objects; the model file is not safe to export.")
+            inert(item, where)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            inert(item, where)
 
 
 def _parameters(cls: type) -> set[str]:
@@ -258,6 +286,7 @@ def metadata(card: ModelCard, name: str) -> dict[str, Any]:
     lineage = [item.get("citation") for item in card.lineage if item.get("citation")]
     if lineage:
         data["references"] = lineage
+    inert(data, "the model card (title, description, labels or lineage)")
     return data
 
 

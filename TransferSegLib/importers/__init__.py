@@ -15,13 +15,17 @@ model file.
 from __future__ import annotations
 
 import importlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from TransferSegLib.checkpoint import ImportReport, ModelCard
-from TransferSegLib.errors import InputError
+from TransferSegLib.errors import InputError, ModelFileError
+
+MAX_TEXT_BYTES = 64 * 2**20  # a configuration, plans or metadata file inside an archive
+MAX_WEIGHTS_BYTES = 8 * 2**30  # a weights member of an archive
 
 # catalog "importer" value -> module in this package
 FAMILIES = {
@@ -71,3 +75,35 @@ def card_from_entry(entry: dict, **overrides: Any) -> ModelCard:
     }
     fields.update(overrides)
     return ModelCard(**fields)
+
+
+def read_member(archive: zipfile.ZipFile, name: str, where: str,
+                cap: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of archive member ``name``, refusing one that declares or inflates to more
+    than ``cap`` bytes (a few kilobytes of zip can inflate to gigabytes)."""
+    info = archive.getinfo(name)
+    if info.file_size > cap:
+        raise ModelFileError(f"{where}: {name} declares {info.file_size:,} bytes, more than the "
+                             f"{cap:,} allowed; this is not a model's file.")
+    with archive.open(info) as stream:
+        data = stream.read(cap + 1)
+    if len(data) > cap:
+        raise ModelFileError(f"{where}: {name} inflates past {cap:,} bytes; refused.")
+    return data
+
+
+def extract_member(archive: zipfile.ZipFile, name: str, target: Path, where: str,
+                   cap: int = MAX_WEIGHTS_BYTES) -> Path:
+    """Member ``name`` copied to ``target`` in chunks, stopping past ``cap`` bytes."""
+    info = archive.getinfo(name)
+    if info.file_size > cap:
+        raise ModelFileError(f"{where}: {name} declares {info.file_size:,} bytes, more than "
+                             f"any model's weights ({cap:,}); refused.")
+    written = 0
+    with archive.open(info) as stream, open(target, "wb") as out:
+        while chunk := stream.read(1 << 20):
+            written += len(chunk)
+            if written > cap:
+                raise ModelFileError(f"{where}: {name} inflates past {cap:,} bytes; refused.")
+            out.write(chunk)
+    return target

@@ -45,7 +45,7 @@ from torch import nn
 from TransferSegLib import nets, networks
 from TransferSegLib.checkpoint import ImportReport, ModelCard, load_weights
 from TransferSegLib.errors import InputError, ModelFileError
-from TransferSegLib.importers import card_from_entry
+from TransferSegLib.importers import card_from_entry, extract_member, read_member
 from TransferSegLib.importers.native import read_state_dict
 
 # MONAI network class name -> TransferSeg architecture
@@ -127,19 +127,27 @@ def _bundle_files(path: Path) -> Iterator[tuple[dict, dict, Path, list[str]]]:
         config_member = next((m for m in map(member, CONFIG_NAMES) if m), None)
         if config_member is None:
             raise ModelFileError(f"{path.name} is not a MONAI bundle: no {CONFIG_NAMES[0]} in it.")
-        config = _parse(archive.read(config_member).decode("utf-8"), config_member)
+        config = _parse(_text(archive, config_member, path), config_member)
         metadata_member = member(METADATA_NAME)
         metadata = {}
         if metadata_member:
-            metadata = _parse(archive.read(metadata_member).decode("utf-8"), METADATA_NAME)
+            metadata = _parse(_text(archive, metadata_member, path), METADATA_NAME)
         else:
             notes.append(f"the bundle has no {METADATA_NAME}")
         weights_member = member(WEIGHTS_NAME)
         _check_weights(weights_member is not None, member("models/model.ts"), path)
         with tempfile.TemporaryDirectory() as folder:
             weights = Path(folder) / "model.pt"
-            weights.write_bytes(archive.read(weights_member))
+            extract_member(archive, weights_member, weights, path.name)
             yield config, metadata, weights, notes
+
+
+def _text(archive: zipfile.ZipFile, member: str, path: Path) -> str:
+    try:
+        return read_member(archive, member, path.name).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelFileError(f"{path.name}: {member} is not UTF-8 text; it is not a MONAI "
+                             "bundle's configuration.") from None
 
 
 def _check_weights(present: bool, torchscript: Any, bundle: Path) -> None:

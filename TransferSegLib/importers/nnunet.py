@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -60,6 +59,7 @@ from torch import nn
 from TransferSegLib import networks
 from TransferSegLib.checkpoint import ImportReport, ModelCard, load_weights
 from TransferSegLib.errors import InputError, ModelFileError
+from TransferSegLib.importers import extract_member, read_member
 from TransferSegLib.samples import sha256_of
 
 ARCHITECTURES = {"PlainConvUNet": "nnunet-plain", "ResidualEncoderUNet": "nnunet-resenc"}
@@ -216,17 +216,6 @@ def _from_folder(folder: Path, fold: str | int | None, checkpoint: str | None) -
                   sha256_of(file))
 
 
-def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, where: str) -> bytes:
-    if info.file_size > cap:
-        raise ModelFileError(f"{where}: {info.filename} declares {info.file_size} bytes, more "
-                             f"than the {cap} allowed; this is not a model folder's file.")
-    with archive.open(info) as stream:
-        data = stream.read(cap + 1)
-    if len(data) > cap:
-        raise ModelFileError(f"{where}: {info.filename} inflates past {cap} bytes; refused.")
-    return data
-
-
 def _from_zip(path: Path, fold: str | int | None, checkpoint: str | None,
               scratch: Path) -> Source:
     with zipfile.ZipFile(path) as archive:
@@ -249,20 +238,12 @@ def _from_zip(path: Path, fold: str | int | None, checkpoint: str | None,
         available = [f for f, names in files.items() if any(c in names for c in CHECKPOINTS)]
         chosen = _fold_name(fold, available, path.name)
         name = _checkpoint_of(files, chosen, checkpoint)
-        info = files[chosen][name]
-        if info.file_size > MAX_CHECKPOINT_BYTES:
-            raise ModelFileError(f"{path.name}: {info.filename} declares {info.file_size} "
-                                 "bytes; larger than any nnU-Net checkpoint, refused.")
-        target = scratch / name
-        with archive.open(info) as stream, open(target, "wb") as out:
-            shutil.copyfileobj(stream, out, 1 << 20)
-        if target.stat().st_size > MAX_CHECKPOINT_BYTES:
-            raise ModelFileError(f"{path.name}: {info.filename} inflates past its size; "
-                                 "refused.")
-        plans = _json(_member_bytes(archive, members[root / "plans.json"], MAX_JSON_BYTES,
-                                    path.name), f"{path.name}:{root / 'plans.json'}")
-        dataset = _json(_member_bytes(archive, members[root / "dataset.json"], MAX_JSON_BYTES,
-                                      path.name), f"{path.name}:{root / 'dataset.json'}")
+        target = extract_member(archive, files[chosen][name].filename, scratch / name,
+                                path.name, MAX_CHECKPOINT_BYTES)
+        plans = _json(read_member(archive, str(root / "plans.json"), path.name, MAX_JSON_BYTES),
+                      f"{path.name}:{root / 'plans.json'}")
+        dataset = _json(read_member(archive, str(root / "dataset.json"), path.name,
+                                    MAX_JSON_BYTES), f"{path.name}:{root / 'dataset.json'}")
         return Source(path.name, plans, dataset, read_checkpoint(target), name, chosen,
                       sha256_of(target))
 
