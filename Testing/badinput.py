@@ -1176,6 +1176,71 @@ def _(folder):
                                                               json.dumps(card)))
 
 
+# ------------------------------------------------------------- special files (never hang)
+@case("labels_json_named_pipe", "datasets", "labels.json beside the data that is a named "
+      "pipe", error=InputError, match=r"Label table .*labels\.json is not a regular file "
+      r"\(a pipe, device or socket\); give a file")
+def _(folder):
+    write(small_volume(), folder / "a.nrrd")
+    write(small_label(), folder / "a_label.nrrd")
+    os.mkfifo(folder / "labels.json")
+    return lambda: datasets.discover(folder)
+
+
+@case("case_list_named_pipe", "datasets", "case list CSV that is a named pipe",
+      error=InputError, match=r"Case list .*cases\.csv is not a regular file")
+def _(folder):
+    os.mkfifo(folder / "cases.csv")
+    return lambda: datasets.discover(folder / "cases.csv")
+
+
+@case("mgz_named_pipe", "volumes", ".mgz image that is a named pipe", error=InputError,
+      match=r"Image .*scan\.mgz is not a regular file")
+def _(folder):
+    os.mkfifo(folder / "scan.mgz")
+    return lambda: volumes.read_volume(folder / "scan.mgz")
+
+
+@case("cli_evaluate_labels_named_pipe", "cli", "transferseg evaluate --labels that is a named "
+      "pipe", cli=True, match=r"Label table .*table\.json is not a regular file")
+def _(folder):
+    write(small_label(), folder / "ref.nrrd")
+    os.mkfifo(folder / "table.json")
+    return cli("evaluate", "--prediction", folder / "ref.nrrd", "--reference",
+               folder / "ref.nrrd", "--labels", folder / "table.json")
+
+
+@case("model_file_named_pipe", "model files", "model .safetensors that is a named pipe",
+      error=ModelFileError, match=r"model\.safetensors is not a regular file")
+def _(folder):
+    os.mkfifo(folder / "model.safetensors")
+    return lambda: checkpoint.load_model(folder / "model.safetensors")
+
+
+# -------------------------------------------------------------- ordinary files, accepted
+def _bom_case_list(dataset) -> None:
+    assert [case.name for case in dataset.cases] == ["a"], dataset.cases
+
+
+@case("case_list_with_byte_order_mark", "datasets", "case list saved by Excel as CSV UTF-8 "
+      "(a byte-order mark before 'image')", recovery=_bom_case_list,
+      outcome="read as the same list without the mark")
+def _(folder):
+    write(small_volume(), folder / "a.nrrd")
+    write(small_label(), folder / "a_label.nrrd")
+    (folder / "labels.json").write_text('{"1": "liver", "2": "spleen"}')
+    (folder / "cases.csv").write_bytes(b"\xef\xbb\xbfimage,label,name\na.nrrd,a_label.nrrd,a\n")
+    return lambda: datasets.discover(folder / "cases.csv")
+
+
+@case("case_list_latin1", "datasets", "case list in Latin-1 (a name with an accent)",
+      error=InputError, match=r"cases\.csv is not UTF-8 text .*save the case list as CSV UTF-8")
+def _(folder):
+    (folder / "cases.csv").write_bytes("image,label,name\na.nrrd,b.nrrd,Jos\xe9\n"
+                                       .encode("latin-1"))
+    return lambda: datasets.discover(folder / "cases.csv")
+
+
 # ------------------------------------------------------ code execution through an export
 def _hostile_model(folder: Path, **changes) -> Path:
     torch.manual_seed(0)

@@ -395,6 +395,9 @@ def _corrupt(path: Path, error: BaseException) -> ModelFileError:
 def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict[str, str], dict]:
     """The header metadata and (if asked) the tensors of a safetensors file, on the CPU."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ModelFileError(f"Model file {path} is not a regular file (a folder, pipe or "
+                             "device); give the .safetensors file.")
     if not path.is_file():
         raise ModelFileError(f"Model file {path} does not exist; check the path or fetch it again.")
     try:

@@ -168,10 +168,12 @@ def _label_table(path: str | None):
     if path is None:
         return None
     from TransferSegLib.datasets import LabelTable
+    from TransferSegLib.files import require_regular
 
+    require_regular(path, "Label table")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"Could not read label table {path}: {error}; fix the JSON.") from None
     return LabelTable.from_mapping(data).foreground
 

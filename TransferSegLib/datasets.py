@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from TransferSegLib import volumes
 from TransferSegLib.errors import InputError
-from TransferSegLib.files import full_suffix
+from TransferSegLib.files import full_suffix, require_regular
 
 BACKGROUND = "background"
 # A label with this name marks voxels whose class is unknown: they are left out of training
@@ -180,8 +180,11 @@ class Dataset:
 
 
 def _read_json(path: Path) -> dict:
+    require_regular(path, "Label table")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # as Excel/Notepad save it
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"Could not read {path}: {error}; fix the JSON.") from None
     if not isinstance(data, dict):
@@ -194,6 +197,8 @@ def discover(path: str | os.PathLike) -> Dataset:
     path = Path(path)
     if not path.exists():
         raise InputError(f"Dataset {path} does not exist; check the path.")
+    require_regular(path, "Case list" if path.suffix.lower() == ".csv" else "Dataset",
+                    folder_ok=True)
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return from_csv(path)
@@ -264,8 +269,13 @@ def from_msd(folder: Path, data: dict) -> Dataset:
 
 def from_csv(path: Path) -> Dataset:
     """Cases listed in a CSV file; relative paths are relative to the file's folder."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    require_regular(path, "Case list")
+    try:  # utf-8-sig: a byte-order mark, as Excel writes "CSV UTF-8", is not part of a name
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text (byte {error.start}); save the case list "
+                         "as CSV UTF-8.") from None
     if not rows:
         raise InputError(f"{path} lists no cases; add one line per case under its header row.")
     if "image" not in rows[0]:

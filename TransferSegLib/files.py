@@ -51,6 +51,18 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
         )
 
 
+def require_regular(path: str | os.PathLike, what: str = "Input", folder_ok: bool = False
+                    ) -> Path:
+    """``path`` if it is a regular file (or, with ``folder_ok``, a folder); a named pipe, a
+    device or a socket would hang or fail mid-read, so it is refused before it is opened.
+    A missing path is left to the caller's own message."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not (folder_ok and path.is_dir()):
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe, device or socket)"
+        raise InputError(f"{what} {path} is {kind}; give a file.")
+    return path
+
+
 def _same(a: Path, b: Path) -> bool:
     """Whether two paths name one file: equal after resolving links, or the same inode."""
     if a.resolve() == b.resolve():

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from TransferSegLib.errors import GeometryError, InputError
-from TransferSegLib.files import atomic_output, full_suffix
+from TransferSegLib.files import atomic_output, full_suffix, require_regular
 
 FORMATS = {
     ".nii": "NIfTI",
@@ -153,6 +153,7 @@ def image_format(path: str | os.PathLike) -> str:
 def require_exists(path: Path) -> None:
     if not path.exists():
         raise InputError(f"Image file {path} does not exist; check the path and the spelling.")
+    require_regular(path, "Image", folder_ok=True)  # a folder is a DICOM series
 
 
 def _check_declared_size(path: Path, size: tuple[int, ...], components: int) -> None:
