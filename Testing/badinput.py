@@ -1176,6 +1176,34 @@ def _(folder):
                                                               json.dumps(card)))
 
 
+# ------------------------------------------------------ numbers out of range on the command line
+@case("cli_segment_overlap_one", "cli", "transferseg segment --overlap 1.0", cli=True,
+      match=r"--overlap must be at least 0 and below 1 .*not 1\.0")
+def _(folder):
+    tiny_model_file(folder / "model.safetensors")
+    write(small_volume(), folder / "scan.nrrd")
+    return cli("segment", "--model", folder / "model.safetensors", "--image",
+               folder / "scan.nrrd", "--output", folder / "seg.nii.gz", "--overlap", "1.0")
+
+
+@case("cli_segment_batch_size_zero", "cli", "transferseg segment --batch-size 0", cli=True,
+      match=r"--batch-size must be a whole number of at least 1, not 0")
+def _(folder):
+    tiny_model_file(folder / "model.safetensors")
+    write(small_volume(), folder / "scan.nrrd")
+    return cli("segment", "--model", folder / "model.safetensors", "--image",
+               folder / "scan.nrrd", "--output", folder / "seg.nii.gz", "--batch-size", "0")
+
+
+@case("cli_finetune_checkpoint_every_zero", "cli", "transferseg finetune --checkpoint-every 0",
+      cli=True, match=r"--checkpoint-every must be a number of at least 1, not 0")
+def _(folder):
+    write(small_volume(), folder / "a.nrrd")
+    write(small_label(), folder / "a_label.nrrd")
+    return cli("finetune", "--strategy", "scratch", "--data", folder, "--out", folder / "run",
+               "--steps", "1", "--device", "cpu", "--checkpoint-every", "0")
+
+
 # ------------------------------------------------------------- special files (never hang)
 @case("labels_json_named_pipe", "datasets", "labels.json beside the data that is a named "
       "pipe", error=InputError, match=r"Label table .*labels\.json is not a regular file "

@@ -167,6 +167,7 @@ def segment(
     on or off (default: as the card says).
     """
     images = [images] if isinstance(images, sitk.Image) else list(images)
+    check_options(overlap, batch_size)
     if len(images) != card.in_channels:
         raise InputError(
             f"Model {card.title or card.architecture} takes {card.in_channels} input channel(s) "
@@ -265,6 +266,17 @@ def segment(
     return SegmentationResult(label, table, on_input)
 
 
+def check_options(overlap: float, batch_size: int) -> None:
+    """Refuse an overlap outside [0, 1) or a batch below one patch, in the flags' words."""
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or \
+            not 0 <= overlap < 1:
+        raise InputError(f"--overlap must be at least 0 and below 1 (a share of the patch), "
+                         f"not {overlap!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"--batch-size must be a whole number of at least 1, not "
+                         f"{batch_size!r}.")
+
+
 def nonzero_box(images: Sequence[sitk.Image]) -> tuple[slice, slice, slice] | None:
     """The (x, y, z) slices of the smallest box holding every nonzero voxel of ``images``
     (nnU-Net's crop), or None when that is the whole volume or nothing is nonzero."""
@@ -321,6 +333,7 @@ def segment_file(
     """
     from TransferSegLib.checkpoint import load_model
 
+    check_options(overlap, batch_size)  # before reading anything
     paths = [image_paths] if isinstance(image_paths, (str, Path)) else list(image_paths)
     outputs = [Path(output)] + ([Path(probabilities_output)] if probabilities_output else [])
     for path in outputs:

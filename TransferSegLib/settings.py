@@ -21,16 +21,17 @@ def _setting(default, help: str, cli: bool = True, **extra):
 class TrainConfig:
     """How to train. Steps count optimiser updates; one step sees ``batch_size`` patches."""
 
-    steps: int = _setting(500, "optimiser steps")
-    batch_size: int = _setting(2, "patches per step")
+    steps: int = _setting(500, "optimiser steps", minimum=1)
+    batch_size: int = _setting(2, "patches per step", minimum=1)
     lr: float | None = _setting(None, "learning rate (default: the strategy's own, see the "
                                 "README)")
     weight_decay: float = _setting(1e-5, "AdamW weight decay", cli=False)
     optimizer: str = _setting("adamw", "adamw, or sgd (momentum 0.99, nesterov, as nnU-Net)",
                               choices=("adamw", "sgd"))
-    val_every: int = _setting(50, "steps between validations")
-    patience: int = _setting(0, "validations without improvement before stopping (0: never)")
-    checkpoint_every: int = _setting(50, "steps between resumable checkpoints")
+    val_every: int = _setting(50, "steps between validations", minimum=1)
+    patience: int = _setting(0, "validations without improvement before stopping (0: never)",
+                             minimum=0)
+    checkpoint_every: int = _setting(50, "steps between resumable checkpoints", minimum=1)
     foreground_ratio: float = _setting(0.67, "share of patches centred on an annotated "
                                        "foreground voxel", cli=False)
     augment: bool = _setting(True, "data augmentation")
@@ -40,32 +41,33 @@ class TrainConfig:
     device: str = _setting("auto", "auto (CUDA > MPS > CPU), cpu, cuda")
     amp: bool = _setting(True, "mixed precision (CUDA only)", cli=False)
     cache_gb: float = _setting(8.0, "RAM for preprocessed cases; the rest are re-read",
-                               cli=False)
+                               cli=False, minimum=0)
     val_overlap: float = _setting(0.25, "sliding-window overlap of validation", cli=False)
     head_lr_factor: float | None = _setting(
         None, "learning-rate factor of the head and new label channels (default: the "
-        "strategy's; discriminative 10)", transfer=True)
+        "strategy's; discriminative 10)", transfer=True, minimum=0)
     freeze_depth: int | None = _setting(
         None, "finetune, two-stage: freeze only this many encoder blocks (default: the whole "
-        "encoder)", transfer=True)
+        "encoder)", transfer=True, minimum=0)
     warmup: int | None = _setting(None, "steps of linear learning-rate warm-up (default: the "
-                                  "strategy's)")
+                                  "strategy's)", minimum=0)
     threads: int | None = _setting(None, "CPU threads (default: the cores other programs "
-                                   "leave idle)")
+                                   "leave idle)", minimum=1)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
-            raise InputError("steps, batch size and validation interval must be at least 1.")
+        for item in fields(self):  # the bounds in the fields' metadata, named as on the CLI
+            value, minimum = getattr(self, item.name), item.metadata.get("minimum")
+            if minimum is not None and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not value >= minimum):
+                raise InputError(f"--{item.name.replace('_', '-')} must be a number of at least "
+                                 f"{minimum}, not {value!r}.")
         if self.optimizer not in ("adamw", "sgd"):
             raise InputError(f"Unknown optimiser {self.optimizer!r}; use adamw or sgd.")
         if not 0 <= self.foreground_ratio <= 1:
             raise InputError("The foreground ratio must lie between 0 and 1.")
         if self.lr is not None and not self.lr > 0:
             raise InputError(f"The learning rate must be a positive number, not {self.lr}.")
-        if self.warmup is not None and self.warmup < 0:
-            raise InputError(f"Warm-up steps must be 0 or more, not {self.warmup}.")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"Threads must be at least 1, not {self.threads}.")
 
     def for_strategy(self, strategy: str) -> TrainConfig:
         """This configuration with the strategy's defaults filled in where a value is None."""
