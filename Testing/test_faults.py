@@ -531,6 +531,31 @@ def test_the_full_disk_message_names_the_cause_when_the_writer_reports_it(fault_
         assert "the disk is full or the file is too large" in fault_outcomes[case]["message"]
 
 
+_WRITE_PAST_LIMIT = """
+import resource, signal, numpy as np, SimpleITK as sitk
+from TransferSegLib import volumes
+from TransferSegLib.errors import TransferSegError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+image = sitk.GetImageFromArray(np.random.rand(40, 40, 40).astype(np.float32))
+for name in ("seg.nii", "seg.nii.gz"):
+    try:
+        volumes.write_image(image, name, overwrite=True)
+    except TransferSegError as error:
+        print("refused:", error)
+"""
+
+
+@POSIX
+def test_a_full_disk_prints_no_image_library_lines_besides_ours(tmp_path):
+    # ITK's NIfTI writer prints "** ERROR: NWAD: wrote only ..." itself on a failed write; the
+    # user gets TransferSeg's sentence only.
+    done = subprocess.run([sys.executable, "-c", _WRITE_PAST_LIMIT], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.count("refused: Could not write seg.nii") == 2, done.stdout + done.stderr
+    assert "** ERROR" not in done.stderr and done.stderr == "", done.stderr
+
+
 @POSIX
 def test_running_out_of_memory_while_segmenting_names_what_to_change(fault_outcomes):
     outcome = fault_outcomes["memory"]

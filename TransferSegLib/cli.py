@@ -112,7 +112,7 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     if args.action == "register":
         if not args.file:
-            raise InputError("Use: transferseg models register --file MODEL.safetensors [ID]")
+            raise InputError("Use: transferseg models register [ID] --file MODEL.safetensors")
         record = zoo.register(args.file, args.ids[0] if args.ids else None)
         print(f"registered {record['id']}: {record['path']}")
         return 0

@@ -63,6 +63,37 @@ def require_regular(path: str | os.PathLike, what: str = "Input", folder_ok: boo
     return path
 
 
+@contextlib.contextmanager
+def library_messages_held() -> Iterator[list[str]]:
+    """Hold what C libraries print on the process's stderr (ITK's ``** ERROR: ...`` lines on a
+    full disk) while the block runs; the list gets the text. A failure then reaches the user
+    as TransferSeg's one sentence; the held text is printed again only if the block succeeds
+    (so a warning on success is not lost)."""
+    held: list[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (some embedded interpreters)
+        yield held
+        return
+    import tempfile
+
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        failed = False
+        try:
+            yield held
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            held.append(sink.read().decode("utf-8", "replace"))
+            if not failed and held[0]:
+                os.write(2, held[0].encode("utf-8"))
+
+
 def _same(a: Path, b: Path) -> bool:
     """Whether two paths name one file: equal after resolving links, or the same inode."""
     if a.resolve() == b.resolve():

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from TransferSegLib.errors import InputError
-from TransferSegLib.files import atomic_output
+from TransferSegLib.files import atomic_output, library_messages_held
 from TransferSegLib.volumes import (
     as_label_pixels,
     as_volume,
@@ -268,7 +268,8 @@ def write_segmentation(
         image.SetMetaData(f"Segment{i}_Tags",
                           format_tags({STATUS_TAG: "inprogress", **segment.tags}))
     with atomic_output(path, overwrite) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        with library_messages_held():  # ITK's own lines on failure; ours says it once
+            sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
 
 

@@ -20,7 +20,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from TransferSegLib.errors import GeometryError, InputError
-from TransferSegLib.files import atomic_output, full_suffix, require_regular
+from TransferSegLib.files import (
+    atomic_output,
+    full_suffix,
+    library_messages_held,
+    require_regular,
+)
 
 FORMATS = {
     ".nii": "NIfTI",
@@ -537,9 +542,10 @@ def write_image(
         if kind == "FreeSurfer MGH":
             _write_mgh(image, tmp)
         else:
-            sitk.WriteImage(image, str(tmp), useCompression=compress)
-            if kind == "NIfTI":
-                _check_nifti_written(tmp)
+            with library_messages_held():  # ITK's own lines on failure; ours says it once
+                sitk.WriteImage(image, str(tmp), useCompression=compress)
+                if kind == "NIfTI":
+                    _check_nifti_written(tmp)
     return path
 
 
