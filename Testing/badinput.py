@@ -1204,6 +1204,28 @@ def _(folder):
                "--steps", "1", "--device", "cpu", "--checkpoint-every", "0")
 
 
+# ----------------------------------------------------------- cards that declare huge networks
+@case("model_card_huge_swinunetr", "model files", "card asking for a Swin UNETR of feature "
+      "size 480 over a tiny weights file", error=ModelFileError,
+      match=r"weights in .*swin\.safetensors do not fit the swinunetr its card describes",
+      huge=True)
+def _(folder):
+    card = tiny_card(architecture="swinunetr",
+                     arguments=networks.resolve_kwargs("swinunetr", feature_size=480))
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "swin.safetensors",
+                                                              json.dumps(card)))
+
+
+@case("model_card_huge_dynunet", "model files", "card asking for a DynUNet with 2**20 filters "
+      "over a tiny weights file", error=ModelFileError,
+      match=r"weights in .*dyn\.safetensors do not fit the dynunet", huge=True)
+def _(folder):
+    card = tiny_card(architecture="dynunet", arguments=networks.resolve_kwargs(
+        "dynunet", levels=3, filters=[2**20, 2**20, 2**20]))
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "dyn.safetensors",
+                                                              json.dumps(card)))
+
+
 # ------------------------------------------------------------- special files (never hang)
 @case("labels_json_named_pipe", "datasets", "labels.json beside the data that is a named "
       "pipe", error=InputError, match=r"Label table .*labels\.json is not a regular file "

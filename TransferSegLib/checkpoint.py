@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from TransferSegLib import __version__, networks
 from TransferSegLib.errors import InputError, ModelFileError, TransferSegError
@@ -336,14 +337,25 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 _BUILD_ERRORS = (InputError, RuntimeError, ZeroDivisionError, KeyError, IndexError)
 
 
+class _SmallTablesOnCPU(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: ``arange``, ``linspace`` and ``logspace`` still make
+    real CPU tensors, because constructors read them (Swin UNETR's drop-path rates with
+    ``.item()``, its relative-position tables). They are as small as the network's
+    hyper-parameters, never as its weights."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.arange, torch.linspace, torch.logspace):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
 def _reference_network(card: ModelCard) -> nn.Module:
-    """The network the card describes; on the meta device (no memory) where MONAI allows it."""
-    args = (card.architecture, card.in_channels, card.out_channels)
-    try:
-        with torch.device("meta"):
-            return networks.build_network(*args, **card.arguments)
-    except (RuntimeError, NotImplementedError):  # constructors that compute with tensors
-        return networks.build_network(*args, **card.arguments)
+    """The network the card describes, on the meta device: its shapes without its memory, so
+    a card asking for a huge network over a small file allocates nothing."""
+    with torch.device("meta"), _SmallTablesOnCPU():
+        return networks.build_network(card.architecture, card.in_channels, card.out_channels,
+                                      **card.arguments)
 
 
 def _mismatch(expected: dict[str, tuple], actual: dict[str, tuple]) -> str:
