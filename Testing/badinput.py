@@ -1204,6 +1204,43 @@ def _(folder):
                "--steps", "1", "--device", "cpu", "--checkpoint-every", "0")
 
 
+# ------------------------------------------------------ card values of the wrong type or range
+@case("model_card_text_window", "model files", "card whose CT window is text",
+      error=ModelFileError, match=r"'normalisation' must have 'window' as two increasing "
+      r"numbers, not '-1000\.\.1000'")
+def _(folder):
+    card = tiny_card(normalisation={"kind": "ct", "window": "-1000..1000"})
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "w.safetensors",
+                                                              json.dumps(card)))
+
+
+@case("model_card_percentiles_past_100", "model files", "card whose MR percentiles are 5 and "
+      "150", error=ModelFileError, match=r"'percentiles' as two increasing numbers within "
+      r"0\.\.100, not \[5, 150\]")
+def _(folder):
+    card = tiny_card(normalisation={"kind": "mr", "percentiles": [5, 150]})
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "p.safetensors",
+                                                              json.dumps(card)))
+
+
+@case("model_card_text_std", "model files", "card whose CT std is text", error=ModelFileError,
+      match=r"must have 'std' a positive number, not 'wide'")
+def _(folder):
+    card = tiny_card(normalisation={"kind": "ct", "window": [-100, 200], "mean": 0,
+                                    "std": "wide"})
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "s.safetensors",
+                                                              json.dumps(card)))
+
+
+@case("model_card_unknown_recipe_field", "model files", "card whose z-score recipe has a "
+      "misspelt field", error=ModelFileError,
+      match=r"of kind 'zscore' has the unknown field 'non_zero'")
+def _(folder):
+    card = tiny_card(normalisation={"kind": "zscore", "non_zero": True})
+    return lambda: checkpoint.load_model(model_file_with_card(folder / "z.safetensors",
+                                                              json.dumps(card)))
+
+
 # ----------------------------------------------------------- cards that declare huge networks
 @case("model_card_huge_swinunetr", "model files", "card asking for a Swin UNETR of feature "
       "size 480 over a tiny weights file", error=ModelFileError,

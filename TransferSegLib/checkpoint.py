@@ -198,11 +198,49 @@ def _orientation(value: Any) -> str:
     return value.upper()
 
 
-def _normalisation(value: Any) -> dict[str, Any]:
+def _pair(value: Any, name: str, low: float = -math.inf, high: float = math.inf) -> None:
+    if not isinstance(value, list) or len(value) != 2 or not all(map(_is_number, value)) or \
+            not low <= value[0] < value[1] <= high:
+        bounds = f" within {low:g}..{high:g}" if math.isfinite(low) else ""
+        raise ValueError(f"must have '{name}' as two increasing numbers{bounds}, not {value!r}")
+
+
+# kind -> the fields it may have (each checked below)
+_RECIPE_FIELDS = {"ct": {"window", "scale", "mean", "std"},
+                  "mr": {"percentiles", "output_mean", "output_std"},
+                  "zscore": {"nonzero"}, "rescale": set(), "rgb": set(), "none": set(),
+                  "channels": {"channels"}}
+
+
+def _recipe(value: Any, nested: bool = False) -> dict[str, Any]:
     value = _json_object(value)
-    if not isinstance(value.get("kind"), str):
-        raise ValueError("must have a 'kind' such as 'ct', 'mr' or 'none'")
+    kind = value.get("kind")
+    if kind not in _RECIPE_FIELDS or (nested and kind == "channels"):
+        raise ValueError(f"must have a 'kind' among {', '.join(_RECIPE_FIELDS)}, not {kind!r}")
+    unknown = sorted(set(value) - _RECIPE_FIELDS[kind] - {"kind"})
+    if unknown:
+        raise ValueError(f"of kind {kind!r} has the unknown field {unknown[0]!r}")
+    if "window" in value:
+        _pair(value["window"], "window")
+    if "percentiles" in value:
+        _pair(value["percentiles"], "percentiles", 0, 100)
+    for name in ("mean", "output_mean", "output_std"):
+        if name in value and not _is_number(value[name]):
+            raise ValueError(f"must have '{name}' a number, not {value[name]!r}")
+    if "std" in value and not (_is_number(value["std"]) and value["std"] > 0):
+        raise ValueError(f"must have 'std' a positive number, not {value['std']!r}")
+    for name in ("scale", "nonzero"):
+        if name in value and not isinstance(value[name], bool):
+            raise ValueError(f"must have '{name}' true or false, not {value[name]!r}")
+    if kind == "channels":
+        if not isinstance(value["channels"], list) or not value["channels"]:
+            raise ValueError("of kind 'channels' must list one recipe per input channel")
+        value["channels"] = [_recipe(item, nested=True) for item in value["channels"]]
     return value
+
+
+def _normalisation(value: Any) -> dict[str, Any]:
+    return _recipe(value)
 
 
 def _inference(value: Any) -> dict[str, Any]:
@@ -297,6 +335,11 @@ def _check_consistency(card: dict[str, Any], where: str) -> None:
         raise ModelFileError(
             f"In {where}, field 'patch_size' {patch} is more than {MAX_PATCH_VOXELS:,} voxels; "
             "no network is trained or run on patches that large. Fix the card.")
+    recipe = card["normalisation"]
+    if recipe["kind"] == "channels" and len(recipe["channels"]) != card["in_channels"]:
+        raise ModelFileError(
+            f"In {where}, field 'normalisation' lists {len(recipe['channels'])} channel "
+            f"recipes for {card['in_channels']} input channel(s); re-export the model.")
     count = card["out_channels"]  # compared by length first: a hostile count may be 2**40
     if len(card["labels"]) != count or sorted(card["labels"]) != list(range(count)):
         raise ModelFileError(

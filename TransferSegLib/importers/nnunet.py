@@ -42,7 +42,6 @@ surgery replaces. nnU-Net's modules register each convolution and norm twice
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import tempfile
 import zipfile
@@ -68,6 +67,9 @@ DEFAULT_CONFIGURATION = "3d_fullres"
 MAX_JSON_BYTES = 64 * 2**20  # plans.json / dataset.json in a zip
 MAX_CHECKPOINT_BYTES = 8 * 2**30
 STEP_SIZE = 0.5  # nnU-Net's predictor: tiles overlap by half a patch
+# What torch's restricted unpickler raises for a global outside the allowlist (the library
+# imports no pickle module itself).
+_REFUSED = torch.serialization.pickle.UnpicklingError
 
 # What nnU-Net does per channel -> the card's normalisation recipe (see preprocess.normalise).
 SCHEMES = ("CTNormalization", "ZScoreNormalization", "NoNormalization",
@@ -102,7 +104,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except _REFUSED as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = f" ({found[1]})" if found else ""
         raise ModelFileError(
