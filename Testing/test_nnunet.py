@@ -135,24 +135,35 @@ def test_segmentation_matches_nnunet_predictor(kind):
     reference = expected["ct_plain_seg"]
     assert len(np.unique(reference)) == 4  # the fixture segments every label
     assert _agreement(plain, reference) >= 0.999
-    if kind == "plain":
+    if kind == "plain":  # stored as float16: 1e-3 apart at most, plus its rounding
         probabilities = expected["ct_plain_probabilities"].astype(np.float32)
-        difference = np.abs(plain.probabilities - probabilities)
-        assert np.percentile(difference, 99.9) < 5e-3  # nnU-Net sums tiles in float16
+        assert np.abs(plain.probabilities - probabilities).max() < 2e-3
     mirrored = inference.segment(model, card, ct, device="cpu")  # the card's mirroring
     assert _agreement(mirrored, expected["ct_mirror_seg"]) >= 0.999
     assert _agreement(mirrored, reference) < 1.0  # mirroring really happened
 
 
-@pytest.mark.slow
-def test_a_resampled_scan_agrees_with_nnunet_predictor_closely():
-    """1.5 mm thorax CT at the model's 3 mm: nnU-Net resamples with cubic splines before
-    normalising, TransferSeg linearly after; the labels still agree on almost every voxel."""
+def test_a_resampled_scan_agrees_with_nnunet_predictor():
+    """1.5 mm thorax CT at the model's 3 mm: normalised on its own grid, cubic B-spline to
+    nnU-Net's grid (edge-aligned, overshoot clipped), logits back linearly in float16."""
     model, card, _ = nnunet.load_folder(FIXTURES / "plain")
     expected = np.load(FIXTURES / "plain" / "predictions.npz")["thorax_plain_seg"]
     thorax = sitk.ReadImage(str(real_sample("totalseg_thorax").image))
     result = inference.segment(model, card, thorax, device="cpu", mirror=False)
-    assert _agreement(result, expected) >= 0.99
+    assert len(np.unique(expected)) == 4
+    assert _agreement(result, expected) >= 0.999
+
+
+def test_float32_sums_are_more_precise_and_differ_from_nnunet_only_near_ties():
+    from dataclasses import replace
+
+    model, card, _ = nnunet.load_folder(FIXTURES / "plain")
+    expected = np.load(FIXTURES / "plain" / "predictions.npz")["ct_plain_seg"]
+    ct = sitk.ReadImage(str(real_sample("totalseg_ct").image))
+    precise = replace(card, inference={**card.inference, "accumulate": "float32"})
+    agreement = _agreement(inference.segment(model, precise, ct, device="cpu", mirror=False),
+                           expected)
+    assert 0.99 <= agreement < 1.0
 
 
 def test_tile_starts_and_gaussian_follow_nnunet():

@@ -69,7 +69,8 @@ class ModelCard:
     modality: str = ""  # "CT", "MR", ...
     lineage: list[dict[str, Any]] = field(default_factory=list)  # base model and strategy/step
     # How to segment when not the default (MONAI tiling at the caller's overlap): nnU-Net's
-    # {"tiling": "nnunet", "step_size": 0.5, "mirror_axes": [0, 1, 2], "crop_nonzero": true}.
+    # {"tiling": "nnunet", "step_size": 0.5, "mirror_axes": [0, 1, 2], "crop_nonzero": true,
+    # "accumulate": "float16"}.
     inference: dict[str, Any] = field(default_factory=dict)
     training_cases: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -256,6 +257,8 @@ def _inference(value: Any) -> dict[str, Any]:
         raise ValueError("must have 'mirror_axes' a list of distinct array axes 0, 1, 2")
     if not isinstance(value.get("crop_nonzero", False), bool):
         raise ValueError("must have 'crop_nonzero' true or false")
+    if value.get("accumulate", "float32") not in ("float32", "float16"):
+        raise ValueError("must have 'accumulate' 'float32' or 'float16'")
     return value
 
 

@@ -184,9 +184,10 @@ def segment(
     device = select_device(device) if isinstance(device, str) else device
     reference = images[0]
     channels, grid = [], None
+    nnunet = card.inference.get("tiling") == "nnunet" and not card.orientation
     for channel, image in enumerate(images):
         array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
-                                                card.orientation, channel)
+                                                card.orientation, channel, nnunet=nnunet)
         channels.append(array)
     inputs = channels[0][None] if len(channels) == 1 else np.stack(channels)
     del channels
@@ -202,7 +203,9 @@ def segment(
                 model, array, patch, device=device, out_channels=card.out_channels,
                 step_size=float(card.inference.get("step_size", 0.5)),
                 mirror_axes=card.inference.get("mirror_axes", []) if use_mirror else [],
-                batch_size=batch, progress=progress)
+                batch_size=batch, progress=progress,
+                accumulate=(torch.float16 if card.inference.get("accumulate") == "float16"
+                            else torch.float32))
         if valid_output is None:
             return predict_logits(model, array, patch, device=device,
                                   out_channels=card.out_channels, overlap=overlap,
@@ -244,6 +247,16 @@ def segment(
     count, on_input = card.out_channels, None
     if same_grid and not keep_probabilities:
         best = argmax_channels(logits.numpy(), count)  # softmax keeps the order: skip it
+    elif nnunet and not same_grid:
+        # As nnU-Net: the logits go back to the scan's grid (linear), then softmax and argmax.
+        # nnU-Net keeps the resampled logits in its float16 type.
+        rounded = np.float16 if card.inference.get("accumulate") == "float16" else np.float32
+        back = [preprocess.probabilities_to_input(c[None], grid, reference)[0]
+                .astype(rounded).astype(np.float32) for c in logits.numpy()]
+        best = argmax_channels(back, count)
+        if keep_probabilities:
+            on_input = softmax_(torch.from_numpy(np.stack(back))).numpy()
+        del back
     else:
         probabilities = softmax_(logits).numpy()
         if not same_grid:

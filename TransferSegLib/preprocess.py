@@ -144,6 +144,26 @@ def model_grid(image: sitk.Image, spacing: Sequence[float], orientation: str = "
     )
 
 
+def nnunet_grid(image: sitk.Image, spacing: Sequence[float]) -> Geometry:
+    """The grid nnU-Net resamples ``image`` to (its own axes): ``round(size * old / new)``
+    voxels per axis covering exactly the scan's extent (voxel edges aligned, so the voxel size
+    is the extent over the count, within half a voxel of ``spacing``)."""
+    old_spacing = np.array(image.GetSpacing(), dtype=np.float64)
+    old_size = np.array(image.GetSize(), dtype=np.float64)
+    target = np.array([float(s) for s in spacing])
+    if target.shape != (3,) or np.any(target <= 0):
+        raise InputError(f"Model spacing {list(spacing)} must be three positive numbers (mm).")
+    size = np.round(old_spacing / target * old_size).astype(int)
+    if np.array_equal(size, old_size.astype(int)):
+        return Geometry.of(image)
+    size = np.maximum(size, 1)
+    new_spacing = old_size * old_spacing / size
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2)
+    return Geometry(tuple(int(v) for v in size), tuple(float(v) for v in new_spacing),
+                    tuple(float(v) for v in origin), image.GetDirection())
+
+
 def _orient_information(image: sitk.Image, orientation: str) -> sitk.Image:
     """A voxel-free stand-in for ``image`` reoriented (only its geometry is needed)."""
     stand_in = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
@@ -173,12 +193,17 @@ def to_model_space(
     normalisation: Mapping | None = None,
     orientation: str = "LPS",
     channel: int = 0,
+    nnunet: bool = False,
 ) -> tuple[np.ndarray, Geometry]:
     """A scan as the network sees it: ``(array (Z, Y, X) float32, model-space grid)``.
 
     Linear interpolation for intensities; values outside the scan take its minimum. ``channel``
-    picks the recipe of a per-channel normalisation.
+    picks the recipe of a per-channel normalisation. With ``nnunet`` (an imported nnU-Net
+    model), as nnU-Net's preprocessing: intensities normalised on the scan's own grid, then
+    resampled by cubic B-spline onto :func:`nnunet_grid` (the scan's axes; no reorientation).
     """
+    if nnunet:
+        return _nnunet_model_space(image, spacing, normalisation, channel)
     grid = model_grid(image, spacing, orientation)
     _check_budget(image, grid)
     if grid == Geometry.of(image):  # already in model space: no resampling, one copy
@@ -190,6 +215,28 @@ def to_model_space(
     if normalisation is not None:
         array = normalise(array, channel_recipe(normalisation, channel), in_place=True)
     return array, grid
+
+
+def _nnunet_model_space(image: sitk.Image, spacing: Sequence[float],
+                        normalisation: Mapping | None, channel: int
+                        ) -> tuple[np.ndarray, Geometry]:
+    grid = nnunet_grid(image, spacing)
+    _check_budget(image, grid)
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if normalisation is not None:
+        array = normalise(array, channel_recipe(normalisation, channel),
+                          in_place=array is not sitk.GetArrayViewFromImage(image))
+    if grid == Geometry.of(image):
+        return array, grid
+    low, high = float(array.min()), float(array.max())
+    normalised = sitk.GetImageFromArray(array)
+    normalised.CopyInformation(image)
+    # Edge values repeated beyond the scan, as scipy's spline ("nearest" mode) extends it; ITK
+    # would mirror it. Ten voxels: the spline's prefilter has decayed to 2e-6 by then.
+    normalised = sitk.ZeroFluxNeumannPad(normalised, [10] * 3, [10] * 3)
+    resampled = sitk.GetArrayFromImage(resample(normalised, grid, sitk.sitkBSpline))
+    # skimage's resize, which nnU-Net uses, clips the spline's overshoot to the input's range
+    return np.clip(resampled, low, high, out=resampled), grid
 
 
 def _check_budget(image: sitk.Image, grid: Geometry) -> None:

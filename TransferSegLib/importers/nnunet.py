@@ -29,7 +29,8 @@ dataset's foreground 0.5 and 99.5 percentiles, minus its mean, over its std;
 ``use_mask_for_norm``; ``NoNormalization``; ``RescaleTo01Normalization``;
 ``RGBTo01Normalization``), and in ``inference``: nnU-Net's tiling (step 0.5 of the patch, its
 Gaussian weights), the mirroring axes its predictor averages over, and the crop to the nonzero
-region. Labels and their values come from ``dataset.json``; an ``ignore`` label is not an
+region, and the predictor's float16 sums of the tiles. Labels and their values come from
+``dataset.json``; an ``ignore`` label is not an
 output (nnU-Net's networks have no channel for it).
 
 The network's deep-supervision outputs (``seg_layers`` of the lower decoder stages) are left
@@ -631,7 +632,7 @@ def load_source(source: Source, entry: dict, configuration_name: str | None = No
         normalisation=normalisation_of(config, source.plans, len(channels), f"plans of {where}"),
         arguments=arguments, orientation=entry.get("orientation", ""), modality=modality,
         inference={"tiling": "nnunet", "step_size": STEP_SIZE, "mirror_axes": mirror_axes,
-                   "crop_nonzero": True},
+                   "crop_nonzero": True, "accumulate": "float16"},
         title=entry.get("title") or f"nnU-Net {source.plans.get('dataset_name', where)} "
                                     f"{name} fold {source.fold}",
         description=entry.get("notes", str(source.dataset.get("description", ""))),
