@@ -228,6 +228,16 @@ def without_witness(call: Call, witness: Path) -> Call:
     return checked
 
 
+def segment_cli(folder: Path, *extra) -> Call:
+    """``transferseg segment`` of a small scan with the tiny model (made unless it is there),
+    plus ``extra`` flags."""
+    if not (folder / "model.safetensors").exists():
+        tiny_model_file(folder / "model.safetensors")
+    write(small_volume(), folder / "scan.nrrd")
+    return cli("segment", "--model", folder / "model.safetensors", "--image",
+               folder / "scan.nrrd", *extra)
+
+
 def cli(*argv: str) -> Call:
     """Run ``transferseg argv`` in this process: returns (exit status, stdout, stderr)."""
 
@@ -1016,10 +1026,7 @@ def _(folder):
 @case("cli_segment_bad_output_suffix", "cli", "transferseg segment --output seg.png", cli=True,
       match=r"seg\.png is a \.png file.*use NIfTI")
 def _(folder):
-    tiny_model_file(folder / "model.safetensors")
-    write(small_volume(), folder / "scan.nrrd")
-    return cli("segment", "--model", folder / "model.safetensors", "--image",
-               folder / "scan.nrrd", "--output", folder / "seg.png", "--quiet")
+    return segment_cli(folder, "--output", folder / "seg.png", "--quiet")
 
 
 @case("cli_evaluate_other_grids", "cli", "transferseg evaluate of label maps on different "
@@ -1083,11 +1090,8 @@ def _(folder):
       "symbolic link to the scan, with --overwrite", cli=True,
       match=r"Output .*seg\.nrrd is the input .*scan\.nrrd")
 def _(folder):
-    tiny_model_file(folder / "model.safetensors")
-    write(small_volume(), folder / "scan.nrrd")
     (folder / "seg.nrrd").symlink_to(folder / "scan.nrrd")
-    return cli("segment", "--model", folder / "model.safetensors", "--image",
-               folder / "scan.nrrd", "--output", folder / "seg.nrrd", "--overwrite", "--quiet")
+    return segment_cli(folder, "--output", folder / "seg.nrrd", "--overwrite", "--quiet")
 
 
 @case("cli_segment_hard_link_to_the_model", "cli", "transferseg segment --probabilities a "
@@ -1095,22 +1099,17 @@ def _(folder):
       match=r"Output .*probs\.nrrd is the input .*model\.safetensors")
 def _(folder):
     tiny_model_file(folder / "model.safetensors")
-    write(small_volume(), folder / "scan.nrrd")
     os.link(folder / "model.safetensors", folder / "probs.nrrd")
-    return cli("segment", "--model", folder / "model.safetensors", "--image",
-               folder / "scan.nrrd", "--output", folder / "seg.nii.gz", "--probabilities",
-               folder / "probs.nrrd", "--overwrite", "--quiet")
+    return segment_cli(folder, "--output", folder / "seg.nii.gz", "--probabilities",
+                       folder / "probs.nrrd", "--overwrite", "--quiet")
 
 
 @case("cli_segment_probabilities_are_the_output", "cli", "transferseg segment with "
       "--probabilities equal to --output", cli=True,
       match=r"Two outputs are the same file \(.*out\.nrrd and .*out\.nrrd\)")
 def _(folder):
-    tiny_model_file(folder / "model.safetensors")
-    write(small_volume(), folder / "scan.nrrd")
-    return cli("segment", "--model", folder / "model.safetensors", "--image",
-               folder / "scan.nrrd", "--output", folder / "out.nrrd", "--probabilities",
-               folder / "out.nrrd", "--overwrite", "--quiet")
+    return segment_cli(folder, "--output", folder / "out.nrrd", "--probabilities",
+                       folder / "out.nrrd", "--overwrite", "--quiet")
 
 
 @case("cli_finetune_out_holds_the_base", "cli", "transferseg finetune --out the folder that "
@@ -1180,19 +1179,13 @@ def _(folder):
 @case("cli_segment_overlap_one", "cli", "transferseg segment --overlap 1.0", cli=True,
       match=r"--overlap must be at least 0 and below 1 .*not 1\.0")
 def _(folder):
-    tiny_model_file(folder / "model.safetensors")
-    write(small_volume(), folder / "scan.nrrd")
-    return cli("segment", "--model", folder / "model.safetensors", "--image",
-               folder / "scan.nrrd", "--output", folder / "seg.nii.gz", "--overlap", "1.0")
+    return segment_cli(folder, "--output", folder / "seg.nii.gz", "--overlap", "1.0")
 
 
 @case("cli_segment_batch_size_zero", "cli", "transferseg segment --batch-size 0", cli=True,
       match=r"--batch-size must be a whole number of at least 1, not 0")
 def _(folder):
-    tiny_model_file(folder / "model.safetensors")
-    write(small_volume(), folder / "scan.nrrd")
-    return cli("segment", "--model", folder / "model.safetensors", "--image",
-               folder / "scan.nrrd", "--output", folder / "seg.nii.gz", "--batch-size", "0")
+    return segment_cli(folder, "--output", folder / "seg.nii.gz", "--batch-size", "0")
 
 
 @case("cli_finetune_checkpoint_every_zero", "cli", "transferseg finetune --checkpoint-every 0",
