@@ -180,7 +180,8 @@ def _opened(path: Path, fold: str | int | None, checkpoint: str | None) -> Itera
     path = Path(path)
     if path.is_dir():
         yield _from_folder(path, fold, checkpoint)
-    elif path.is_file() and zipfile.is_zipfile(path):
+    elif path.is_file() and path.suffix != ".pth" and zipfile.is_zipfile(path):
+        # (a checkpoint written by torch.save is a zip too, named .pth)
         with tempfile.TemporaryDirectory(prefix="transferseg-nnunet-") as scratch:
             yield _from_zip(path, fold, checkpoint, Path(scratch))
     elif path.is_file():
