@@ -159,7 +159,7 @@ def test_the_corpus_is_large_varied_and_documented():
     assert len(names) == len(set(names)) and len(CASES) >= 35
     areas = {bad.area for bad in CASES}
     assert areas == {"volumes", "segmentations", "label maps", "datasets", "model files",
-                     "importers", "cli"}
+                     "importers", "export", "cli"}
     assert sum(bad.huge for bad in CASES) >= 5
     for bad in CASES:
         assert bad.input and (bad.cli or bad.error or bad.outcome), bad.name

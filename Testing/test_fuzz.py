@@ -294,3 +294,149 @@ def test_a_card_with_any_field_value_is_read_or_refused_clearly(field, value):
         return
     again = checkpoint.ModelCard.from_json(parsed.to_json())
     assert again == parsed
+
+
+# ------------------------------------------------------------- every command, fuzzed arguments
+@pytest.fixture(scope="module")
+def cli_material(tmp_path_factory) -> dict[str, Path]:
+    """Small real inputs the fuzzed command lines name: a model, a scan and its label map, a
+    case list, a label table, a text file posing as an image, an nnU-Net result folder."""
+    import shutil
+
+    from badinput import small_label, small_volume, tiny_model_file
+
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "out").mkdir()
+    volumes.write_image(small_volume((8, 8, 8)), folder / "scan.nrrd")
+    volumes.write_image(small_label(shape=(8, 8, 8)), folder / "scan_label.nrrd")
+    (folder / "labels.json").write_text('{"1": "liver", "2": "spleen"}')
+    (folder / "cases.csv").write_text("image,label\nscan.nrrd,scan_label.nrrd\n")
+    (folder / "text.nii.gz").write_text("not an image")
+    shutil.copytree(Path(__file__).parent / "fixtures" / "nnunet" / "plain", folder / "nnunet",
+                    ignore=shutil.ignore_patterns("predictions.npz", "*numpy1*"))
+    return {"model": tiny_model_file(folder / "model.safetensors"),
+            "scan": folder / "scan.nrrd", "label": folder / "scan_label.nrrd",
+            "table": folder / "labels.json", "cases": folder / "cases.csv",
+            "text": folder / "text.nii.gz", "nnunet": folder / "nnunet",
+            "missing": folder / "missing.nii.gz", "folder": folder}
+
+
+PATH_KINDS = ("model", "scan", "label", "table", "cases", "text", "nnunet", "missing")
+# command -> its flags: "path" (an input: any kind), "out" (an output name), "number", "switch"
+COMMANDS = {
+    "segment": {"--model": "path", "--image": "path", "--output": "out",
+                "--probabilities": "out", "--overlap": "number", "--batch-size": "number",
+                "--device": "device", "--overwrite": "switch", "--no-mirror": "switch"},
+    "evaluate": {"--prediction": "path", "--reference": "path", "--labels": "path",
+                 "--csv": "out", "--json": "out", "--resample": "switch",
+                 "--ignore-unknown": "switch", "--overwrite": "switch"},
+    "finetune": {"--base": "path", "--data": "path", "--out": "out", "--steps": "number",
+                 "--batch-size": "number", "--val-every": "number", "--lr": "number",
+                 "--checkpoint-every": "number", "--patch": "patch", "--labels": "text",
+                 "--strategy": "strategy", "--device": "device", "--threads": "number",
+                 "--freeze-depth": "number", "--overwrite": "switch"},
+    "models export": {"model": "path", "--bundle": "out", "--torchscript": "out",
+                      "--nnunet": "out", "--overwrite": "switch"},
+    "models import": {"--nnunet": "path", "--fold": "number", "--file": "path"},
+    "models show": {"id": "text"},
+}
+
+
+# Flags each command needs, always given (with drawn values) so the runs get past the parser.
+REQUIRED = {"segment": ["--model", "--image", "--output"],
+            "evaluate": ["--prediction", "--reference"], "finetune": ["--data", "--out"],
+            "models export": ["model", "--nnunet"], "models import": ["--nnunet"],
+            "models show": ["id"]}
+# The right kind of input for a flag, drawn half of the time.
+FITTING = {"--model": "model", "--image": "scan", "--prediction": "label",
+           "--reference": "label", "--labels": "table", "--data": "cases", "--base": "model",
+           "model": "model", "--nnunet": "nnunet"}
+
+
+def _value(draw, kind: str, flag: str, material: dict) -> str:
+    """A drawn value of ``kind`` for ``flag``."""
+    if kind == "path":
+        fitting = flag in FITTING and draw(st.booleans())
+        return str(material[FITTING[flag] if fitting else draw(st.sampled_from(PATH_KINDS))])
+    if kind == "out":
+        folder = material["folder"]
+        return str(draw(st.sampled_from([
+            folder / "out" / "o.nii.gz", folder / "o.seg.nrrd", folder / "run",
+            material["scan"], material["model"], material["table"], folder / "o.json",
+            folder])))
+    choices = {
+        "number": ["0", "1", "-1", "2", "0.5", "1.0", "1e9", "nan", "inf", "abc", ""],
+        "device": ["cpu", "auto", "cuda:7", "nope"],
+        "patch": ["8 8 8", "1 1 1", "0 8 8", "-8 8 8"],
+        "strategy": ["scratch", "finetune", "vanilla"],
+        "text": ["liver", "", "no-such", "$x", "liver,spleen"],
+    }[kind]
+    return draw(st.sampled_from(choices))
+
+
+@st.composite
+def command_lines(draw, material: dict) -> list[str]:
+    command = draw(st.sampled_from(sorted(COMMANDS)))
+    flags = COMMANDS[command]
+    argv = command.split()
+    optional = [f for f in sorted(flags) if f not in REQUIRED[command]]
+    chosen = REQUIRED[command] + (draw(st.lists(st.sampled_from(optional), unique=True,
+                                                max_size=5)) if optional else [])
+    for flag in chosen:
+        kind = flags[flag]
+        if kind == "switch":
+            argv.append(flag)
+            continue
+        value = _value(draw, kind, flag, material)
+        if not flag.startswith("--"):  # a positional argument
+            argv.append(value)
+        elif kind == "patch":
+            argv += [flag, *value.split()]
+        else:
+            argv += [flag, value]
+    if command == "finetune" and "--steps" not in argv:
+        argv += ["--steps", "1"]  # every run stays short
+    if command == "finetune":
+        argv += ["--val-every", "1"] if "--val-every" not in argv else []
+    return argv
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+CLI_FUZZ = settings(max_examples=60, deadline=60_000, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+@CLI_FUZZ
+@given(data=st.data())
+def test_every_command_with_fuzzed_arguments_ends_in_a_result_or_one_sentence(
+        cli_material, data, monkeypatch, tmp_path_factory):
+    """Any traceback (an exception that is not a TransferSeg error) is a bug; so is a run past
+    the deadline (a hang) or memory growth past a bound. argparse's own usage errors (exit 2)
+    count as clear."""
+    import io
+
+    from TransferSegLib.cli import main
+
+    monkeypatch.setenv("TRANSFERSEG_HOME", str(tmp_path_factory.mktemp("home")))
+    argv = data.draw(command_lines(cli_material))
+    if argv[0] == "finetune":
+        steps = argv[argv.index("--steps") + 1]
+        assume(steps in ("0", "1", "2", "-1", "abc", "", "nan", "inf", "0.5", "1.0"))
+    before = _rss_mb()
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), \
+            memory_cap(4096):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse: usage and one error line
+            code = exit_.code
+    assert code in (0, 2), (argv, code, err.getvalue()[-2000:])
+    if code == 2:
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("error:")
+                 or ": error: " in line]
+        assert lines and "Traceback" not in err.getvalue(), (argv, err.getvalue()[-2000:])
+    assert _rss_mb() - before < 1500, (argv, "memory grew by", _rss_mb() - before, "MB")

@@ -27,6 +27,9 @@ TINY = {
     "medicalnet": {"depth": 10},
     "resnet_unet": {"layers": [1, 1, 1, 1], "block_inplanes": [4, 4, 8, 8],
                     "decoder_channels": [8, 8, 4, 4, 4]},
+    "nnunet-plain": {"features_per_stage": [4, 8, 16]},
+    "nnunet-resenc": {"features_per_stage": [4, 8, 16], "strides": [[1, 1, 1], [1, 2, 2],
+                                                                    [2, 2, 2]]},
 }
 # SwinUNETR halves five times: its bottleneck needs more than one voxel for instance norm.
 SHAPE = {"swinunetr": (32, 32, 64), "resnet_unet": (64, 64, 64)}
@@ -84,7 +87,8 @@ def parameter_ids(module: nn.Module) -> set[int]:
 
 def test_registry_lists_every_architecture():
     monai = ["unet", "dynunet", "vnet", "unetr", "swinunetr", "segresnet", "segresnetds"]
-    published = ["medicalnet", "diag_unet", "hdbet", "linknet3d", "resnet_unet"]
+    published = ["medicalnet", "diag_unet", "hdbet", "linknet3d", "resnet_unet",
+                 "nnunet-plain", "nnunet-resenc", "nnunet-plain-ensemble", "nnunet-resenc-ensemble"]
     assert networks.architectures() == sorted(monai + published)
 
 

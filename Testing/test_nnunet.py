@@ -420,3 +420,15 @@ def test_folds_are_averaged_as_nnunets_predictor_ensembles_them(tmp_path):
     with pytest.raises(InputError, match="cannot be fine-tuned; import one fold"):
         surgery.head_surgery(card.architecture, ensemble, card.labels, {0: "background"},
                              arguments=card.arguments)
+
+
+def test_a_file_that_is_no_nnunet_model_is_refused_naming_it(tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"\x1f\x8b not really")
+    with pytest.raises(InputError, match=r"scan\.nii\.gz is neither an nnU-Net result folder"):
+        nnunet.load_folder(scan)
+    fake = tmp_path / "fake.pth"
+    fake.write_bytes(b"\x1f\x8b not a pickle")
+    with pytest.raises(ModelFileError, match=r"fake\.pth (is not a PyTorch checkpoint|cannot "
+                                             r"be read as an nnU-Net checkpoint)"):
+        nnunet.load_folder(fake)

@@ -151,7 +151,7 @@ def test_no_command_changes_its_inputs_or_replaces_an_output_unasked(tmp_path, m
         str(out / "dicom.nii.gz"), "--device", "cpu", "--quiet")
     text = run("segment", "--model", "mine.safetensors", "--image", "ct.nii.gz", "--output",
                "ct.nii.gz", "--overwrite", "--device", "cpu", code=EXIT_USER_ERROR)
-    assert "is also an input" in text  # not even with --overwrite
+    assert "is the input" in text  # not even with --overwrite
 
     evaluate = ["evaluate", "--prediction", "label.nii.gz", "--reference", "label.nii.gz",
                 "--labels", "labels.json", "--csv", str(out / "s.csv"), "--json",

@@ -107,7 +107,10 @@ def read_checkpoint(path: Path) -> dict:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except _REFUSED as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f" ({found[1]})" if found else ""
+        if not found:
+            raise ModelFileError(f"{path.name} is not a PyTorch checkpoint (the pickle in it "
+                                 "cannot be read); give nnU-Net's checkpoint_final.pth.") from None
+        what = f" ({found[1]})"
         raise ModelFileError(
             f"{path.name} asks to run code{what} when read, which TransferSeg never does; "
             "an nnU-Net checkpoint holds only tensors, numbers and text, so this file is not "
@@ -115,7 +118,8 @@ def read_checkpoint(path: Path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise ModelFileError(
-            f"{path.name} cannot be read as an nnU-Net checkpoint ({str(error).splitlines()[0]}); "
+            f"{path.name} cannot be read as an nnU-Net checkpoint "
+            f"({(str(error).splitlines() or [type(error).__name__])[0]}); "
             "it may be truncated: copy or download it again."
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("network_weights"), dict):
@@ -184,6 +188,9 @@ def _opened(path: Path, fold: str | int | None, checkpoint: str | None) -> Itera
         # (a checkpoint written by torch.save is a zip too, named .pth)
         with tempfile.TemporaryDirectory(prefix="transferseg-nnunet-") as scratch:
             yield _from_zip(path, fold, checkpoint, Path(scratch))
+    elif path.is_file() and path.suffix not in (".pth", ".pt", ".model"):
+        raise InputError(f"{path.name} is neither an nnU-Net result folder, its .zip, nor a "
+                         "checkpoint (.pth); give the folder that holds plans.json.")
     elif path.is_file():
         data = read_checkpoint(path)
         init = data.get("init_args")
