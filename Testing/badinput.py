@@ -39,7 +39,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
 
-from TransferSegLib import checkpoint, datasets, metrics, networks, segmentations, volumes
+from TransferSegLib import checkpoint, datasets, metrics, networks, segmentations, volumes, weights
 from TransferSegLib.errors import GeometryError, InputError, ModelFileError, TransferSegError
 
 Call = Callable[[], object]
@@ -960,7 +960,7 @@ def _(folder):
     witness = folder / "code_ran"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _Touch(witness)},
                folder / "evil.pth")
-    return without_witness(lambda: checkpoint.read_torch_weights(folder / "evil.pth"), witness)
+    return without_witness(lambda: weights.read_torch_weights(folder / "evil.pth"), witness)
 
 
 @case("pth_raw_pickle_needs_code", "importers", "legacy (non-zip) pickle .pth calling "
@@ -969,7 +969,7 @@ def _(folder):
 def _(folder):
     witness = folder / "code_ran"
     (folder / "legacy.pth").write_bytes(pickle.dumps(_Touch(witness), protocol=2))
-    return without_witness(lambda: checkpoint.read_torch_weights(folder / "legacy.pth"),
+    return without_witness(lambda: weights.read_torch_weights(folder / "legacy.pth"),
                            witness)
 
 
@@ -977,7 +977,7 @@ def _(folder):
       match=r"weights\.pth is not a readable PyTorch weights file.*right file")
 def _(folder):
     (folder / "weights.pth").write_text("these are not the weights you are looking for")
-    return lambda: checkpoint.read_torch_weights(folder / "weights.pth")
+    return lambda: weights.read_torch_weights(folder / "weights.pth")
 
 
 @case("pth_zip_damaged", "importers", "torch.save() zip with its data record corrupted",
@@ -991,7 +991,7 @@ def _(folder):
             data = old.read(item)
             new.writestr(item, data[: len(data) // 3] if item.filename.endswith(".pkl")
                          else data)
-    return lambda: checkpoint.read_torch_weights(folder / "damaged.pth")
+    return lambda: weights.read_torch_weights(folder / "damaged.pth")
 
 
 @case("plain_weights_without_architecture", "importers", "plain state_dict whose catalog "

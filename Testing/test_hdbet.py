@@ -17,9 +17,9 @@ from brainmask import icbm152_brain_mask
 from conftest import real_sample
 
 from TransferSegLib import importers, inference, networks, preprocess, surgery, zoo
-from TransferSegLib.checkpoint import read_torch_weights
 from TransferSegLib.errors import InputError, ModelFileError
 from TransferSegLib.importers import hdbet
+from TransferSegLib.weights import read_torch_weights
 
 MODEL_ID = "hd-bet-v1-fold0"
 PARAMETERS = 16_349_403  # counted in the published file, without its deep-supervision outputs

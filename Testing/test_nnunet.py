@@ -26,7 +26,7 @@ from conftest import real_sample
 from TransferSegLib import cli, export, inference, nnunet_tiling, surgery, zoo
 from TransferSegLib.checkpoint import load_model
 from TransferSegLib.errors import InputError, ModelFileError
-from TransferSegLib.importers import nnunet
+from TransferSegLib.importers import nnunet, nnunet_plans
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nnunet"
 LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "kidney_right"}
@@ -117,10 +117,10 @@ def test_old_plans_format_builds_the_same_network(tmp_path):
 def test_inherits_from_is_resolved_as_nnunet_does():
     plans = {"configurations": {"a": {"x": 1, "y": 2}, "b": {"inherits_from": "a", "y": 3},
                                 "c": {"inherits_from": "b", "z": 4}}}
-    assert nnunet.configuration(plans, "c", "p") == {"x": 1, "y": 3, "z": 4}
+    assert nnunet_plans.configuration(plans, "c", "p") == {"x": 1, "y": 3, "z": 4}
     plans["configurations"]["a"]["inherits_from"] = "c"
     with pytest.raises(ModelFileError, match="circle"):
-        nnunet.configuration(plans, "c", "p")
+        nnunet_plans.configuration(plans, "c", "p")
 
 
 # --- segmentation as nnU-Net's predictor -------------------------------------------------------

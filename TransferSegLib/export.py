@@ -451,9 +451,9 @@ def nnunet_folder_files(card: ModelCard, tensors: dict[str, torch.Tensor]
                         ) -> tuple[dict, dict, dict]:
     """(plans.json, dataset.json, checkpoint dict) of an nnU-Net v2 result folder for a model
     whose architecture is an nnU-Net topology."""
-    from TransferSegLib.importers import nnunet
+    from TransferSegLib.importers import nnunet_plans
 
-    names = {v: k for k, v in nnunet.ARCHITECTURES.items()}
+    names = {v: k for k, v in nnunet_plans.ARCHITECTURES.items()}
     if card.architecture not in names:
         raise InputError(
             f"A {card.architecture} model cannot be written as an nnU-Net folder: nnU-Net "
@@ -555,7 +555,7 @@ def nnunet_folder_files(card: ModelCard, tensors: dict[str, torch.Tensor]
     init_args = {"plans": plans, "configuration": NNUNET_CONFIGURATION, "fold": 0,
                  "dataset_json": dataset}
     checkpoint = {
-        "network_weights": nnunet.theirs(tensors, {**args, "residual": residual},
+        "network_weights": nnunet_plans.theirs(tensors, {**args, "residual": residual},
                                          card.out_channels),
         "init_args": init_args,
         "trainer_name": NNUNET_TRAINER,

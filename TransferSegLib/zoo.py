@@ -36,7 +36,7 @@ from typing import Any
 
 from TransferSegLib import importers
 from TransferSegLib.anatomy import terminology
-from TransferSegLib.checkpoint import ImportReport, read_card, save_model
+from TransferSegLib.checkpoint import read_card, save_model
 from TransferSegLib.errors import InputError, MissingSampleError, ModelFileError, TransferSegError
 from TransferSegLib.files import atomic_output, write_error
 from TransferSegLib.names import unique_name
@@ -47,6 +47,7 @@ from TransferSegLib.samples import (
     extract_members,
     sha256_of,
 )
+from TransferSegLib.weights import ImportReport
 
 CATALOG_NAME = "models.json"
 SCHEMA_NAME = "models.schema.json"

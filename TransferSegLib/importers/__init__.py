@@ -21,8 +21,9 @@ from typing import Any
 
 from torch import nn
 
-from TransferSegLib.checkpoint import ImportReport, ModelCard
+from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import InputError, ModelFileError
+from TransferSegLib.weights import ImportReport
 
 MAX_TEXT_BYTES = 64 * 2**20  # a configuration, plans or metadata file inside an archive
 MAX_WEIGHTS_BYTES = 8 * 2**30  # a weights member of an archive

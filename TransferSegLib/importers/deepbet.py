@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from TransferSegLib import networks
-from TransferSegLib.checkpoint import ImportReport, ModelCard, load_weights
+from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.importers import card_from_entry
 from TransferSegLib.importers.torchscript import read_torchscript_tensors
+from TransferSegLib.weights import ImportReport, load_weights
 
 ARCHITECTURE = "linknet3d"
 INPUT_SIZE = 256  # deepbet resizes its brain crop to 256^3 voxels

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from TransferSegLib import networks
-from TransferSegLib.checkpoint import ImportReport, ModelCard, load_weights, read_torch_weights
+from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.importers import card_from_entry
+from TransferSegLib.weights import ImportReport, load_weights, read_torch_weights
 
 ARCHITECTURE = "hdbet"
 

@@ -43,10 +43,11 @@ from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR, UNet, VNet
 from torch import nn
 
 from TransferSegLib import nets, networks
-from TransferSegLib.checkpoint import ImportReport, ModelCard, load_weights
+from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import InputError, ModelFileError
 from TransferSegLib.importers import card_from_entry, extract_member, read_member
 from TransferSegLib.importers.native import read_state_dict
+from TransferSegLib.weights import ImportReport, load_weights
 
 # MONAI network class name -> TransferSeg architecture
 NETWORKS = {

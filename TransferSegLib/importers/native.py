@@ -16,17 +16,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from TransferSegLib import networks
-from TransferSegLib.checkpoint import (
-    CARD_KEY,
-    ImportReport,
-    ModelCard,
-    load_model,
-    load_weights,
-    read_torch_weights,
-    strip_prefix,
-)
+from TransferSegLib.checkpoint import CARD_KEY, ModelCard, load_model
 from TransferSegLib.errors import InputError, ModelFileError
 from TransferSegLib.importers import card_from_entry
+from TransferSegLib.weights import ImportReport, load_weights, read_torch_weights, strip_prefix
 
 
 def _safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

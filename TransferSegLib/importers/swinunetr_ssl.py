@@ -39,15 +39,10 @@ import torch
 from torch import nn
 
 from TransferSegLib import networks
-from TransferSegLib.checkpoint import (
-    ImportReport,
-    ModelCard,
-    load_weights,
-    read_torch_weights,
-    strip_prefix,
-)
+from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import ModelFileError
 from TransferSegLib.importers import card_from_entry
+from TransferSegLib.weights import ImportReport, load_weights, read_torch_weights, strip_prefix
 
 ARCHITECTURE = "swinunetr"
 ENCODER = "swinViT."

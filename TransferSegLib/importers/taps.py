@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 from TransferSegLib import networks
-from TransferSegLib.checkpoint import ImportReport, ModelCard, load_weights
+from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import ModelFileError
 from TransferSegLib.importers import card_from_entry
 from TransferSegLib.importers.onnx_weights import OnnxGraph, read_onnx_graph
+from TransferSegLib.weights import ImportReport, load_weights
 
 ARCHITECTURE = "segresnetds"
 ARGUMENTS = {
