@@ -427,6 +427,26 @@ def _(folder):
     return lambda: volumes.read_volume(folder / "lie.mgh")
 
 
+def _mgh_with_matrix(folder, matrix):
+    import nibabel
+
+    affine = np.eye(4)
+    affine[:3, :3] = matrix
+    nibabel.save(nibabel.MGHImage(np.zeros((4, 5, 6), np.float32), affine),
+                 str(folder / "flat.mgz"))
+    return lambda: volumes.read_volume(folder / "flat.mgz")
+
+
+for _name, _matrix, _what in (
+        ("mgh_zero_matrix", np.zeros((3, 3)), "an all-zero voxel-to-world matrix"),
+        ("mgh_singular_matrix", [[1, 0, 0], [1, 0, 0], [0, 0, 1]],
+         "a singular voxel-to-world matrix (two axes the same)"),
+        ("mgh_flat_axis", np.diag([1.0, 1.0, 0.0]), "a zero voxel size along one axis")):
+    case(_name, "volumes", f"FreeSurfer .mgz with {_what} (a traceback from NaN sizes)",
+         error=InputError, match=r"flat\.mgz has a voxel-to-world matrix that is singular or "
+         r"zero.*valid orientation")(lambda folder, m=_matrix: _mgh_with_matrix(folder, m))
+
+
 # -------------------------------------------------------------------- volumes: NRRD, MetaImage
 @case("nrrd_truncated", "volumes", "raw NRRD 20 bytes short of its voxels", error=InputError,
       match=r"cut\.nrrd.*truncated.*export it again")

@@ -344,6 +344,12 @@ def _read_mgh(path: Path) -> sitk.Image:
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
     axes = ras_to_lps @ affine[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
+    if not (np.all(np.isfinite(axes)) and np.all(spacing > 0)
+            and abs(np.linalg.det(axes / spacing)) > 1e-3):
+        raise InputError(
+            f"{path} has a voxel-to-world matrix that is singular or zero ({axes.tolist()}), so "
+            "its voxels have no position; export it again with a valid orientation."
+        )
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
     image.SetSpacing(spacing.tolist())
     image.SetDirection((axes / spacing).flatten().tolist())
