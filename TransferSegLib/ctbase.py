@@ -14,9 +14,10 @@ Cases (``SOURCES``):
 - ``slicerio_chest``: a chest CT of a third patient (3 x 3 x 10 mm): lungs, ribs and the
   cervical, thoracic and lumbar spine ("tissue", the body outline, is left out).
 
-``HIDDEN`` structures (liver, spleen, stomach) are not taught at all: their voxels carry the
-dataset's ``ignore`` label (no loss), and they are not among the base's labels. They are the
-demo's new target, learnt by fine-tuning from one annotated scan. Scans kept out of the base
+``HIDDEN`` structures (liver, spleen, stomach; the left and right autochthon, the deep back
+muscles) are not taught at all: their voxels carry the dataset's ``ignore`` label (no loss),
+and they are not among the base's labels. They are the new targets of the demo and of
+``bench/transfer.py``, learnt by fine-tuning from one annotated scan. Scans kept out of the base
 entirely, for testing: the DICOM CT (``totalseg_dicom``) and the pyradiomics lung CTs.
 
 ``python -m TransferSegLib.ctbase --out FOLDER`` (``make base``) trains it; the finished model
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,9 +40,9 @@ import SimpleITK as sitk
 from TransferSegLib import samples, volumes
 from TransferSegLib.datasets import IGNORE_NAME
 
-VERSION = "v1"
+VERSION = "v2"
 MODEL_ID = f"transferseg-ct-base-{VERSION}"
-HIDDEN = ("liver", "spleen", "stomach")
+HIDDEN = ("liver", "spleen", "stomach", "autochthon_left", "autochthon_right")
 # sample -> labels dropped (their voxels become background: they are not any drawn structure)
 SOURCES = {
     "totalseg_ct_full": (),
@@ -52,7 +54,7 @@ ARCHITECTURE = "dynunet"
 ARGUMENTS = {"levels": 5, "filters": [8, 16, 32, 64, 128]}
 SPACING = [4.0, 4.0, 4.0]
 PATCH = [48, 48, 48]
-STEPS = 2500
+STEPS = 3000
 LR = 3e-3
 
 
@@ -155,6 +157,195 @@ def completed(result, steps: int) -> bool:
     return result.status == "done" and result.steps == steps
 
 
+def held_out_dice(model: Path, sample: str = "totalseg_dicom") -> dict[str, float]:
+    """Dice per structure of the base on a CT it never saw (``HELD_OUT``), for every structure
+    that CT draws and the base learnt."""
+    from TransferSegLib import datasets as datasets_module
+    from TransferSegLib import study
+    from TransferSegLib.checkpoint import read_card
+
+    case = samples.require_sample(sample)
+    known = set(read_card(model).labels.values())
+    names = [n for n in case.labels.values() if n in known]
+    table = datasets_module.LabelTable({0: "background", **case.labels})
+    cases = [datasets_module.Case(name=sample, images=(Path(case.image),), label=Path(case.label))]
+    return study.test_dice(model, cases, table, names, "cpu")
+
+
+def report(out: Path, results: Path, plot: Path | None = None) -> dict:
+    """The training curve and per-label validation Dice of the run in ``out`` (its
+    ``progress.jsonl``), and the finished base's Dice on the held-out CT, as JSON (and a plot)."""
+    events = [json.loads(line) for line in
+              (Path(out) / "run" / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    validations = [e for e in events if e["event"] == "validation"]
+    done = next(e for e in reversed(events) if e["event"] == "done")
+    final = Path(out) / f"{MODEL_ID}.safetensors"
+    held_out = held_out_dice(final)
+    data = {
+        "benchmark": f"CT base {VERSION} (TransferSegLib/ctbase.py): training curve, per-label "
+                     "Dice on its training scans, and Dice on a CT it never saw",
+        "recipe": {"architecture": ARCHITECTURE, "arguments": ARGUMENTS, "spacing": SPACING,
+                   "patch": PATCH, "steps": done["step"], "lr": LR, "sources": list(SOURCES),
+                   "hidden": list(HIDDEN), "held_out": list(HELD_OUT)},
+        "minutes": round(done["seconds"] / 60, 1),
+        "hardware": {"cpu_cores": os.cpu_count(), "threads": torch_threads(events)},
+        "loss": [[e["step"], round(e["loss"], 4)] for e in steps],
+        "validation": [[e["step"], round(e["dice"], 4)] for e in validations],
+        "final_labels": validations[-1]["labels"] if validations else {},
+        "held_out": {"scan": HELD_OUT[0], "labels": {k: round(v, 4) for k, v in
+                                                     held_out.items()},
+                     "mean": round(float(np.mean(list(held_out.values()))), 4)
+                     if held_out else None},
+        "note": "validation is on the training scans (each of the 3 cases is the only one of its "
+                "kind); ignored voxels (the hidden structures) are not scored. held_out: the "
+                f"finished base on {HELD_OUT[0]}, a patient no part of it saw.",
+    }
+    Path(results).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        left.plot(*zip(*data["loss"], strict=True), lw=0.8)
+        left.set(xlabel="step", ylabel="training loss", title=f"{MODEL_ID}: loss")
+        if data["validation"]:
+            right.plot(*zip(*data["validation"], strict=True), marker="o")
+        right.set(xlabel="step", ylabel="mean validation Dice",
+                  title="Dice over its labels (training scans)")
+        figure.tight_layout()
+        figure.savefig(plot, dpi=110)
+        plt.close(figure)
+    return data
+
+
+def torch_threads(events: list[dict]) -> int | None:
+    """The CPU threads the run trained with, as its start event says (None when unsaid)."""
+    start = next((e for e in events if e["event"] == "start"), {})
+    return start.get("threads")
+
+
+def catalog_entry(model: Path, path_in_resources: str) -> dict:
+    """The catalog entry (``Resources/models.json``) of the finished base at ``model``."""
+    from TransferSegLib import networks
+    from TransferSegLib.checkpoint import read_card
+
+    card = read_card(model)
+    licences = sorted({samples.PACKAGES[samples.SPEC_BY_NAME[n].package].licence
+                       for n in SOURCES})
+    return {
+        "id": MODEL_ID,
+        "title": f"TransferSeg CT base {VERSION} (partial labels, {len(card.labels) - 1} "
+                 "structures)",
+        "modality": "CT",
+        "anatomy": "abdomen, pelvis, thorax, spine (organs, vessels, bones, muscles)",
+        "task": "base model for fine-tuning to new CT structures",
+        "source_task": f"{len(card.labels) - 1}-structure CT segmentation trained with partial "
+                       "labels on three patients' CTs",
+        "labels": {str(k): v for k, v in sorted(card.labels.items())},
+        "background_index": 0,
+        "architecture": card.architecture,
+        "arguments": card.arguments,
+        "in_channels": card.in_channels,
+        "spacing": card.spacing,
+        "orientation": card.orientation,
+        "normalisation": card.normalisation,
+        "patch_size": card.patch_size,
+        "divisor": networks.patch_divisor(card.architecture, card.arguments),
+        "importer": "transferseg",
+        "files": [{"name": Path(path_in_resources).name, "sha256": samples.sha256_of(model),
+                   "size": model.stat().st_size, "bundled": path_in_resources}],
+        "homepage": "https://github.com/transferseg/SlicerTransferSeg",
+        "licence": f"Apache-2.0 (weights); training data: {'; '.join(licences)}",
+        "citation": "Made by TransferSeg (TransferSegLib/ctbase.py) after the recipe of "
+                    "Humpire-Mamani et al., Transfer learning from a sparsely annotated dataset "
+                    "of 3D medical images, arXiv:2311.05032, 2023.",
+        "notes": card.description + f" Model card: Resources/Models/{MODEL_ID}.md.",
+        "unverified": [],
+    }
+
+
+def card_markdown(data: dict, entry: dict) -> str:
+    """The human-readable model card of the shipped base, from :func:`report`'s ``data`` and
+    its catalog ``entry``."""
+    recipe, file = data["recipe"], entry["files"][0]
+    trained = data["final_labels"]
+    learnt = sorted(((v, k) for k, v in trained.items() if v >= 0.5), reverse=True)
+    held = data["held_out"]["labels"]
+    lines = [
+        f"# {entry['title']}", "",
+        f"`{MODEL_ID}`: a CT segmentation network made by TransferSeg to be fine-tuned to new "
+        "structures from a few annotated scans. It ships with TransferSeg "
+        f"(`Resources/{file['bundled']}`, {file['size']:,} bytes, sha256 `{file['sha256']}`).",
+        "", "## Training data", "",
+        "Every labelled CT of the pinned sample packages except those kept for testing; each "
+        "case annotates only its own structures (partial labels: a structure a case does not "
+        "draw is left out of that case's loss, never taught as background).", "",
+    ]
+    for name in SOURCES:
+        spec = samples.SPEC_BY_NAME[name]
+        package = samples.PACKAGES[spec.package]
+        lines.append(f"- `{name}`: from `{package.requirement}`, licence {package.licence}.")
+    lines += [
+        "", f"Never taught (ignored voxels, not among its labels; new targets for fine-tuning): "
+        f"{', '.join(recipe['hidden'])}.", f"Never seen (held out for testing): "
+        f"{', '.join(recipe['held_out'])}.", "", "## Recipe", "",
+        f"- network: {recipe['architecture']} {json.dumps(recipe['arguments'])}, "
+        f"{entry['in_channels']} input channel, {len(entry['labels'])} outputs "
+        "(background and its structures)",
+        f"- spacing {' x '.join(f'{v:g}' for v in recipe['spacing'])} mm, orientation "
+        f"{entry['orientation']}, patch {' x '.join(str(v) for v in recipe['patch'])} voxels",
+        f"- intensities: CT window {entry['normalisation'].get('window')} HU mapped to [0, 1]",
+        f"- {recipe['steps']} steps of batch 2, AdamW lr {recipe['lr']:g} with polynomial decay, "
+        "Dice + cross-entropy over the annotated structures of each case, intensity "
+        f"augmentation; {data['minutes']} minutes on {data['hardware']['cpu_cores']} CPU "
+        "cores",
+        "- reproduce: `make base` (`python -m TransferSegLib.ctbase --out transferseg-base`; "
+        "`--ship` puts the result here)", "",
+        "## How good it is", "",
+        f"Mean validation Dice over its labels on its own training scans: "
+        f"{data['validation'][-1][1] if data['validation'] else 'n/a'} "
+        f"(curve: `bench/results/ctbase.json`, `ctbase.png`). "
+        f"Structures at 0.5 or more: {len(learnt)} of {len(trained)}"
+        + "".join(f"{', ' if i else ': '}{k} {v:.2f}" for i, (v, k) in enumerate(learnt))
+        + ".", "",
+        f"On `{data['held_out']['scan']}`, a patient it never saw (structures that scan draws "
+        f"and the base knows): mean {data['held_out']['mean']}; "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(held.items(), key=lambda kv: -kv[1]))
+        + ".", "",
+        "## Limits", "",
+        "Three patients: it knows the large structures and little of the small ones, and it is "
+        "a starting point for fine-tuning, not a segmentation model to use as it is. Intended "
+        "for research; not a medical device.", "",
+    ]
+    return "\n".join(lines)
+
+
+def ship(model: Path, resources: Path, data: dict) -> dict:
+    """Put the finished base into ``resources``: ``Models/<id>.safetensors``, its markdown card
+    (from :func:`report`'s ``data``) and its catalog entry (replacing one of the same id);
+    returns the entry."""
+    from TransferSegLib.files import atomic_output
+
+    folder = Path(resources) / "Models"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{MODEL_ID}.safetensors"
+    with atomic_output(target, overwrite=True) as tmp:
+        tmp.write_bytes(Path(model).read_bytes())
+    entry = catalog_entry(target, f"Models/{target.name}")
+    with atomic_output(folder / f"{MODEL_ID}.md", overwrite=True) as tmp:
+        tmp.write_text(card_markdown(data, entry), encoding="utf-8")
+    catalog_path = Path(resources) / "models.json"
+    catalog = json.loads(catalog_path.read_text(encoding="utf-8"))
+    catalog["models"] = [m for m in catalog["models"] if m["id"] != MODEL_ID] + [entry]
+    with atomic_output(catalog_path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(catalog, indent=2, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
+    return entry
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="work folder")
@@ -162,6 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the cores other programs leave idle)")
+    parser.add_argument("--ship", action="store_true",
+                        help="then write its report (--results) and put it into the catalog "
+                             "(Resources/Models/, models.json); a finished run is not retrained")
+    parser.add_argument("--results", default="bench/results",
+                        help="folder of the report (ctbase.json, ctbase.png)")
     args = parser.parse_args(argv)
     from TransferSegLib.demo import ProgressBar
 
@@ -173,7 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(event)
 
     progress = ProgressBar()
-    train_base(Path(args.out), args.steps, args.resume, events=events, threads=args.threads)
+    final = Path(args.out) / f"{MODEL_ID}.safetensors"
+    if not (args.ship and final.is_file()):
+        train_base(Path(args.out), args.steps, args.resume, events=events, threads=args.threads)
+    if args.ship:
+        from TransferSegLib import zoo
+
+        results = Path(args.results)
+        data = report(Path(args.out), results / "ctbase.json", results / "ctbase.png")
+        entry = ship(final, zoo.resources_dir(), data)
+        print(f"shipped Resources/{entry['files'][0]['bundled']} (sha256 "
+              f"{entry['files'][0]['sha256']}); held-out Dice {data['held_out']}")
     return 0
 
 

