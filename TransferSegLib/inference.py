@@ -86,7 +86,10 @@ def predict_logits(
 ) -> torch.Tensor:
     """Blended network outputs (C, Z, Y, X) float32 on the CPU for an array (in_C, Z, Y, X).
 
-    ``patch_size`` is in array order (Z, Y, X); volumes smaller than a patch are padded.
+    ``patch_size`` is in array order (Z, Y, X). A volume thinner than a patch is padded by
+    repeating its edge voxels, as training patches are (:func:`sampling.sample_patch`): padded
+    with air, a 9 cm slab of an abdomen reads to a network as a body that ends there, and a
+    base trained on whole scans then finds lungs in it (bench/README.md).
     """
     from monai.inferers import sliding_window_inference
 
@@ -99,8 +102,8 @@ def predict_logits(
     with torch.no_grad(), autocast:
         logits = sliding_window_inference(
             inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size, predictor=model,
-            overlap=overlap, mode="gaussian", sw_device=device, device=stitch,
-            progress=progress,
+            overlap=overlap, mode="gaussian", padding_mode="replicate", sw_device=device,
+            device=stitch, progress=progress,
         )
     return logits[0].float().cpu()
 

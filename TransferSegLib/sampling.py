@@ -126,7 +126,8 @@ def sample_patch(
 
     Centred near a voxel of a random annotated foreground class when ``foreground`` (classes
     drawn with equal chance, so small organs are seen as often as large ones), else anywhere.
-    Parts outside the volume are padded: image with its minimum, target IGNORE.
+    Parts outside the volume are padded: the image by repeating its edge voxels (as inference
+    pads a volume thinner than a patch), the target with IGNORE (no loss there).
     """
     shape = np.array(case.target.shape)
     size = np.array(patch)
@@ -139,14 +140,16 @@ def sample_patch(
         start = np.array([rng.integers(min(0, s - p), max(0, s - p) + 1)
                           for s, p in zip(shape, size, strict=True)])
     start = np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
-    image = np.full((case.image.shape[0], *size), case.image.min(), np.float32)
     target = np.full(tuple(size), IGNORE, np.int16)
     src = tuple(slice(max(a, 0), min(a + p, s)) for a, p, s in zip(start, size, shape,
                                                                    strict=True))
     dst = tuple(slice(max(a, 0) - a, min(a + p, s) - a) for a, p, s in zip(start, size, shape,
                                                                             strict=True))
-    image[(slice(None), *dst)] = case.image[(slice(None), *src)]
     target[dst] = case.target[src]
+    image = np.array(case.image[(slice(None), *src)], np.float32)  # a copy: the cache stays
+    pad = [(0, 0)] + [(d.start, p - d.stop) for d, p in zip(dst, size, strict=True)]
+    if any(before or after for before, after in pad):
+        image = np.pad(image, pad, mode="edge")
     return image, target
 
 
