@@ -205,8 +205,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_samples_list_and_demo(tmp_path, capsys):
     code, out, _ = run(capsys, "samples", "list")
     assert code == 0 and "totalseg_ct" in out and "slicerio==1.4.0" in out
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--base-steps", "2",
-                       "--steps", "2")
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--steps", "2")
     assert code == 0
     assert "liver" in out and str(tmp_path / "demo") in out
     for name in ("dice_totalseg_fast.csv", "study/summary.md", "study/dice_vs_n.png",

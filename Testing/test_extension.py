@@ -158,7 +158,9 @@ def test_cmake_installs_every_library_file_and_the_catalog():
         f"add to CMakeLists.txt: {sorted(set(present) - set(listed))}; "
         f"remove: {sorted(set(listed) - set(present))}")
     resources = cmake_value(top_cmake(), "TRANSFERSEGLIB_PYTHON_RESOURCES")
-    assert resources == ["Resources/models.json", "Resources/models.schema.json"]
+    shipped = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "Resources" / "Models")
+                     .iterdir())  # the shipped CT base and its model card
+    assert resources == ["Resources/models.json", "Resources/models.schema.json", *shipped]
     assert all((ROOT / r).is_file() for r in resources)
     assert "ctkMacroCompilePythonScript(" in top_cmake()
 
@@ -341,8 +343,9 @@ def test_the_module_uses_the_librarys_strategies_and_devices():
     from TransferSegLib import strategies
 
     module = ast.unparse(module_tree())  # the parameter node's choices come from the library
-    assert "from TransferSegLib.strategies import STRATEGIES" in module
+    assert "from TransferSegLib.strategies import DEFAULT_BASE, STRATEGIES" in module
     assert "Choice(list(STRATEGIES))" in module and strategies.STRATEGIES[0] == "scratch"
+    assert "Default(DEFAULT_BASE)" in module  # the shipped CT base is offered first
     assert environment.DEVICES == ("auto", "cuda", "cpu")
 
 

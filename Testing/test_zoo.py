@@ -45,10 +45,11 @@ def test_the_catalog_validates_against_its_schema():
             assert item["importer"] in importers.FAMILIES
         unknown_hash = any(f["sha256"] is None for f in item["files"])
         assert not unknown_hash or "sha256" in item["unverified"], item["id"]
-    # The registry-shipped weights are the ones the set-up step fetches; all verified.
+    # The weights in registry packages or shipped with TransferSeg are the ones the set-up
+    # step fetches; all verified.
     shipped = zoo.registry_models()
     assert set(shipped) == {"hd-bet-v1-fold0", "deepbet-1.0.2", "taps-prostate-t2w-v1",
-                            "astra-merlin-ct-encoder"}
+                            "astra-merlin-ct-encoder", "transferseg-ct-base-v2"}
     assert all(zoo.is_verified(zoo.entry(i)) for i in shipped)
     assert not zoo.is_verified(zoo.entry("diag-unet-sparse-ct"))
 

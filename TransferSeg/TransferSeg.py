@@ -38,7 +38,10 @@ from TransferSegModule import catalog, dependencies, environment, jobstate, matc
 from TransferSegModule.logic import LOG_LINES, Logic
 
 dependencies.make_library_importable()
-from TransferSegLib.strategies import STRATEGIES  # noqa: E402 (the library, found above)
+from TransferSegLib.strategies import (  # noqa: E402 (the library, found above)
+    DEFAULT_BASE,
+    STRATEGIES,
+)
 
 POLL_MS = 500
 # The button that starts each kind of job; it turns into that job's Cancel while it runs.
@@ -87,7 +90,7 @@ class TransferSegParameterNode:
     """What the panel shows; saved with the scene."""
 
     modelSearch: str
-    model: str  # catalog or registry id of the model in use
+    model: Annotated[str, Default(DEFAULT_BASE)]  # catalog or registry id of the model in use
     trainingVolume: vtkMRMLScalarVolumeNode
     trainingSegmentation: vtkMRMLSegmentationNode
     pairs: list[TrainingPair]

