@@ -259,6 +259,8 @@ def _inference(value: Any) -> dict[str, Any]:
         raise ValueError("must have 'crop_nonzero' true or false")
     if value.get("accumulate", "float32") not in ("float32", "float16"):
         raise ValueError("must have 'accumulate' 'float32' or 'float16'")
+    if value.get("padding", "constant") not in ("constant", "edge"):
+        raise ValueError("must have 'padding' 'constant' or 'edge'")
     return value
 
 

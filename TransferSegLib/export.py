@@ -224,7 +224,10 @@ def inference_config(card: ModelCard, model_class: type[nn.Module]) -> dict[str,
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1,
                        "shuffle": False, "num_workers": 0},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": roi,
-                    "sw_batch_size": BATCH_SIZE, "overlap": OVERLAP, "mode": "gaussian"},
+                    "sw_batch_size": BATCH_SIZE, "overlap": OVERLAP, "mode": "gaussian",
+                    # as TransferSeg pads a volume thinner than the patch for this card
+                    "padding_mode": "replicate" if card.inference.get("padding") == "edge"
+                    else "constant"},
         "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
                       "val_data_loader": "@dataloader", "network": "@network",

@@ -83,13 +83,15 @@ def predict_logits(
     overlap: float = 0.25,
     batch_size: int = 2,
     progress: bool = False,
+    padding: str = "constant",
 ) -> torch.Tensor:
     """Blended network outputs (C, Z, Y, X) float32 on the CPU for an array (in_C, Z, Y, X).
 
-    ``patch_size`` is in array order (Z, Y, X). A volume thinner than a patch is padded by
-    repeating its edge voxels, as training patches are (:func:`sampling.sample_patch`): padded
-    with air, a 9 cm slab of an abdomen reads to a network as a body that ends there, and a
-    base trained on whole scans then finds lungs in it (bench/README.md).
+    ``patch_size`` is in array order (Z, Y, X). A volume thinner than a patch is padded with
+    zeros (``padding="constant"``, as published networks expect) or by repeating its edge
+    voxels (``"edge"``: how TransferSeg trains, :func:`sampling.sample_patch`; a model card
+    says which). Padded with air, a 9 cm slab of an abdomen reads to a network trained on
+    whole scans as a body that ends there, and it finds lungs in it (bench/README.md).
     """
     from monai.inferers import sliding_window_inference
 
@@ -102,8 +104,8 @@ def predict_logits(
     with torch.no_grad(), autocast:
         logits = sliding_window_inference(
             inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size, predictor=model,
-            overlap=overlap, mode="gaussian", padding_mode="replicate", sw_device=device,
-            device=stitch, progress=progress,
+            overlap=overlap, mode="gaussian", sw_device=device, device=stitch,
+            padding_mode="replicate" if padding == "edge" else "constant", progress=progress,
         )
     return logits[0].float().cpu()
 
@@ -212,7 +214,8 @@ def segment(
         if valid_output is None:
             return predict_logits(model, array, patch, device=device,
                                   out_channels=card.out_channels, overlap=overlap,
-                                  batch_size=batch, progress=progress)
+                                  batch_size=batch, progress=progress,
+                                  padding=card.inference.get("padding", "constant"))
         from TransferSegLib.tiling import predict_logits_valid  # valid convolutions
 
         return predict_logits_valid(model, array, patch, valid_output, device=device,

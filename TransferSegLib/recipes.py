@@ -182,7 +182,9 @@ def _target_card(base_card, target, dataset, in_channels, architecture, argument
                     "steps": config.steps, "data": str(dataset.source),
                     "freeze_depth": config.freeze_depth, "lr": config.lr,
                     "head_lr_factor": config.head_lr_factor, "warmup": config.warmup})
-    data.update(lineage=lineage, training_cases=[c.case.name for c in cases])
+    # Trained on edge-padded patches (sampling.sample_patch): inference pads the same way.
+    data.update(lineage=lineage, training_cases=[c.case.name for c in cases],
+                inference={**data.get("inference", {}), "padding": "edge"})
     return ModelCard(**data)
 
 
@@ -259,6 +261,7 @@ def pretrain(
         lineage=[{"strategy": "pretrain", "data": [str(p) for p in data],
                   "steps": config.steps}],
         title=title, description=description,
+        inference={"padding": "edge"},  # as its training patches (sampling.sample_patch)
     )
     if heads == "shared":
         plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
