@@ -1,22 +1,26 @@
 """Data efficiency: does a base model help when there is one annotated volume?
 
 For each target, ``transferseg study`` trains ``scratch``, ``finetune`` and ``vanilla`` from
-the same CT base model (the demo's: pretrained on the 3 mm sample CT with liver, spleen and
-stomach unannotated) at the same step budget on N = 1 training volume, and scores each final
-model on a held-out volume. Targets, all from the pinned samples:
+the CT base model that ships with TransferSeg (``transferseg-ct-base-v2``, see
+``TransferSegLib/ctbase.py``: liver, spleen, stomach and the left and right autochthon were
+never taught to it) at the same step budget on N = 1 training volume, each strategy at its own
+learning rate, over several seeds, and scores each final model on a held-out volume of another
+patient. Targets, all from the pinned samples:
 
-- ``ct_organs``: liver, spleen, stomach; train on the CT the base saw (now with these labels),
-  test on the DICOM CT of another patient;
+- ``ct_organs``: liver, spleen, stomach; train on the 3 mm sample CT, test on the DICOM CT of
+  another patient (new to the base: hidden from it);
+- ``ct_back_muscles``: the left and right autochthon, the same two scans (new to the base too);
 - ``lung_tumour``: CT -> lung tumour, two folds (train lung1 test lung2, and the reverse);
 - ``brain_tumour``: CT -> MR brain tumour (cross-modality), two folds;
 - ``brain_tumour_hdbet``: the same two folds from a *published* brain-MRI base, HD-BET v1
   (brain extraction), fine-tuned at 48^3 patches; scratch is the same 16 M-parameter network
   from random weights. On a CPU its steps are ~10x the CT base's, hence ``--published-steps``.
 
-N = 2 needs three volumes of one target and the samples hold at most two, so N = 1 only.
-Writes ``bench/results/transfer.json`` and ``bench/results/transfer.png``.
+N = 2 needs three volumes of one target of different patients and the samples hold at most two,
+so N = 1 only. Writes ``bench/results/transfer.json`` and ``bench/results/transfer.png`` (bars)
+and ``bench/results/transfer-curves.png`` (validation Dice against step).
 
-    python bench/transfer.py [--steps 400] [--base-steps 500] [--published-steps 80]
+    python bench/transfer.py [--steps 150] [--seeds 0,1,2] [--published-steps 80]
                              [--only TARGET ...] [--quick]
 
 ``--only`` runs some targets and merges them into the existing results file.
@@ -37,7 +41,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from TransferSegLib import __version__, demo, study, zoo  # noqa: E402
+from TransferSegLib import __version__, ctbase, demo, study, zoo  # noqa: E402
 from TransferSegLib.training import TrainConfig  # noqa: E402
 
 STRATEGIES = ("scratch", "finetune", "vanilla")
@@ -45,12 +49,13 @@ STRATEGIES = ("scratch", "finetune", "vanilla")
 
 def targets(work: Path) -> dict[str, list[tuple[Path, Path]]]:
     """Target name -> folds of (training dataset, held-out dataset)."""
-    organs = demo.TARGET
-    folds = {
-        "ct_organs": [(demo.sample_dataset("totalseg_ct", work / "organs_train", keep=organs),
-                       demo.sample_dataset("totalseg_dicom", work / "organs_test", keep=organs))],
-        "lung_tumour": [], "brain_tumour": [],
-    }
+    folds: dict[str, list[tuple[Path, Path]]] = {}
+    for target, keep in (("ct_organs", demo.TARGET),
+                         ("ct_back_muscles", ("autochthon_left", "autochthon_right"))):
+        folds[target] = [(demo.sample_dataset("totalseg_ct", work / f"{target}_train", keep=keep),
+                          demo.sample_dataset("totalseg_dicom", work / f"{target}_test",
+                                              keep=keep))]
+    folds["lung_tumour"], folds["brain_tumour"] = [], []
     # (base model, patch) per target where it is not the demo's CT base
     folds["brain_tumour_hdbet"] = []
     for target, cases in (("lung_tumour", ("pyradiomics_lung1", "pyradiomics_lung2")),
@@ -67,8 +72,9 @@ PUBLISHED = {"brain_tumour_hdbet": ("hd-bet-v1-fold0", [48, 48, 48])}
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--base-steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run")
     parser.add_argument("--published-steps", type=int, default=80,
                         help="steps of the runs from a published base (slower networks)")
     parser.add_argument("--only", nargs="*", help="run these targets only, merge the results")
@@ -76,17 +82,17 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.base_steps, args.published_steps = 20, 20, 10
+        args.steps, args.published_steps, args.seeds = 20, 10, "0"
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="transferseg-bench-"))
-    base = demo.base_model(args.base_steps)
-    config = TrainConfig(steps=args.steps, batch_size=2, val_every=max(args.steps // 8, 1),
-                         checkpoint_every=args.steps, lr=3e-3)
+    base = zoo.fetch(ctbase.MODEL_ID)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # lr None: every strategy at its own default rate (scratch at its best, the fair control)
+    config = TrainConfig(steps=args.steps, batch_size=2, val_every=max(args.steps // 6, 1),
+                         checkpoint_every=args.steps, threads=args.threads)
     out = HERE / "results" / ("transfer-quick.json" if args.quick else "transfer.json")
-    previous = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
-    results, started = dict(previous.get("targets", {})), time.time()
-    settings = dict(previous.get("settings", {}))
+    results, settings, started = {}, {}, time.time()
     for name, folds in targets(work / "data").items():
         if args.only and name not in args.only:
             continue
@@ -94,25 +100,29 @@ def main() -> int:
         if name in PUBLISHED:
             target_base, patch = zoo.fetch(PUBLISHED[name][0]), PUBLISHED[name][1]
             target_config = TrainConfig(
-                steps=args.published_steps, batch_size=2, lr=1e-3, checkpoint_every=10**6,
+                steps=args.published_steps, batch_size=2, checkpoint_every=10**6,
+                threads=args.threads,
                 val_every=max(args.published_steps // 5, 1))
         rows = []
         for index, (train, test) in enumerate(folds):
             print(f"== {name}, fold {index}", flush=True)
             rows += study.run_study(train, test, work / name / f"fold{index}", target_base,
-                                    STRATEGIES, (1,), (0,), target_config, patch_size=patch)
+                                    STRATEGIES, (1,), seeds, target_config, patch_size=patch)
         results[name] = summarise(rows)
-        settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else
-                          f"demo CT base ({args.base_steps} steps)",
-                          "steps": target_config.steps, "lr": target_config.lr,
+        settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else ctbase.MODEL_ID,
+                          "steps": target_config.steps, "seeds": seeds,
+                          "lr": target_config.lr or "each strategy's own",
                           "patch": patch or "the base's"}
+    # Merged with the file as it is now (another --only run may have written it meanwhile).
+    previous = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
+    results = {**previous.get("targets", {}), **results}
+    settings = {**previous.get("settings", {}), **settings}
     report = {
         "benchmark": "data efficiency: scratch vs finetune vs vanilla from one CT base model",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": {"cpu_cores": os.cpu_count(), "device": "cuda" if _cuda() else "cpu",
                      "platform": platform.platform()},
-        "transferseg": __version__, "steps": args.steps, "base_steps": args.base_steps,
-        "n_train": 1, "settings": settings, "targets": results,
+        "transferseg": __version__, "n_train": 1, "settings": settings, "targets": results,
         "seconds": round(time.time() - started, 1) + previous.get("seconds", 0),
     }
     out.parent.mkdir(exist_ok=True)
@@ -120,26 +130,32 @@ def main() -> int:
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out)
     plot(results, out.with_suffix(".png"))
+    curves(results, out.with_name(out.stem + "-curves.png"))
     print(json.dumps({k: v["mean"] for k, v in results.items()}, indent=1))
     print(f"wrote {out}")
     return 0
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per strategy: mean test Dice, gain over scratch, steps-to-Dice ratio; and per case."""
+    """Per strategy: mean and spread of the test Dice over runs (seeds x folds), gain over
+    scratch, steps-to-scratch-Dice ratio; and every run with its validation curve."""
     mean = {}
     for strategy in STRATEGIES:
         runs = [r for r in rows if r["strategy"] == strategy]
         ratios = [r["steps_ratio"] for r in runs if r["steps_ratio"]]
+        dice = [r["test_dice"] for r in runs]
         mean[strategy] = {
-            "test_dice": round(float(np.mean([r["test_dice"] for r in runs])), 4),
+            "test_dice": round(float(np.mean(dice)), 4),
+            "sd": round(float(np.std(dice, ddof=1)), 4) if len(dice) > 1 else 0.0,
             "steps_ratio": round(float(np.mean(ratios)), 3) if ratios else None,
             "reached": f"{len(ratios)}/{len(runs)}",
         }
     for strategy in STRATEGIES:
         mean[strategy]["gain_over_scratch"] = round(
             mean[strategy]["test_dice"] - mean["scratch"]["test_dice"], 4)
-    cases = [{k: r[k] for k in ("strategy", "cases", "test_dice", "labels", "steps_ratio")}
+    cases = [{**{k: r[k] for k in ("strategy", "seed", "cases", "test_dice", "labels",
+                                   "steps_ratio")},
+              "curve": [[h["step"], round(h["dice"], 4)] for h in r["history"]]}
              for r in rows]
     return {"mean": mean, "runs": cases}
 
@@ -155,11 +171,40 @@ def plot(results: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     for i, strategy in enumerate(STRATEGIES):
         values = [results[n]["mean"][strategy]["test_dice"] for n in names]
-        bars = axis.bar(np.arange(len(names)) + (i - 1) * width, values, width, label=strategy)
+        spread = [results[n]["mean"][strategy].get("sd", 0.0) for n in names]
+        bars = axis.bar(np.arange(len(names)) + (i - 1) * width, values, width, label=strategy,
+                        yerr=spread, capsize=2)
         axis.bar_label(bars, fmt="%.2f", fontsize=7)
     axis.set_xticks(np.arange(len(names)), names)
     axis.set(ylabel="held-out Dice (N = 1)", title="One training volume: transfer vs scratch")
     axis.legend()
+    figure.tight_layout()
+    tmp = path.with_suffix(".partial.png")
+    figure.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def curves(results: dict, path: Path) -> None:
+    """Validation Dice (held-out scan) against step of every run, one panel per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if any(r.get("curve") for r in results[n]["runs"])]
+    if not names:
+        return
+    figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    colours = dict(zip(STRATEGIES, ("tab:grey", "tab:blue", "tab:orange"), strict=True))
+    for axis, name in zip(axes[0], names, strict=True):
+        for run in results[name]["runs"]:
+            if run.get("curve"):
+                axis.plot(*zip(*run["curve"], strict=True), color=colours[run["strategy"]],
+                          alpha=0.7, lw=1)
+        for strategy, colour in colours.items():
+            axis.plot([], [], color=colour, label=strategy)
+        axis.set(title=name, xlabel="step", ylabel="validation Dice (held-out scan)")
+        axis.legend(fontsize=7)
     figure.tight_layout()
     tmp = path.with_suffix(".partial.png")
     figure.savefig(tmp, dpi=100)
