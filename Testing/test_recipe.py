@@ -105,6 +105,15 @@ def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path, 
     ours, theirs = checkpoint.load_model(fetched)[0], checkpoint.load_model(final)[0]
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
                                                  theirs.state_dict().values(), strict=True))
+    # An upgrade that ships another file under the same id replaces the cached import.
+    other = ctbase.ship(out / "run" / "model.safetensors", resources, data)
+    assert other["files"][0]["sha256"] != entry["files"][0]["sha256"]
+    before = (tmp_path / "home" / "models" / ctbase.MODEL_ID / "model.safetensors").stat()
+    zoo.fetch(ctbase.MODEL_ID, log=lambda text: None)
+    cached = tmp_path / "home" / "models" / ctbase.MODEL_ID / shipped.name
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == other["files"][0]["sha256"]
+    after = (tmp_path / "home" / "models" / ctbase.MODEL_ID / "model.safetensors").stat()
+    assert after.st_ino != before.st_ino  # imported again, not the stale import
     shipped.write_bytes(shipped.read_bytes()[:-1] + b"x")  # a damaged installation is refused
     shutil.rmtree(tmp_path / "home" / "models" / ctbase.MODEL_ID)  # not yet in the cache
     with pytest.raises(TransferSegError, match="sha256"):

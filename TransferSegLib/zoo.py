@@ -355,7 +355,11 @@ def fetch(model_id: str, accept_unverified: bool = False, progress: Progress | N
         return Path(item["path"])
     folder = models_dir() / model_id
     target = folder / MODEL_FILE
-    if target.is_file():
+    # A model shipped with TransferSeg may change with an upgrade: its cached import is stale
+    # once the installed file is not the one it was made from.
+    stale = any(f.get("bundled") and (folder / f["name"]).is_file()
+                and sha256_of(folder / f["name"]) != f["sha256"] for f in item["files"])
+    if target.is_file() and not stale:
         return target
     if item["importer"] is None:
         raise TransferSegError(
