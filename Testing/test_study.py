@@ -57,3 +57,23 @@ def test_study_refuses_sizes_the_pool_cannot_give(tmp_path):
     with pytest.raises(InputError, match="scratch"):
         study.run_study(tmp_path / "pool.csv", tmp_path / "pool.csv", tmp_path / "out", None,
                         ["finetune"], [1])
+
+
+def test_a_cancelled_run_ends_the_whole_study(tmp_path):
+    """The cancel file (or a stop signal) stops the study, not only its current run."""
+    from conftest import real_sample
+
+    from TransferSegLib.errors import TransferSegError
+    from TransferSegLib.training import TrainConfig
+
+    case = real_sample("pyradiomics_brain1")
+    (tmp_path / "labels.json").write_text('{"1": "tumour"}')
+    (tmp_path / "pool.csv").write_text(f"image,label\n{case.image},{case.label}\n")
+    stop = tmp_path / "stop"
+    stop.write_text("")
+    with pytest.raises(TransferSegError, match="cancelled during scratch, N=1, seed 0"):
+        study.run_study(tmp_path / "pool.csv", tmp_path / "pool.csv", tmp_path / "out", None,
+                        ["scratch", "scratch"], [1], [0, 1],
+                        TrainConfig(steps=3, val_every=3, checkpoint_every=3),
+                        architecture="unet", patch_size=[32, 32, 32], cancel_file=stop)
+    assert [p.name for p in (tmp_path / "out" / "runs").iterdir()] == ["scratch_n1_s0"]

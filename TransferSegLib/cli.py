@@ -354,6 +354,7 @@ def _study(args: argparse.Namespace) -> int:
         labels=args.labels.split(",") if args.labels else None, architecture=args.architecture,
         patch_size=args.patch, learning_rates=args.lr if isinstance(args.lr, dict) else None,
         overwrite=args.overwrite,
+        cancel_file=Path(args.cancel_file) if args.cancel_file else None,
     )
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"{len(rows)} runs; outputs in {Path(args.out).resolve()}")

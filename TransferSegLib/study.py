@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from TransferSegLib import datasets
-from TransferSegLib.errors import InputError, OutputExistsError
+from TransferSegLib.errors import InputError, OutputExistsError, TransferSegError
 from TransferSegLib.files import atomic_output
 from TransferSegLib.recipes import finetune
 from TransferSegLib.training import TrainConfig
@@ -92,6 +92,7 @@ def run_study(
     log: Callable[[str], None] = print,
     events: Callable[[dict], None] = lambda event: None,
     overwrite: bool = True,
+    cancel_file: Path | None = None,
 ) -> list[dict]:
     """Train every (strategy, size, seed) and score it on ``test``; write the study folder.
 
@@ -99,7 +100,9 @@ def run_study(
     already holds a study is replaced, or refused when ``overwrite`` is false (the command
     line's default, without ``--overwrite``).
 
-    ``events`` receives every run's training events (for a progress bar).
+    ``events`` receives every run's training events (for a progress bar). A run that is
+    cancelled (a stop signal, or ``cancel_file`` appearing) ends the whole study with a
+    :class:`TransferSegError`; the runs finished before it stay in ``out_dir/runs``.
     ``learning_rates`` (strategy -> rate) overrides ``config.lr`` for those strategies; a
     strategy with neither trains at its own default (:func:`TransferSegLib.transfer.defaults`).
     """
@@ -138,8 +141,13 @@ def run_study(
                                       lr=(learning_rates or {}).get(strategy, config.lr)),
                     val_data=test_csv,
                     labels=names, architecture=architecture, patch_size=patch_size,
-                    overwrite=True, events=events,
+                    overwrite=True, events=events, cancel_file=cancel_file,
                 )
+                if result.status == "cancelled":
+                    raise TransferSegError(
+                        f"The study was cancelled during {strategy}, N={size}, seed {seed}; the "
+                        f"runs finished before it are in {out_dir / 'runs'}. Run the study "
+                        "again to complete it.")
                 last = run_dir / "last.safetensors"
                 scores = test_dice(last, test_set.labelled(), test_set.labels, names,
                                    config.device)
