@@ -142,8 +142,11 @@ def verdict(rows: list[dict]) -> str:
             continue
         gain = row["test_dice"] - scratch["test_dice"]
         ratio = row.get("steps_ratio")
-        speed = (f"reached scratch's final validation Dice in {ratio:g}x fewer steps" if ratio
-                 else "never reached scratch's final validation Dice")
+        speed = ("never reached scratch's final validation Dice" if not ratio else
+                 f"reached scratch's final validation Dice in {ratio:g}x fewer steps"
+                 if ratio > 1 else f"needed {1 / ratio:.2g}x scratch's steps to reach its "
+                 "final validation Dice" if ratio < 1 else
+                 "reached scratch's final validation Dice at the same step")
         lines.append(f"{row['strategy']} {'beats' if gain > 0 else 'does not beat'} scratch on "
                      f"the held-out CT ({gain:+.4f} mean Dice) and {speed}")
     return "\n".join(lines)
