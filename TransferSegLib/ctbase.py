@@ -203,7 +203,10 @@ def report(out: Path, results: Path, plot: Path | None = None) -> dict:
                 "kind); ignored voxels (the hidden structures) are not scored. held_out: the "
                 f"finished base on {HELD_OUT[0]}, a patient no part of it saw.",
     }
-    Path(results).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    from TransferSegLib.files import atomic_output
+
+    with atomic_output(results, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     if plot is not None:
         import matplotlib
 
@@ -218,7 +221,8 @@ def report(out: Path, results: Path, plot: Path | None = None) -> dict:
         right.set(xlabel="step", ylabel="mean validation Dice",
                   title="Dice over its labels (training scans)")
         figure.tight_layout()
-        figure.savefig(plot, dpi=110)
+        with atomic_output(plot, overwrite=True) as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
         plt.close(figure)
     return data
 
