@@ -39,6 +39,7 @@ import SimpleITK as sitk
 
 from TransferSegLib import samples, volumes
 from TransferSegLib.datasets import IGNORE_NAME
+from TransferSegLib.files import atomic_output
 
 VERSION = "v2"
 MODEL_ID = f"transferseg-ct-base-{VERSION}"
@@ -99,10 +100,14 @@ def datasets(folder: Path) -> list[Path]:
             for name, drop in SOURCES.items()]
 
 
+def data_licences() -> list[str]:
+    """The licences of the base's training data (its sample packages)."""
+    return sorted({samples.PACKAGES[samples.SPEC_BY_NAME[n].package].licence for n in SOURCES})
+
+
 def description(steps: int = STEPS) -> str:
     """The model card's description: data, licences, what was hidden, the recipe."""
-    licences = sorted({samples.PACKAGES[samples.SPEC_BY_NAME[n].package].licence
-                       for n in SOURCES})
+    licences = data_licences()
     return (
         "CT base model made by TransferSeg from the labelled CTs of pinned registry packages, "
         f"trained with partial labels: {', '.join(SOURCES)} (3 patients; each case annotates "
@@ -191,7 +196,8 @@ def report(out: Path, results: Path, plot: Path | None = None) -> dict:
         # a resumed run logs one end event per part: its time is their sum
         "minutes": round(sum(e.get("seconds", 0) for e in events
                              if e["event"] in ("done", "cancelled")) / 60, 1),
-        "hardware": {"cpu_cores": os.cpu_count(), "threads": torch_threads(events)},
+        "hardware": {"cpu_cores": os.cpu_count(), "threads": next(
+            (e.get("threads") for e in events if e["event"] == "start"), None)},
         "loss": [[e["step"], round(e["loss"], 4)] for e in steps],
         "validation": [[e["step"], round(e["dice"], 4)] for e in validations],
         "final_labels": validations[-1]["labels"] if validations else {},
@@ -203,8 +209,6 @@ def report(out: Path, results: Path, plot: Path | None = None) -> dict:
                 "kind); ignored voxels (the hidden structures) are not scored. held_out: the "
                 f"finished base on {HELD_OUT[0]}, a patient no part of it saw.",
     }
-    from TransferSegLib.files import atomic_output
-
     with atomic_output(results, overwrite=True) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     if plot is not None:
@@ -227,20 +231,13 @@ def report(out: Path, results: Path, plot: Path | None = None) -> dict:
     return data
 
 
-def torch_threads(events: list[dict]) -> int | None:
-    """The CPU threads the run trained with, as its start event says (None when unsaid)."""
-    start = next((e for e in events if e["event"] == "start"), {})
-    return start.get("threads")
-
-
 def catalog_entry(model: Path, path_in_resources: str) -> dict:
     """The catalog entry (``Resources/models.json``) of the finished base at ``model``."""
     from TransferSegLib import networks
     from TransferSegLib.checkpoint import read_card
 
     card = read_card(model)
-    licences = sorted({samples.PACKAGES[samples.SPEC_BY_NAME[n].package].licence
-                       for n in SOURCES})
+    licences = data_licences()
     return {
         "id": MODEL_ID,
         "title": f"TransferSeg CT base {VERSION} (partial labels, {len(card.labels) - 1} "
@@ -336,8 +333,6 @@ def ship(model: Path, resources: Path, data: dict) -> dict:
     """Put the finished base into ``resources``: ``Models/<id>.safetensors``, its markdown card
     (from :func:`report`'s ``data``) and its catalog entry (replacing one of the same id);
     returns the entry."""
-    from TransferSegLib.files import atomic_output
-
     folder = Path(resources) / "Models"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{MODEL_ID}.safetensors"
