@@ -6,6 +6,10 @@ cut into overlapping patches of the model's patch size, each patch run through t
 probability volume (MONAI's ``sliding_window_inference``). When the stitched volume would not
 fit in GPU memory it is stitched in CPU memory while the patches still run on the GPU. The
 probabilities are then resampled onto the input grid and the most likely label taken per voxel.
+When the scan is already on the model's grid and only labels are wanted, the same windows and
+weights are blended a slab at a time and each voxel's label taken as soon as it is final
+(:mod:`TransferSegLib.stitching`): no whole-volume scores, and a CT is normalised a window at
+a time.
 """
 
 from __future__ import annotations
@@ -118,23 +122,6 @@ def softmax_(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def predict_probabilities(
-    model: torch.nn.Module,
-    array: np.ndarray,
-    patch_size: Sequence[int],
-    *,
-    device: torch.device,
-    out_channels: int,
-    overlap: float = 0.25,
-    batch_size: int = 2,
-    progress: bool = False,
-) -> np.ndarray:
-    """Softmax probabilities (C, Z, Y, X) float32 for a model-space array (in_C, Z, Y, X)."""
-    logits = predict_logits(model, array, patch_size, device=device, out_channels=out_channels,
-                            overlap=overlap, batch_size=batch_size, progress=progress)
-    return softmax_(logits).numpy()
-
-
 def argmax_channels(scores: Iterable[np.ndarray], count: int) -> np.ndarray:
     """Index of the largest of ``count`` score volumes per voxel, as uint8 (uint16 past 255).
 
@@ -188,18 +175,43 @@ def segment(
             return _uncropped(result, box, images[0])
     device = select_device(device) if isinstance(device, str) else device
     reference = images[0]
-    channels, grid = [], None
     nnunet = card.inference.get("tiling") == "nnunet" and not card.orientation
-    for channel, image in enumerate(images):
-        array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
-                                                card.orientation, channel, nnunet=nnunet)
-        channels.append(array)
-    inputs = channels[0][None] if len(channels) == 1 else np.stack(channels)
-    del channels
     patch = tuple(int(v) for v in reversed(card.patch_size))  # card: (x, y, z)
     valid_output = networks.output_size(card.architecture, card.arguments, patch)
+    # Only the labels are wanted: on the grid the network runs on, they are stitched a slab at
+    # a time (stitching.py); a CT scan already on that grid is normalised a window at a time.
+    labels_wanted = (not keep_probabilities and valid_output is None
+                     and card.inference.get("tiling") != "nnunet")
+    recipe = preprocess.channel_recipe(card.normalisation or {"kind": "none"}, 0)
+    transform = None
+    if (labels_wanted and not nnunet and len(images) == 1 and recipe.get("kind") == "ct"
+            and all(s >= p for s, p in zip(reversed(reference.GetSize()), patch, strict=True))
+            and preprocess.model_grid(reference, card.spacing, card.orientation)
+            == volumes.Geometry.of(reference)):
+        inputs, grid = sitk.GetArrayViewFromImage(reference)[None], volumes.Geometry.of(reference)
 
-    def predict(array: np.ndarray, batch: int) -> torch.Tensor:
+        def transform(batch: np.ndarray) -> np.ndarray:
+            return preprocess.normalise(batch, recipe, in_place=batch.dtype == np.float32)
+    else:
+        channels, grid = [], None
+        for channel, image in enumerate(images):
+            array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,
+                                                    card.orientation, channel, nnunet=nnunet)
+            channels.append(array)
+        inputs = channels[0][None] if len(channels) == 1 else np.stack(channels)
+        del channels
+    same_grid = grid.matches(volumes.Geometry.of(reference), tolerance=0)
+    labels_only = same_grid and labels_wanted
+
+    def predict(array: np.ndarray, batch: int) -> torch.Tensor | np.ndarray:
+        if labels_only:
+            from TransferSegLib.stitching import predict_labels
+
+            return predict_labels(model, array, patch, device=device,
+                                  out_channels=card.out_channels, overlap=overlap,
+                                  batch_size=batch, progress=progress,
+                                  padding=card.inference.get("padding", "constant"),
+                                  transform=transform)
         if card.inference.get("tiling") == "nnunet":
             from TransferSegLib import nnunet_tiling
 
@@ -249,9 +261,10 @@ def segment(
             "programs, use --batch-size 1, or crop the scan to the region to segment."
         ) from None
     del inputs
-    same_grid = grid.matches(volumes.Geometry.of(reference), tolerance=0)
     count, on_input = card.out_channels, None
-    if same_grid and not keep_probabilities:
+    if labels_only:
+        best = logits
+    elif same_grid and not keep_probabilities:
         best = argmax_channels(logits.numpy(), count)  # softmax keeps the order: skip it
     elif nnunet and not same_grid:
         # As nnU-Net: the logits go back to the scan's grid (linear), then softmax and argmax.

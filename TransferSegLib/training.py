@@ -182,7 +182,8 @@ def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelC
              device: torch.device, overlap: float) -> dict[str, float]:
     """Mean Dice per label name over ``cases`` (each label only where it is annotated)."""
     from TransferSegLib import networks
-    from TransferSegLib.inference import argmax_channels, predict_logits
+    from TransferSegLib.inference import argmax_channels
+    from TransferSegLib.stitching import predict_labels
     from TransferSegLib.tiling import predict_logits_valid
 
     patch = tuple(int(v) for v in reversed(card.patch_size))
@@ -192,10 +193,11 @@ def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelC
         if valid_output:
             logits = predict_logits_valid(model, case.image, patch, valid_output, device=device,
                                           out_channels=card.out_channels)
-        else:
-            logits = predict_logits(model, case.image, patch, device=device,
-                                    out_channels=card.out_channels, overlap=overlap)
-        prediction = argmax_channels(logits.numpy(), card.out_channels)
+            prediction = argmax_channels(logits.numpy(), card.out_channels)
+        else:  # as segment pads a scan thinner than a patch (the card says how)
+            prediction = predict_labels(model, case.image, patch, device=device,
+                                        out_channels=card.out_channels, overlap=overlap,
+                                        padding=card.inference.get("padding", "constant"))
         scored = case.target != IGNORE  # ignored voxels count neither way
         for channel in range(1, card.out_channels):
             if not case.annotated[channel]:
