@@ -252,7 +252,9 @@ def train(
         by_head = [[i for i, h in enumerate(heads[0]) if h == k] for k in range(len(cards))]
         live_heads = [k for k, members in enumerate(by_head) if members]
         model.select(0)
-    if device.type == "cuda":
+    # Channels-last: on the CPU (oneDNN) a training step of the CT base takes half the time.
+    channels_last = device.type in ("cuda", "cpu")
+    if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(plan.param_groups, config)
     loss_fn = SegmentationLoss()
@@ -324,7 +326,7 @@ def train(
             x = torch.from_numpy(np.stack(images)).to(device)
             y = torch.from_numpy(np.stack(targets).astype(np.int64))[:, None][crop].to(device)
             mask = torch.from_numpy(np.stack(annotated)).to(device)
-            if device.type == "cuda":
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(group["initial_lr"], step, config.steps,
