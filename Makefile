@@ -36,6 +36,7 @@ test: data
 bench: data
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/training.py
+	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/transfer.py
 
 base: data

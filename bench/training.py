@@ -307,7 +307,7 @@ def augmentation_difference(config: dict) -> str:
 
 def precision(device: str, monai_amp: bool) -> str:
     if not device.startswith("cuda"):
-        return "float32 in both"
+        return "float32 in both; transferseg channels_last_3d, the MONAI loop the default layout"
     monai = "float16 autocast + GradScaler" if monai_amp else "float32"
     return f"transferseg: float16 autocast + GradScaler, channels_last_3d; monai: {monai}"
 
