@@ -14,7 +14,6 @@ a time.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ import torch
 from TransferSegLib import networks, preprocess, segmentations, volumes
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.files import refuse_existing
+from TransferSegLib.tiling import evaluating
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -102,10 +102,7 @@ def predict_logits(
     inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
     model = model.to(device).eval()
     stitch = _stitch_device(device, out_channels, inputs.shape[2:])
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    # no_grad, not inference_mode: callers update the result in place (softmax_).
-    with torch.no_grad(), autocast:
+    with evaluating(device):  # callers update the result in place (softmax_)
         logits = sliding_window_inference(
             inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size, predictor=model,
             overlap=overlap, mode="gaussian", sw_device=device, device=stitch,

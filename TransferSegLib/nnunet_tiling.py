@@ -15,13 +15,14 @@ rounding (0.3 % of the voxels of the sample CT with the test fixture).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from TransferSegLib.tiling import evaluating
 
 
 def tile_starts(size: int, tile: int, step_size: float = 0.5) -> list[int]:
@@ -107,10 +108,8 @@ def predict_logits(
     flips = [tuple(a + 2 for a in c) for r in range(1, len(mirror_axes) + 1)
              for c in itertools.combinations(list(mirror_axes), r)]
     model = model.to(device).eval()
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
-                else contextlib.nullcontext())
     done = 0
-    with torch.no_grad(), autocast:
+    with evaluating(device):
         for first in range(0, len(corners), max(int(batch_size), 1)):
             chunk = corners[first:first + max(int(batch_size), 1)]
             windows = [tuple(slice(c, c + int(p)) for c, p in zip(corner, patch, strict=True))

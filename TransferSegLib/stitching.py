@@ -21,11 +21,12 @@ counts the voxels that differ).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
+from TransferSegLib.tiling import evaluating, groups
 
 _PLANES = 8  # planes per argmax when labels are taken from the ring
 
@@ -119,16 +120,8 @@ def predict_labels(
                 scores.zero_()
         done = stop
 
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    batches = range(0, len(windows), max(1, int(batch_size)))
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="patches", unit="batch")
-    with torch.no_grad(), autocast:
-        for first in batches:
-            group = windows[first:first + max(1, int(batch_size))]
+    with evaluating(device):
+        for group in groups(windows, batch_size, progress):
             batch = np.stack([inputs[(slice(None), *w)] for w in group])
             batch = torch.from_numpy(transform(batch) if transform else batch)
             outputs = model(batch.to(device))

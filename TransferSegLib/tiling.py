@@ -29,6 +29,28 @@ def _three(size: int | Sequence[int], what: str) -> tuple[int, int, int]:
     return tuple(int(s) for s in sizes)  # type: ignore[return-value]
 
 
+def evaluating(device: torch.device) -> contextlib.ExitStack:
+    """How every tiler runs a network: without gradients, and under float16 autocast on CUDA."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())  # not inference_mode: callers update results in place
+    if device.type == "cuda":
+        stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+    return stack
+
+
+def groups(items: Sequence, batch_size: int, progress: bool = False, desc: str = "patches"):
+    """``items`` in consecutive lists of ``batch_size`` (the last may be shorter), with a
+    progress bar when ``progress``."""
+    size = max(1, int(batch_size))
+    firsts = range(0, len(items), size)
+    if progress:
+        from tqdm import tqdm
+
+        firsts = tqdm(firsts, desc=desc, unit="batch")
+    for first in firsts:
+        yield items[first:first + size]
+
+
 def block_starts(size: int, block: int) -> list[int]:
     """Start indices of ``block``-sized blocks covering ``size`` voxels: 0, block, 2 block...,
     the last moved back to end at ``size`` (so blocks may overlap there). A volume smaller than
@@ -94,17 +116,9 @@ def predict_logits_valid(
                                                                          strict=True))))
     device = torch.device(device)
     model = model.to(device).eval()
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
-                else contextlib.nullcontext())
     result: torch.Tensor | None = None
-    batches = range(0, len(starts), max(1, int(batch_size)))
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="blocks", unit="batch")
-    with torch.no_grad(), autocast:
-        for first in batches:
-            group = starts[first:first + max(1, int(batch_size))]
+    with evaluating(device):
+        for group in groups(starts, batch_size, progress, desc="blocks"):
             windows = np.stack([padded[(slice(None), *(slice(o, o + w) for o, w in
                                                        zip(origin, window, strict=True)))]
                                 for origin in group])
