@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import jsonschema
@@ -140,10 +142,32 @@ def test_strategy_defaults_fill_only_what_is_unset():
 
 def test_threads_follow_the_request_and_leave_busy_cores(monkeypatch):
     assert training.choose_threads(3) == 3
+    monkeypatch.setattr(training, "busy_cores", lambda: 64.0)
+    assert training.choose_threads() == 1
+    monkeypatch.setattr(training, "busy_cores", lambda: 0.0)
+    assert training.choose_threads() == min(len(os.sched_getaffinity(0)),
+                                            torch.get_num_threads())
+    # where /proc/stat cannot be read, the load average counts
+    monkeypatch.setattr(training, "busy_cores", lambda: None)
     monkeypatch.setattr("os.getloadavg", lambda: (64.0, 0, 0))
     assert training.choose_threads() == 1
-    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0, 0))
-    assert training.choose_threads() >= 1
+
+
+def test_busy_cores_counts_other_work_now():
+    """A program spinning on one core counts as about one busy core while it runs."""
+    import subprocess
+    import sys
+
+    quiet = training.busy_cores(0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = training.busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert quiet is not None and busy is not None
+    assert busy - quiet > 0.5
 
 
 def test_study_takes_one_rate_or_one_per_strategy_and_the_transfer_settings():

@@ -28,7 +28,21 @@ import torch
 
 from TransferSegLib.tiling import evaluating, groups
 
-_PLANES = 8  # planes per argmax when labels are taken from the ring
+_PLANES = 16  # planes at a time when labels are taken from the ring
+
+
+def _largest(scores: torch.Tensor) -> torch.Tensor:
+    """Index of the first largest channel per voxel of ``scores`` (C, ...), as ``argmax``
+    gives it, by a running maximum: on the ring's strided slices torch's argmax took 0.1 s per
+    8 planes of a 512 x 512 CT, this a small fraction of it."""
+    best_value = scores[0].clone()
+    best = torch.zeros(best_value.shape, dtype=torch.uint8 if len(scores) < 256 else torch.int32,
+                       device=scores.device)
+    for channel in range(1, len(scores)):
+        better = scores[channel] > best_value  # strictly: a tie keeps the first, as argmax
+        best.masked_fill_(better, channel)
+        torch.maximum(best_value, scores[channel], out=best_value)
+    return best
 
 
 def _pad_widths(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, int]]:
@@ -109,14 +123,13 @@ def predict_labels(
     def finish(stop: int) -> None:
         nonlocal done
         for slots, offsets in _ring(done, stop - done, depth):
-            # a few planes at a time: the argmax's int64 indices stay small
+            # a few planes at a time: the running maximum stays small
             for first in range(slots.start, slots.stop, _PLANES):
                 last = min(first + _PLANES, slots.stop)
                 scores = ring[(slice(None), *along(slice(first, last)))]
-                best = scores.argmax(dim=0)  # first largest channel, as MONAI's argmax
                 plane = done + offsets.start + first - slots.start
-                labels[along(slice(plane, plane + last - first))] = best.to(
-                    torch.uint8 if out_channels < 256 else torch.int32).cpu().numpy()
+                labels[along(slice(plane, plane + last - first))] = \
+                    _largest(scores).cpu().numpy()
                 scores.zero_()
         done = stop
 

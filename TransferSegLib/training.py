@@ -50,13 +50,32 @@ from TransferSegLib.settings import TrainConfig  # noqa: F401 (defined there, us
 Events = Callable[[dict], None]
 
 
+def busy_cores(seconds: float = 0.25) -> float | None:
+    """How many cores other programs keep busy now: the share of non-idle CPU time over
+    ``seconds`` in ``/proc/stat`` (this process sleeps meanwhile), in cores. None off Linux."""
+    def times() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            values = [int(v) for v in stat.readline().split()[1:9]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    try:
+        total, idle = times()
+        time.sleep(seconds)
+        total2, idle2 = times()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total2 - total
+    return 0.0 if elapsed <= 0 else (elapsed - (idle2 - idle)) / elapsed * (os.cpu_count() or 1)
+
+
 def choose_threads(requested: int | None = None) -> int:
     """CPU threads for torch: ``requested``, else the cores not busy with other work.
 
     torch starts one thread per core; when another program keeps a core busy, its threads wait
     for each other at every operation and a step can take several times as long (on two busy
-    cores one thread has run a step 5x faster than two). The 1-minute load average before
-    training starts counts the busy cores.
+    cores one thread has run a step 5x faster than two). The busy cores are counted as
+    training starts (:func:`busy_cores`; where that cannot be read, the 1-minute load average,
+    which still counts a program for a minute after it ended).
     """
     if requested:
         return int(requested)
@@ -64,11 +83,13 @@ def choose_threads(requested: int | None = None) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, min(cores, torch.get_num_threads(), cores - busy))
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0
+    return max(1, min(cores, torch.get_num_threads(), cores - int(busy + 0.5)))
 
 
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
