@@ -193,3 +193,63 @@ def test_the_base_recipe_names_its_data_and_licences():
     assert f"{ctbase.STEPS} steps" in text and "`make base`" in text
     longer = ctbase.description(2 * ctbase.STEPS)  # the card says how it was really made
     assert f"{2 * ctbase.STEPS} steps" in longer and f"--steps {2 * ctbase.STEPS}" in longer
+
+
+def _scan_dataset(folder: Path, size: tuple[int, int, int], spacing: tuple[float, ...]) -> Path:
+    """A one-case dataset: a CT of ``size`` voxels (x y z) of ``spacing`` mm with one organ."""
+    folder.mkdir(parents=True)
+    array = np.full(size[::-1], -1000, np.int16)
+    label = np.zeros(size[::-1], np.uint8)
+    label[2:-2, 5:-5, 5:-5] = 1
+    array[label == 1] = 40
+    for name, values in (("image.nii.gz", array), ("label.nii.gz", label)):
+        image = sitk.GetImageFromArray(values)
+        image.SetSpacing(spacing)
+        sitk.WriteImage(image, str(folder / name))
+    (folder / "labels.json").write_text(json.dumps({"1": "liver"}))
+    (folder / "cases.csv").write_text("image,label\nimage.nii.gz,label.nii.gz\n")
+    return folder / "cases.csv"
+
+
+def test_fine_tuning_patches_cover_the_training_scan_within_a_budget(tmp_path):
+    from TransferSegLib.recipes import CONTEXT_VOXELS, context_patch
+
+    card = _card({0: "background", 1: "liver"})  # DynUNet, divisor 16, 48^3 at 6 mm
+    small = _scan_dataset(tmp_path / "small", (100, 80, 20), (3.0, 3.0, 3.0))
+    cases = sampling.labelled_cases(datasets.discover(small), "small")
+    # 50 x 40 x 10 voxels at 6 mm: the whole scan in-plane, and twice the divisor in z
+    assert context_patch(card, cases) == [64, 48, 32]
+    large = _scan_dataset(tmp_path / "large", (200, 200, 60), (3.0, 3.0, 5.0))
+    cases = sampling.labelled_cases(datasets.discover(large), "large")
+    patch = context_patch(card, cases)  # 100 x 100 x 50 voxels: over the budget
+    assert patch[0] * patch[1] * patch[2] <= CONTEXT_VOXELS
+    assert all(v % 16 == 0 and v >= 32 for v in patch) and patch[0] == patch[1] >= patch[2]
+    # a network of valid convolutions keeps its base's patch
+    valid = checkpoint.ModelCard(
+        architecture="diag_unet", in_channels=1, out_channels=2,
+        labels={0: "background", 1: "liver"}, spacing=[6.0, 6.0, 6.0],
+        patch_size=[132, 132, 116], modality="CT",
+        normalisation={"kind": "ct", "window": [-1000.0, 1000.0]})
+    assert context_patch(valid, cases) is None
+
+
+def test_fine_tuning_from_a_base_trains_and_segments_with_the_context_patch(tmp_path):
+    from TransferSegLib.recipes import finetune
+
+    data = _scan_dataset(tmp_path / "data", (100, 80, 20), (3.0, 3.0, 3.0))
+    base_card = _card({0: "background", 1: "spleen"})
+    base = tmp_path / "base.safetensors"
+    from TransferSegLib import networks
+
+    model = networks.build_network(base_card.architecture, 1, 2, **base_card.arguments)
+    checkpoint.save_model(base, model, base_card)
+    config = training.TrainConfig(steps=2, batch_size=1, val_every=2, checkpoint_every=2)
+    messages = []
+    finetune(base, data, tmp_path / "run", "finetune", config,
+             events=lambda e: messages.append(e.get("message", "")))
+    _, card = checkpoint.load_model(tmp_path / "run" / "model.safetensors")
+    assert card.patch_size == [64, 48, 32]
+    assert any("patch 64 x 48 x 32 voxels" in m for m in messages)
+    finetune(base, data, tmp_path / "chosen", "finetune", config, patch_size=[48, 48, 48])
+    _, card = checkpoint.load_model(tmp_path / "chosen" / "model.safetensors")
+    assert card.patch_size == [48, 48, 48]  # --patch wins
