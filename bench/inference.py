@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,21 +39,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
-    call_profiled,
+    MIB,
     cpu_model,
     memory_gib,
     own_peak_rss_mib,
     ratio,
     resolved_device,
+    run_child,
+    serve_worker,
+    timed_on_device,
     version,
-    vm_hwm_mib,
     write_atomically,
+    write_results,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("transferseg", "monai")
-RESULT_PREFIX = "BENCH-RESULT "
-MIB = 2**20
 
 DEFAULT_SIZE = (512, 512, 200)  # voxels (x, y, z)
 QUICK_SIZE = (160, 160, 64)
@@ -109,32 +109,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
-
-
-def run_worker(kind: str, spec: Path, run_name: str = "") -> dict:
-    """Run this file as ``--worker kind`` in a fresh interpreter; its report, wall time and
-    peak RSS. The child is reaped with ``os.wait4`` so its resource usage can be read."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec),
-               "--run-name", run_name]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    output = child.stdout.read()
-    child.stdout.close()
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
-    if child.returncode != 0 or not lines:
-        sys.stdout.write(output)
-        raise SystemExit(f"worker {kind} failed with exit status {child.returncode}")
-    report = json.loads(lines[-1][len(RESULT_PREFIX):])
-    report["process_wall_s"] = wall
-    report["cpu_s"] = usage.ru_utime + usage.ru_stime
-    report["load_before"] = load
-    # Linux reports KiB, macOS bytes.
-    report["peak_rss_mib"] = usage.ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
-    return report
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -221,16 +195,16 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     spec.write_text(json.dumps({
         "size": args.size, "spacing": args.spacing, "patch": args.patch, "device": args.device,
         "batch_size": args.batch_size, "overlap": args.overlap, "workdir": str(workdir),
-        "profile_dir": str(args.results) if args.profile else None,
+        "profile_dir": str(args.results) if args.profile else None, "profile_stem": "profile",
     }))
     print(f"preparing a {' x '.join(map(str, args.size))} volume and a model in {workdir}",
           flush=True)
-    prepared = run_worker("prepare", spec)
+    prepared = run_child(__file__, "prepare", spec)
     orchestrator_rss = own_peak_rss_mib()
     runs: dict[str, list[dict]] = {name: [] for name in PATHS}
     for repeat in range(args.repeats):
         for name in PATHS if repeat % 2 == 0 else PATHS[::-1]:
-            report = run_worker(name, spec, run_name=f"{name}-{repeat}")
+            report = run_child(__file__, name, spec, run_name=f"{name}-{repeat}")
             runs[name].append(report)
             print(f"{name:<12} run {repeat + 1}: {report['process_wall_s']:.1f} s wall, "
                   f"{report['cpu_s']:.1f} s CPU, peak RSS {report['peak_rss_mib']:.0f} MiB",
@@ -238,9 +212,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     orchestrator_rss = max(orchestrator_rss, own_peak_rss_mib())
     if args.profile:  # separate runs: the profiler's overhead must not reach the timings
         for name in PATHS:
-            run_worker(name, spec, run_name=f"{name}-profile")
+            run_child(__file__, name, spec, run_name=f"{name}-profile")
             print(f"{name:<12} profiled: {args.results / f'profile-{name}.txt'}", flush=True)
-    agreement = run_worker("compare", spec)["agreement"]
+    agreement = run_child(__file__, "compare", spec)["agreement"]
 
     paths = {name: summarise(runs[name]) for name in PATHS}
     ts, mo = paths["transferseg"], paths["monai"]
@@ -317,40 +291,19 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return worker(args)
+        return serve_worker(args, measured, prepare=prepare,
+                            compare=lambda spec, workdir: compare(workdir))
     stem = "inference-quick" if args.quick else "inference"
     with tempfile.TemporaryDirectory(prefix="transferseg-bench-") as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         result = benchmark(args, workdir.resolve())
     print_table(result)
-    json_path, png_path = args.results / f"{stem}.json", args.results / f"{stem}.png"
-    write_atomically(json_path, lambda t: t.write_text(json.dumps(result, indent=2) + "\n"))
-    plot(result, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    write_results(result, args.results, stem, plot)
     return 0
 
 
 # --- the children -------------------------------------------------------------------------------
-
-def worker(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    spec = json.loads(args.spec.read_text(encoding="utf-8"))
-    workdir = Path(spec["workdir"])
-    if args.worker == "prepare":
-        report = prepare(spec, workdir)
-    elif args.worker == "compare":
-        report = compare(workdir)
-    else:
-        run = transferseg_path if args.worker == "transferseg" else monai_path
-        profile_to = None
-        if args.run_name.endswith("-profile"):
-            profile_to = Path(spec["profile_dir"]) / f"profile-{args.worker}.txt"
-        report = measured(run, spec, workdir, args.run_name, profile_to)
-        report["imports_s"] = report.pop("work_start") - start  # this file's own set-up
-    print(RESULT_PREFIX + json.dumps(report), flush=True)
-    return 0
-
 
 def prepare(spec: dict, workdir: Path) -> dict:
     """Write the synthetic scan and a fixed-seed random UNet as a TransferSeg model file."""
@@ -432,30 +385,13 @@ def write_synthetic_ct(path: Path, size: list[int], spacing: list[float]) -> Non
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
-def measured(run, spec: dict, workdir: Path, run_name: str, profile_to: Path | None) -> dict:
-    """Run one path with CUDA peak statistics reset before and read after; optionally
-    cProfiled (then the time includes profiler overhead)."""
-    import torch
-
-    cuda = spec["device"].startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(torch.device(spec["device"]))
+def measured(kind: str, spec: dict, workdir: Path, run_name: str,
+             profile_to: Path | None) -> dict:
+    """Run one path, optionally cProfiled (then the time includes profiler overhead)."""
+    run = transferseg_path if kind == "transferseg" else monai_path
     output = workdir / f"{run_name.rsplit('-', 1)[0]}.nii.gz"
-    work_start = time.perf_counter()
-    stages = call_profiled(run, spec, workdir, output, profile_to=profile_to, tottime_rows=30)
-    if cuda:
-        torch.cuda.synchronize()
-    report = {
-        "work_start": work_start,
-        "work_s": time.perf_counter() - work_start,
-        "stages_s": stages,
-        "vm_hwm_mib": vm_hwm_mib(),
-    }
-    if cuda:
-        device = torch.device(spec["device"])
-        report["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
-        report["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
-    return report
+    stages, start, end, fields = timed_on_device(run, spec, workdir, output, profile_to, 30)
+    return {"work_start": start, "work_s": end - start, "stages_s": stages, **fields}
 
 
 def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:

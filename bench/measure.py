@@ -4,10 +4,13 @@ that measures children keeps its own memory peak small."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -99,3 +102,121 @@ def vm_hwm_mib() -> float | None:
     except OSError:
         pass
     return None
+
+
+# --- the parent's side: one fresh child process per measured run --------------------------------
+
+RESULT_PREFIX = "BENCH-RESULT "  # the line on which a child prints its report
+# A run during which other processes kept more than this many cores busy on average is marked
+# disturbed: torch's threads then wait for each other and step times grow many fold.
+DISTURBED_CORES = 0.25
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds spent by all processes since boot (Linux ``/proc/stat``), or None."""
+    try:
+        fields = Path("/proc/stat").read_text(encoding="utf-8").split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cores_busy(seconds: float) -> float | None:
+    """How many cores all processes kept busy, on average, over the next ``seconds``."""
+    before = busy_cpu_s()
+    time.sleep(seconds)
+    after = busy_cpu_s()
+    return None if before is None or after is None else round((after - before) / seconds, 2)
+
+
+def run_child(script: str | Path, kind: str, spec: Path, run_name: str = "") -> dict:
+    """Run ``script`` as ``--worker kind`` in a fresh interpreter; its report, wall time, CPU
+    time, peak RSS and how busy the other cores were. The child is reaped with ``os.wait4``
+    so its resource usage can be read (that of its own children, e.g. DataLoader workers,
+    included: they are joined before it exits; ``ru_maxrss`` is then the largest single
+    process, not their sum)."""
+    command = [sys.executable, str(Path(script).resolve()), "--worker", kind, "--spec",
+               str(spec), "--run-name", run_name]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    busy_before = busy_cpu_s()
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read()
+    child.stdout.close()
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    busy_after = busy_cpu_s()
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+    if child.returncode != 0 or not lines:
+        sys.stdout.write(output)
+        raise SystemExit(f"worker {kind} failed with exit status {child.returncode}")
+    report = json.loads(lines[-1][len(RESULT_PREFIX):])
+    report["run"] = run_name
+    report["process_wall_s"] = wall
+    report["cpu_s"] = usage.ru_utime + usage.ru_stime
+    report["load_before"] = load
+    report["involuntary_switches"] = usage.ru_nivcsw  # preempted: other work wanted the cores
+    if busy_before is not None and busy_after is not None:
+        # Cores kept busy by everything but the child while it ran (its own CPU time taken off).
+        other = max(0.0, busy_after - busy_before - report["cpu_s"])
+        report["other_cores"] = other / wall
+        report["disturbed"] = report["other_cores"] > DISTURBED_CORES
+    # Linux reports KiB, macOS bytes.
+    report["peak_rss_mib"] = usage.ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
+    return report
+
+
+def write_results(result: dict, results: Path, stem: str, plot) -> None:
+    """``results/<stem>.json`` (atomically) and ``plot(result, results/<stem>.png)``."""
+    json_path, png_path = results / f"{stem}.json", results / f"{stem}.png"
+    write_atomically(json_path, lambda t: t.write_text(json.dumps(result, indent=2) + "\n"))
+    plot(result, png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
+# --- the child's side ----------------------------------------------------------------------------
+
+def serve_worker(args, measured_run, **other_kinds) -> int:
+    """The child's main: ``--worker`` names either one of ``other_kinds`` (``kind(spec,
+    workdir) -> report``, e.g. preparing the inputs) or a measured path, run by
+    ``measured_run(kind, spec, workdir, run_name, profile_to)``; the report is printed on the
+    :data:`RESULT_PREFIX` line. A run named ``*-profile`` is cProfiled into the spec's
+    ``profile_dir`` as ``<profile_stem>-<kind>.txt``."""
+    start = time.perf_counter()
+    spec = json.loads(args.spec.read_text(encoding="utf-8"))
+    workdir = Path(spec["workdir"])
+    if args.worker in other_kinds:
+        report = other_kinds[args.worker](spec, workdir)
+    else:
+        profile_to = None
+        if args.run_name.endswith("-profile"):
+            profile_to = Path(spec["profile_dir"]) / f"{spec['profile_stem']}-{args.worker}.txt"
+        report = measured_run(args.worker, spec, workdir, args.run_name, profile_to)
+        report["imports_s"] = report.pop("work_start") - start  # the script's own set-up
+    print(RESULT_PREFIX + json.dumps(report), flush=True)
+    return 0
+
+
+def timed_on_device(run, spec: dict, workdir: Path, output: Path, profile_to: Path | None,
+                    tottime_rows: int) -> tuple:
+    """``run(spec, workdir, output)``, optionally cProfiled, with CUDA's peak statistics reset
+    before and read after: (its value, start, end, report fields: VmHWM and GPU peaks)."""
+    import torch
+
+    cuda = spec["device"].startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(torch.device(spec["device"]))
+    start = time.perf_counter()
+    value = call_profiled(run, spec, workdir, output, profile_to=profile_to,
+                          tottime_rows=tottime_rows)
+    if cuda:
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    fields = {"vm_hwm_mib": vm_hwm_mib()}
+    if cuda:
+        device = torch.device(spec["device"])
+        fields["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
+        fields["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
+    return value, start, end, fields

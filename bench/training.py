@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,21 +45,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
-    call_profiled,
+    DISTURBED_CORES,
+    MIB,
+    cores_busy,
     cpu_model,
     memory_gib,
     own_peak_rss_mib,
     ratio,
     resolved_device,
+    run_child,
+    serve_worker,
+    timed_on_device,
     version,
     vm_hwm_mib,
     write_atomically,
+    write_results,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("transferseg", "monai")
-RESULT_PREFIX = "BENCH-RESULT "
-MIB = 2**20
 
 SAMPLE = "totalseg_ct"
 # The organs kept, in output-channel order (channel 0 is background); every other label of the
@@ -80,9 +83,6 @@ LR, WEIGHT_DECAY = 1e-3, 1e-5
 CT_WINDOW = (-1000.0, 1000.0)
 MONAI_WORKERS = 2  # MONAI's tutorials use 4 to 8 loader workers; 2 suits a 2-core machine
 SEED = 0
-# A run during which other processes kept more than this many cores busy on average is marked
-# disturbed: torch's threads then wait for each other and step times grow many fold.
-DISTURBED_CORES = 0.25
 
 
 # --- the parent ---------------------------------------------------------------------------------
@@ -129,62 +129,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.patch) < 8 or any(p % 8 for p in args.patch):
         parser.error("--patch sizes must be multiples of 8 (three stride-2 levels)")
     return args
-
-
-def run_worker(kind: str, spec: Path, run_name: str = "") -> dict:
-    """Run this file as ``--worker kind`` in a fresh interpreter; its report, wall time, CPU
-    time and peak RSS. The child is reaped with ``os.wait4`` so its resource usage can be read
-    (that of its own children, the DataLoader workers, included: they are joined before it
-    exits; ``ru_maxrss`` is then the largest single process, not their sum)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec),
-               "--run-name", run_name]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    busy_before = busy_cpu_s()
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    output = child.stdout.read()
-    child.stdout.close()
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    busy_after = busy_cpu_s()
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
-    if child.returncode != 0 or not lines:
-        sys.stdout.write(output)
-        raise SystemExit(f"worker {kind} failed with exit status {child.returncode}")
-    report = json.loads(lines[-1][len(RESULT_PREFIX):])
-    report["run"] = run_name
-    report["process_wall_s"] = wall
-    report["cpu_s"] = usage.ru_utime + usage.ru_stime
-    report["load_before"] = load
-    report["involuntary_switches"] = usage.ru_nivcsw  # preempted: other work wanted the cores
-    if busy_before is not None and busy_after is not None:
-        # Cores kept busy by everything but the child while it ran (its own CPU time, loader
-        # workers included, taken off).
-        other = max(0.0, busy_after - busy_before - report["cpu_s"])
-        report["other_cores"] = other / wall
-        report["disturbed"] = report["other_cores"] > DISTURBED_CORES
-    # Linux reports KiB, macOS bytes.
-    report["peak_rss_mib"] = usage.ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
-    return report
-
-
-def busy_cpu_s() -> float | None:
-    """CPU seconds spent by all processes since boot (Linux ``/proc/stat``), or None."""
-    try:
-        fields = Path("/proc/stat").read_text(encoding="utf-8").split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def cores_busy(seconds: float) -> float | None:
-    """How many cores all processes kept busy, on average, over the next ``seconds``."""
-    before = busy_cpu_s()
-    time.sleep(seconds)
-    after = busy_cpu_s()
-    return None if before is None or after is None else round((after - before) / seconds, 2)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -326,12 +270,12 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
               "with torch's threads competing for cores, step times can grow many fold",
               flush=True)
     print(f"preparing the {SAMPLE} dataset in {workdir}", flush=True)
-    prepared = run_worker("prepare", spec)
+    prepared = run_child(__file__, "prepare", spec)
     orchestrator_rss = own_peak_rss_mib()
     runs: dict[str, list[dict]] = {name: [] for name in PATHS}
     for repeat in range(args.repeats):
         for name in PATHS if repeat % 2 == 0 else PATHS[::-1]:
-            report = run_worker(name, spec, run_name=f"{name}-{repeat}")
+            report = run_child(__file__, name, spec, run_name=f"{name}-{repeat}")
             runs[name].append(report)
             other = report.get("other_cores")
             print(f"{name:<12} run {repeat + 1}: {report['patches_per_s']:.3f} patches/s, "
@@ -342,7 +286,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
     orchestrator_rss = max(orchestrator_rss, own_peak_rss_mib())
     if args.profile:  # separate runs: the profiler's overhead must not reach the timings
         for name in PATHS:
-            run_worker(name, spec, run_name=f"{name}-profile")
+            run_child(__file__, name, spec, run_name=f"{name}-profile")
             print(f"{name:<12} profiled: {args.results / f'profile-{stem}-{name}.txt'}",
                   flush=True)
 
@@ -474,38 +418,18 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return worker(args)
+        return serve_worker(args, measured, prepare=prepare)
     stem = "training-quick" if args.quick else "training"
     with tempfile.TemporaryDirectory(prefix="transferseg-bench-") as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         result = benchmark(args, workdir.resolve(), stem)
     print_table(result)
-    json_path, png_path = args.results / f"{stem}.json", args.results / f"{stem}.png"
-    write_atomically(json_path, lambda t: t.write_text(json.dumps(result, indent=2) + "\n"))
-    plot(result, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    write_results(result, args.results, stem, plot)
     return 0
 
 
 # --- the children -------------------------------------------------------------------------------
-
-def worker(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    spec = json.loads(args.spec.read_text(encoding="utf-8"))
-    workdir = Path(spec["workdir"])
-    if args.worker == "prepare":
-        report = prepare(spec, workdir)
-    else:
-        run = transferseg_path if args.worker == "transferseg" else monai_path
-        profile_to = None
-        if args.run_name.endswith("-profile"):
-            profile_to = Path(spec["profile_dir"]) / f"{spec['profile_stem']}-{args.worker}.txt"
-        report = measured(run, spec, workdir, args.run_name, profile_to)
-        report["imports_s"] = report.pop("work_start") - start  # this file's own set-up
-    print(RESULT_PREFIX + json.dumps(report), flush=True)
-    return 0
-
 
 def prepare(spec: dict, workdir: Path) -> dict:
     """Write the dataset both paths read: the sample's scan, its label map reduced to
@@ -570,27 +494,14 @@ def prepare(spec: dict, workdir: Path) -> dict:
     }
 
 
-def measured(run, spec: dict, workdir: Path, run_name: str, profile_to: Path | None) -> dict:
-    """Run one path with CUDA peak statistics reset before and read after; optionally
-    cProfiled (then the times include the profiler's overhead)."""
-    import torch
-
-    cuda = spec["device"].startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(torch.device(spec["device"]))
-    output = workdir / run_name
-    work_start = time.perf_counter()
-    clock = call_profiled(run, spec, workdir, output, profile_to=profile_to, tottime_rows=40)
-    if cuda:
-        torch.cuda.synchronize()
-    end = time.perf_counter()
-    report = {"work_start": work_start, "work_s": end - work_start,
-              **step_statistics(clock, spec, work_start, end), "vm_hwm_mib": vm_hwm_mib()}
-    if cuda:
-        device = torch.device(spec["device"])
-        report["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
-        report["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
-    return report
+def measured(kind: str, spec: dict, workdir: Path, run_name: str,
+             profile_to: Path | None) -> dict:
+    """Run one path, optionally cProfiled (then the times include the profiler's overhead)."""
+    run = transferseg_path if kind == "transferseg" else monai_path
+    clock, start, end, fields = timed_on_device(run, spec, workdir, workdir / run_name,
+                                                profile_to, 40)
+    return {"work_start": start, "work_s": end - start,
+            **step_statistics(clock, spec, start, end), **fields}
 
 
 def step_statistics(clock: dict, spec: dict, work_start: float, work_end: float) -> dict:
