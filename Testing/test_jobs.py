@@ -634,19 +634,23 @@ def test_jobs_report_what_they_cost_and_a_short_gpu_is_warned_before_training(
     from TransferSegLib import resources
 
     model, card = checkpoint.load_model(base_model)
+    recorded_metrics = {"train_gpu_peak_gb": 9.0, "train_batch_size": 1,
+                        "train_patch_size": [16, 16, 16]}
     recorded = checkpoint.save_model(tmp_path / "measured.safetensors", model, dataclasses_replace(
-        card, metrics={"train_gpu_peak_gb": 9.0, "train_batch_size": 1,
-                       "train_patch_size": [16, 16, 16]}))
+        card, metrics=recorded_metrics))
     monkeypatch.setattr(resources, "free_gpu_gb", lambda device: 2.0)  # a GPU short of memory
     events = []
     path = finetune_job(tmp_path / "job", recorded, steps=2)
     assert jobrunner.run_job(path, events.append) == jobs.EXIT_DONE
     messages = [e["message"] for e in events if e["event"] == "message"]
-    assert any("2.0 GB free" in m and "10.3 GB" in m for m in messages)
     done = next(e for e in events if e["event"] == "done")
     assert done["cpu_peak_rss_gb"] > 0 and "gpu_peak_gb" not in done  # trained on the CPU
-    # The new model keeps the base's measured need (nothing was measured on a GPU here).
+    # The need is scaled from the base's measured patch to the patch this run trains on.
     _, trained = checkpoint.load_model(Path(done["model"]))
+    need = resources.training_need_gb(recorded_metrics, trained.patch_size, 1)
+    assert need > 2.0
+    assert any("2.0 GB free" in m and f"{need:.1f} GB" in m for m in messages)
+    # The new model keeps the base's measured need (nothing was measured on a GPU here).
     assert trained.metrics["train_gpu_peak_gb"] == 9.0
 
     image, _ = synthetic_case()

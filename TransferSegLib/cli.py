@@ -411,7 +411,8 @@ def _transfer_arguments(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     from TransferSegLib.strategies import STRATEGIES
 
     parser.add_argument("--patch", type=int, nargs=3,
-                        help="training and inference patch, voxels x y z (default: the base's)")
+                        help="training and inference patch, voxels x y z (default: the training "
+                        "scans' extent at the model's spacing, within a budget)")
     return STRATEGIES
 
 
