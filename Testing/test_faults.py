@@ -625,3 +625,59 @@ def test_training_out_of_memory_names_the_batch_size(tmp_path, material, monkeyp
                           config)
     assert str(error.value).startswith("The computer ran out of memory")
     assert not (tmp_path / "run" / LOCK).exists()
+
+
+def _unwritable_folder() -> Path | None:
+    """A folder that refuses new files even to root (sysfs), or None where there is none."""
+    for candidate in (Path("/sys"), Path("/proc/self")):
+        try:
+            fd, probe = tempfile.mkstemp(dir=candidate)
+        except OSError:
+            return candidate
+        os.close(fd)
+        os.unlink(probe)
+    return None
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
+    from TransferSegLib.cli import main
+
+    sample = real_sample("totalseg_ct")
+    model = tmp_path / "model.safetensors"
+    net = networks.build_network("unet", 1, 5, **TINY)
+    checkpoint.save_model(model, net, checkpoint.ModelCard(
+        architecture="unet", in_channels=1, out_channels=5, arguments=TINY,
+        labels={0: "background", **dict(enumerate(ORGANS.values(), 1))},
+        spacing=[6.0, 6.0, 6.0], patch_size=[32, 32, 32],
+        normalisation={"kind": "ct", "window": [-1000.0, 1000.0]}, modality="CT"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    commands = [
+        # a folder below a file: it can never be made
+        ["segment", "--model", str(model), "--image", str(sample.image),
+         "--output", str(a_file / "seg.nii.gz")],
+        ["evaluate", "--prediction", str(sample.label), "--reference", str(sample.label),
+         "--json", str(a_file / "scores.json")],
+        ["finetune", "--base", str(model), "--data", str(sample.image.parent),
+         "--out", str(a_file / "run")],
+        ["models", "export", str(model), "--bundle", str(a_file / "bundle")],
+    ]
+    blocked = _unwritable_folder()
+    if blocked is not None:  # a real folder that refuses writes, even to root
+        commands += [
+            ["segment", "--model", str(model), "--image", str(sample.image),
+             "--output", str(blocked / "seg.nii.gz")],
+            ["finetune", "--base", str(model), "--data", str(sample.image.parent),
+             "--out", str(blocked / "run"), "--steps", "1"],
+            ["models", "export", str(model), "--bundle", str(blocked / "bundle")],
+            ["demo", "--out", str(blocked / "demo")],
+        ]
+    for argv in commands:
+        started = time.perf_counter()
+        assert main(argv) == 2, argv
+        _, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: Cannot write into "), (argv, err)
+        assert "Traceback" not in err
+        assert time.perf_counter() - started < 20  # refused before the work, not after it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "model.safetensors"]

@@ -551,6 +551,7 @@ _PATHS = {
     "finetune": (("base", "data", "val"), (), ("out",)),
     "pretrain": (("data",), (), ("out",)),
     "study": (("pool", "test", "base"), (), ("out",)),
+    "demo": ((), (), ("out",)),
 }
 
 
@@ -563,19 +564,22 @@ def _paths(args: argparse.Namespace, names: tuple[str, ...]) -> list:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """No output of the command may be, or (a folder) hold, one of its inputs: checked before
-    any work, with or without --overwrite (:func:`files.refuse_inputs_as_outputs`)."""
-    from TransferSegLib.files import refuse_inputs_as_outputs
+    """No output of the command may be, or (a folder) hold, one of its inputs, and every
+    output must be writable where it is asked for: checked before any work, with or without
+    --overwrite (:func:`files.refuse_inputs_as_outputs`, :func:`files.require_writable`)."""
+    from TransferSegLib.files import refuse_inputs_as_outputs, require_writable
 
     if args.command == "models" and args.action == "export":
         inputs = [p for p in args.ids if Path(p).exists()]
-        refuse_inputs_as_outputs(inputs, _paths(args, ("torchscript",)),
-                                 _paths(args, ("bundle", "nnunet")))
+        files, folders = _paths(args, ("torchscript",)), _paths(args, ("bundle", "nnunet"))
+    elif args.command in _PATHS:
+        names, file_names, folder_names = _PATHS[args.command]
+        inputs, files, folders = (_paths(args, names), _paths(args, file_names),
+                                  _paths(args, folder_names))
+    else:
         return
-    if args.command in _PATHS:
-        inputs, files, folders = _PATHS[args.command]
-        refuse_inputs_as_outputs(_paths(args, inputs), _paths(args, files),
-                                 _paths(args, folders))
+    refuse_inputs_as_outputs(inputs, files, folders)
+    require_writable(files, folders)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,6 +133,32 @@ def refuse_inputs_as_outputs(inputs: list, files: list, folders: list = ()) -> N
             if resolved in output.resolve().parents or output.resolve() == resolved:
                 raise InputError(f"Output {output} is inside the output folder {folder}; "
                                  "give it a place of its own.")
+
+
+def require_writable(files: list, folders: list = ()) -> None:
+    """Raise :class:`InputError` before any work if an output cannot be written where it is
+    asked for: for an output file its folder, for an output folder the folder itself or, where
+    it does not exist yet, the nearest folder above it that does. Writing is tried for real (an
+    empty hidden file made and removed at once): permission bits say nothing for root, and
+    read-only or special file systems (``/sys``, a full or read-only mount) only answer a
+    write. Empty entries are skipped."""
+    places = [Path(p).parent for p in files if p] + [Path(p) for p in folders if p]
+    for place in places:
+        existing = place
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise InputError(f"Cannot write into {place}: {existing} is a file, not a folder; "
+                             "choose another output.")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".transferseg-write-check-", dir=existing)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise InputError(f"Cannot write into {existing} ({reason}): choose an output in a "
+                             "folder you may write to.") from None
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def _fsync_file(path: Path) -> None:
