@@ -220,3 +220,23 @@ def test_console_script_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "TransferSegLib", "--version"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("transferseg ")
+
+
+def test_study_numbers_and_pretraining_patches_are_checked_in_one_sentence(tmp_path, capsys):
+    sample = real_sample("totalseg_ct")
+    for flag in ("--sizes", "--seeds"):
+        with pytest.raises(SystemExit) as exit_:  # argparse's usage line and one error
+            main(["study", "--pool", str(sample.image.parent), "--test",
+                  str(sample.image.parent), "--out", str(tmp_path / "s"), flag, "liver"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "whole numbers separated by commas" in err and "Traceback" not in err
+    from TransferSegLib.demo import sample_dataset
+
+    data = sample_dataset("totalseg_ct", tmp_path / "data", keep=("liver",))
+    for patch in (["16", "16", "16"], ["8", "8", "8"]):  # unet: divisor 16, and below it
+        code, _, err = run(capsys, "pretrain", "--data", str(data), "--out",
+                           str(tmp_path / f"base{patch[0]}"), "--patch", *patch, "--steps", "1")
+        assert code == 2
+        assert_one_sentence(err, "patch")
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # refused before any writing

@@ -339,6 +339,15 @@ COMMANDS = {
                       "--nnunet": "out", "--overwrite": "switch"},
     "models import": {"--nnunet": "path", "--fold": "number", "--file": "path"},
     "models show": {"id": "text"},
+    "models register": {"--file": "path", "--overwrite": "switch"},
+    "models list": {"--json": "switch"},
+    "samples list": {"--json": "switch"},
+    "pretrain": {"--data": "path", "--out": "out", "--steps": "number", "--patch": "patch",
+                 "--spacing": "patch", "--heads": "heads", "--batch-size": "number",
+                 "--modality": "text", "--overwrite": "switch"},
+    "study": {"--pool": "path", "--test": "path", "--base": "path", "--out": "out",
+              "--strategies": "strategies", "--sizes": "text", "--seeds": "text",
+              "--steps": "number", "--patch": "patch", "--overwrite": "switch"},
 }
 
 
@@ -346,11 +355,14 @@ COMMANDS = {
 REQUIRED = {"segment": ["--model", "--image", "--output"],
             "evaluate": ["--prediction", "--reference"], "finetune": ["--data", "--out"],
             "models export": ["model", "--nnunet"], "models import": ["--nnunet"],
-            "models show": ["id"]}
+            "models show": ["id"], "models register": ["--file"], "models list": [],
+            "samples list": [], "pretrain": ["--data", "--out"],
+            "study": ["--pool", "--test", "--out"]}
 # The right kind of input for a flag, drawn half of the time.
 FITTING = {"--model": "model", "--image": "scan", "--prediction": "label",
            "--reference": "label", "--labels": "table", "--data": "cases", "--base": "model",
-           "model": "model", "--nnunet": "nnunet"}
+           "model": "model", "--nnunet": "nnunet", "--file": "model", "--pool": "cases",
+           "--test": "cases"}
 
 
 def _value(draw, kind: str, flag: str, material: dict) -> str:
@@ -369,7 +381,9 @@ def _value(draw, kind: str, flag: str, material: dict) -> str:
         "device": ["cpu", "auto", "cuda:7", "nope"],
         "patch": ["8 8 8", "1 1 1", "0 8 8", "-8 8 8"],
         "strategy": ["scratch", "finetune", "vanilla"],
-        "text": ["liver", "", "no-such", "$x", "liver,spleen"],
+        "text": ["liver", "", "no-such", "$x", "liver,spleen", "1", "0,1", "CT"],
+        "heads": ["shared", "per-dataset", "many"],
+        "strategies": ["scratch", "scratch,finetune", "finetune", "scratch,nope", ""],
     }[kind]
     return draw(st.sampled_from(choices))
 
@@ -394,7 +408,7 @@ def command_lines(draw, material: dict) -> list[str]:
             argv += [flag, *value.split()]
         else:
             argv += [flag, value]
-    if command == "finetune" and "--steps" not in argv:
+    if command in ("finetune", "pretrain", "study") and "--steps" not in argv:
         argv += ["--steps", "1"]  # every run stays short
     if command == "finetune":
         argv += ["--val-every", "1"] if "--val-every" not in argv else []
@@ -405,7 +419,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-CLI_FUZZ = settings(max_examples=60, deadline=60_000, derandomize=True,
+CLI_FUZZ = settings(max_examples=100, deadline=60_000, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
@@ -423,7 +437,7 @@ def test_every_command_with_fuzzed_arguments_ends_in_a_result_or_one_sentence(
 
     monkeypatch.setenv("TRANSFERSEG_HOME", str(tmp_path_factory.mktemp("home")))
     argv = data.draw(command_lines(cli_material))
-    if argv[0] == "finetune":
+    if argv[0] in ("finetune", "pretrain", "study"):
         steps = argv[argv.index("--steps") + 1]
         assume(steps in ("0", "1", "2", "-1", "abc", "", "nan", "inf", "0.5", "1.0"))
     before = _rss_mb()

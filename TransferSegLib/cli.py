@@ -344,13 +344,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     ))
 
 
+def _whole_numbers(text: str) -> list[int]:
+    """``"1,2"`` -> [1, 2]; anything else is argparse's one-line usage error."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, such as 1,2; not {text!r}") from None
+
+
 def _study(args: argparse.Namespace) -> int:
     from TransferSegLib import study
 
     rows = study.run_study(
         Path(args.pool), Path(args.test), Path(args.out), Path(args.base) if args.base else None,
-        args.strategies.split(","), [int(n) for n in args.sizes.split(",")],
-        [int(s) for s in args.seeds.split(",")], _train_config(args),
+        args.strategies.split(","), args.sizes, args.seeds, _train_config(args),
         labels=args.labels.split(",") if args.labels else None, architecture=args.architecture,
         patch_size=args.patch, learning_rates=args.lr if isinstance(args.lr, dict) else None,
         overwrite=args.overwrite,
@@ -520,8 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--base", help="base model file (needed unless only scratch)")
     st.add_argument("--strategies", default="scratch,finetune,vanilla",
                     help="comma-separated; scratch is the control and always needed")
-    st.add_argument("--sizes", default="1,2", help="training-set sizes, comma-separated")
-    st.add_argument("--seeds", default="0", help="seeds, comma-separated")
+    st.add_argument("--sizes", default=[1, 2], type=_whole_numbers,
+                    help="training-set sizes, comma-separated")
+    st.add_argument("--seeds", default=[0], type=_whole_numbers, help="seeds, comma-separated")
     st.add_argument("--labels", help="comma-separated label names to learn (default: shared)")
     _transfer_arguments(st)
     _training_arguments(st, per_strategy_lr=True)

@@ -182,6 +182,10 @@ def _checked_patch(card: ModelCard, patch_size: Sequence[int]) -> list[int]:
     if fixed is not None and list(reversed(patch)) != fixed:
         raise InputError(f"The {card.architecture} only takes patches of "
                          f"{list(reversed(fixed))} voxels.")
+    if fixed is None and divisor > 1 and all(v == divisor for v in patch):
+        # the deepest feature map would be one voxel, which instance norm cannot train on
+        raise InputError(f"The patch {patch} is too small for the {card.architecture}: make at "
+                         f"least one size {2 * divisor} or more.")
     networks.output_size(card.architecture, card.arguments, patch)  # valid-conv: checks it
     return patch
 
@@ -315,6 +319,7 @@ def pretrain(
         title=title, description=description,
         inference={"padding": "edge"},  # as its training patches (sampling.sample_patch)
     )
+    card = replace(card, patch_size=_checked_patch(card, patch_size))
     if heads == "shared":
         plan = transfer.prepare("scratch", architecture, arguments, None, None, target, 1,
                                 lr=config.lr, seed=config.seed)
