@@ -134,14 +134,15 @@ def context_patch(card: ModelCard, cases: Sequence[LabelledCase]) -> list[int] |
     """The fine-tuning patch (voxels, x y z) that shows the network the training scans whole:
     per axis the largest extent of the cases on the model's grid, rounded up to the network's
     divisor (at least twice the divisor, or the base's size where that is smaller). If that
-    exceeds ``max(base patch voxels, CONTEXT_VOXELS)``, the longest axis is shortened one
-    divisor at a time until it fits. None (keep the base's patch) for networks that take one
+    exceeds ``max(base patch voxels, CONTEXT_VOXELS)``, the longest axis (of two as long, the
+    later: z before y before x) is shortened one divisor at a time until it fits. None (keep the base's patch) for networks that take one
     input size only or give a smaller output than their input.
 
     Why: a model fine-tuned on one scan learns from where an organ lies as much as from how it
     looks; in 48^3 patches at 4 mm (19 cm) the spleen and the liver look alike and the side of
-    the body is not in view (bench/README.md: held-out Dice of scratch 0.15 -> 0.27 and of
-    finetune 0.20 -> 0.38 on liver, spleen and stomach when the patch covers the scan).
+    the body is not in view (bench/README.md: mean held-out Dice over three seeds of scratch
+    0.157 -> 0.281 and of finetune 0.201 -> 0.264 on liver, spleen and stomach when the patch
+    covers the scan).
     """
     from TransferSegLib import networks
     from TransferSegLib.preprocess import model_grid
@@ -162,7 +163,7 @@ def context_patch(card: ModelCard, cases: Sequence[LabelledCase]) -> list[int] |
     budget = max(base[0] * base[1] * base[2], CONTEXT_VOXELS)
     while patch[0] * patch[1] * patch[2] > budget:
         axis = max((a for a in range(3) if patch[a] - divisor >= floors[a]),
-                   key=lambda a: patch[a], default=None)
+                   key=lambda a: (patch[a], a), default=None)
         if axis is None:
             return base
         patch[axis] -= divisor
