@@ -208,12 +208,12 @@ def test_samples_list_and_demo(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--steps", "2")
     assert code == 0
     assert "liver" in out and str(tmp_path / "demo") in out
-    assert out.count("scratch on the held-out CT") == 2  # a verdict per transfer strategy
+    assert out.count("scratch on the held-out CT") == 3  # a verdict per transfer strategy
     for name in ("dice_totalseg_fast.csv", "study/summary.md", "study/dice_vs_n.png",
-                 "held_out_finetune.seg.nrrd"):
+                 "held_out_discriminative.seg.nrrd"):
         assert (tmp_path / "demo" / name).exists(), name
     rows = list(csv.DictReader(open(tmp_path / "demo" / "study" / "results.csv")))
-    assert [r["strategy"] for r in rows] == ["scratch", "finetune", "vanilla"]
+    assert [r["strategy"] for r in rows] == ["scratch", "discriminative", "finetune", "vanilla"]
 
 
 def test_console_script_runs_as_a_module():

@@ -343,9 +343,13 @@ def test_the_module_uses_the_librarys_strategies_and_devices():
     from TransferSegLib import strategies
 
     module = ast.unparse(module_tree())  # the parameter node's choices come from the library
-    assert "from TransferSegLib.strategies import DEFAULT_BASE, STRATEGIES" in module
+    assert "from TransferSegLib.strategies import DEFAULT_BASE, DEFAULT_STRATEGY, STRATEGIES" \
+        in module
     assert "Choice(list(STRATEGIES))" in module and strategies.STRATEGIES[0] == "scratch"
     assert "Default(DEFAULT_BASE)" in module  # the shipped CT base is offered first
+    # the library's default strategy, as the command line and the jobs have it
+    assert "Default(DEFAULT_STRATEGY)" in module
+    assert strategies.DEFAULT_STRATEGY in strategies.STRATEGIES
     assert environment.DEVICES == ("auto", "cuda", "cpu")
 
 

@@ -253,3 +253,12 @@ def test_fine_tuning_from_a_base_trains_and_segments_with_the_context_patch(tmp_
     finetune(base, data, tmp_path / "chosen", "finetune", config, patch_size=[48, 48, 48])
     _, card = checkpoint.load_model(tmp_path / "chosen" / "model.safetensors")
     assert card.patch_size == [48, 48, 48]  # --patch wins
+
+
+def test_one_default_strategy_for_the_command_line_and_the_jobs():
+    from TransferSegLib import jobs
+    from TransferSegLib.strategies import DEFAULT_STRATEGY, STRATEGIES
+
+    args = build_parser().parse_args(["finetune", "--data", "d.csv", "--out", "run"])
+    assert args.strategy == DEFAULT_STRATEGY == jobs.PARAMS["finetune"]["strategy"][1]
+    assert DEFAULT_STRATEGY in STRATEGIES and DEFAULT_STRATEGY != "scratch"

@@ -40,6 +40,7 @@ from TransferSegModule.logic import LOG_LINES, Logic
 dependencies.make_library_importable()
 from TransferSegLib.strategies import (  # noqa: E402 (the library, found above)
     DEFAULT_BASE,
+    DEFAULT_STRATEGY,
     STRATEGIES,
 )
 
@@ -95,7 +96,7 @@ class TransferSegParameterNode:
     trainingSegmentation: vtkMRMLSegmentationNode
     pairs: list[TrainingPair]
     labelMapping: dict[str, str]  # segment name -> training label name ("" = ignore)
-    strategy: Annotated[str, Choice(list(STRATEGIES)), Default("finetune")]
+    strategy: Annotated[str, Choice(list(STRATEGIES)), Default(DEFAULT_STRATEGY)]
     steps: Annotated[int, WithinRange(1, 100000), Default(300)]
     # 0: each strategy's own learning rate (TransferSegLib.strategies.DEFAULTS)
     learningRate: Annotated[float, WithinRange(0.0, 1.0), Default(0.0)]

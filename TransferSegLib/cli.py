@@ -14,6 +14,7 @@ from pathlib import Path
 
 from TransferSegLib import __version__
 from TransferSegLib.errors import InputError, TransferSegError
+from TransferSegLib.strategies import DEFAULT_STRATEGY
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 3
@@ -504,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--val", help="separate validation dataset (default: 20%% held out, or "
                       "the training cases when there are fewer than 3)")
     strategies = _transfer_arguments(fine)
-    fine.add_argument("--strategy", default="finetune", choices=strategies)
+    fine.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=strategies,
+                      help=f"how the base is transferred (default {DEFAULT_STRATEGY}; see "
+                      "README's table)")
     fine.add_argument("--labels", help="comma-separated label names to learn (default: all)")
     _training_arguments(fine)
     fine.set_defaults(run=_finetune)

@@ -62,6 +62,7 @@ from TransferSegLib.files import atomic_output
 from TransferSegLib.names import unique_name
 from TransferSegLib.process import ChildProcess, child_environment
 from TransferSegLib.settings import json_types
+from TransferSegLib.strategies import DEFAULT_STRATEGY
 
 FORMAT = "transferseg-job"
 VERSION = 1
@@ -85,7 +86,7 @@ PARAMS: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
     "finetune": {
         **_COMMON,
         "base": ((str, type(None)), None),
-        "strategy": ((str,), "finetune"),
+        "strategy": ((str,), DEFAULT_STRATEGY),
         "architecture": ((str, type(None)), None),
         "arguments": ((dict, type(None)), None),
         "resume": ((bool,), False),

@@ -135,8 +135,9 @@ def context_patch(card: ModelCard, cases: Sequence[LabelledCase]) -> list[int] |
     per axis the largest extent of the cases on the model's grid, rounded up to the network's
     divisor (at least twice the divisor, or the base's size where that is smaller). If that
     exceeds ``max(base patch voxels, CONTEXT_VOXELS)``, the longest axis (of two as long, the
-    later: z before y before x) is shortened one divisor at a time until it fits. None (keep the base's patch) for networks that take one
-    input size only or give a smaller output than their input.
+    later: z before y before x) is shortened one divisor at a time until it fits. None (keep
+    the base's patch) for networks that take one input size only or give a smaller output
+    than their input.
 
     Why: a model fine-tuned on one scan learns from where an organ lies as much as from how it
     looks; in 48^3 patches at 4 mm (19 cm) the spleen and the liver look alike and the side of
