@@ -21,9 +21,12 @@ so N = 1 only. Writes ``bench/results/transfer.json`` and ``bench/results/transf
 and ``bench/results/transfer-curves.png`` (validation Dice against step).
 
     python bench/transfer.py [--steps 150] [--seeds 0,1,2] [--published-steps 80]
-                             [--only TARGET ...] [--quick]
+                             [--only TARGET ...] [--strategies scratch,...] [--quick]
 
-``--only`` runs some targets and merges them into the existing results file.
+``--only`` runs some targets and merges them into the existing results file; with
+``--strategies`` (scratch, the control, always among them) the runs of the other strategies
+already there are kept, so a strategy can be added to a target without running the rest again
+(every run is seeded, so scratch's runs come out the same).
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ sys.path.insert(0, str(HERE.parent))
 from TransferSegLib import __version__, ctbase, demo, study, zoo  # noqa: E402
 from TransferSegLib.training import TrainConfig  # noqa: E402
 
-STRATEGIES = ("scratch", "finetune", "vanilla")
+STRATEGIES = ("scratch", "finetune", "vanilla")  # the default set; --strategies adds others
+ORDER = ("scratch", "finetune", "vanilla", "discriminative", "finetune-last", "two-stage")
+COLOURS = dict(zip(ORDER, ("tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:purple",
+                           "tab:brown"), strict=True))
 
 
 def targets(work: Path) -> dict[str, list[tuple[Path, Path]]]:
@@ -78,6 +84,9 @@ def main() -> int:
     parser.add_argument("--published-steps", type=int, default=80,
                         help="steps of the runs from a published base (slower networks)")
     parser.add_argument("--only", nargs="*", help="run these targets only, merge the results")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="comma-separated, scratch included (the control); with --only, "
+                             "the runs of other strategies already in the results are kept")
     parser.add_argument("--quick", action="store_true", help="20 steps: a smoke run")
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     args = parser.parse_args()
@@ -88,6 +97,10 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="transferseg-bench-"))
     base = zoo.fetch(ctbase.MODEL_ID)
     seeds = [int(s) for s in args.seeds.split(",")]
+    strategies = tuple(args.strategies.split(","))
+    unknown = [name for name in strategies if name not in ORDER]
+    if unknown or "scratch" not in strategies:
+        parser.error(f"--strategies: scratch and some of {', '.join(ORDER)}, not {unknown}")
     # lr None: every strategy at its own default rate (scratch at its best, the fair control)
     config = TrainConfig(steps=args.steps, batch_size=2, val_every=max(args.steps // 6, 1),
                          checkpoint_every=args.steps, threads=args.threads)
@@ -107,14 +120,18 @@ def main() -> int:
         for index, (train, test) in enumerate(folds):
             print(f"== {name}, fold {index}", flush=True)
             rows += study.run_study(train, test, work / name / f"fold{index}", target_base,
-                                    STRATEGIES, (1,), seeds, target_config, patch_size=patch)
-        results[name] = summarise(rows)
+                                    strategies, (1,), seeds, target_config, patch_size=patch)
+        results[name] = records(rows)
         settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else ctbase.MODEL_ID,
                           "steps": target_config.steps, "seeds": seeds,
                           "lr": target_config.lr or "each strategy's own",
-                          "patch": patch or "the base's"}
+                          "patch": patch or "the training scan's extent (context_patch)"}
     # Merged with the file as it is now (another --only run may have written it meanwhile).
     previous = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
+    for name, runs in results.items():  # runs of strategies not run now are kept
+        kept = [r for r in previous.get("targets", {}).get(name, {}).get("runs", [])
+                if r["strategy"] not in strategies]
+        results[name] = summarise(kept + runs)
     results = {**previous.get("targets", {}), **results}
     settings = {**previous.get("settings", {}), **settings}
     report = {
@@ -136,28 +153,31 @@ def main() -> int:
     return 0
 
 
-def summarise(rows: list[dict]) -> dict:
+def records(rows: list[dict]) -> list[dict]:
+    """Each study row as it is kept in the results: its scores and validation curve."""
+    return [{**{k: r[k] for k in ("strategy", "seed", "cases", "test_dice", "labels",
+                                  "steps_ratio")},
+             "curve": [[h["step"], round(h["dice"], 4)] for h in r["history"]]} for r in rows]
+
+
+def summarise(runs: list[dict]) -> dict:
     """Per strategy: mean and spread of the test Dice over runs (seeds x folds), gain over
     scratch, steps-to-scratch-Dice ratio; and every run with its validation curve."""
     mean = {}
-    for strategy in STRATEGIES:
-        runs = [r for r in rows if r["strategy"] == strategy]
-        ratios = [r["steps_ratio"] for r in runs if r["steps_ratio"]]
-        dice = [r["test_dice"] for r in runs]
+    for strategy in [s for s in ORDER if any(r["strategy"] == s for r in runs)]:
+        chosen = [r for r in runs if r["strategy"] == strategy]
+        ratios = [r["steps_ratio"] for r in chosen if r["steps_ratio"]]
+        dice = [r["test_dice"] for r in chosen]
         mean[strategy] = {
             "test_dice": round(float(np.mean(dice)), 4),
             "sd": round(float(np.std(dice, ddof=1)), 4) if len(dice) > 1 else 0.0,
             "steps_ratio": round(float(np.mean(ratios)), 3) if ratios else None,
-            "reached": f"{len(ratios)}/{len(runs)}",
+            "reached": f"{len(ratios)}/{len(chosen)}",
         }
-    for strategy in STRATEGIES:
+    for strategy in mean:
         mean[strategy]["gain_over_scratch"] = round(
             mean[strategy]["test_dice"] - mean["scratch"]["test_dice"], 4)
-    cases = [{**{k: r[k] for k in ("strategy", "seed", "cases", "test_dice", "labels",
-                                   "steps_ratio")},
-              "curve": [[h["step"], round(h["dice"], 4)] for h in r["history"]]}
-             for r in rows]
-    return {"mean": mean, "runs": cases}
+    return {"mean": mean, "runs": runs}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -167,15 +187,17 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    width = 0.25
+    shown = [s for s in ORDER if any(s in results[n]["mean"] for n in names)]
+    width = 0.8 / len(shown)
     figure, axis = plt.subplots(figsize=(7, 4))
-    for i, strategy in enumerate(STRATEGIES):
-        values = [results[n]["mean"][strategy]["test_dice"] for n in names]
-        spread = [results[n]["mean"][strategy].get("sd", 0.0) for n in names]
-        bars = axis.bar(np.arange(len(names)) + (i - 1) * width, values, width, label=strategy,
-                        yerr=spread, capsize=2)
+    for i, strategy in enumerate(shown):
+        values = [results[n]["mean"].get(strategy, {}).get("test_dice", np.nan) for n in names]
+        spread = [results[n]["mean"].get(strategy, {}).get("sd", 0.0) for n in names]
+        offset = (i - (len(shown) - 1) / 2) * width
+        bars = axis.bar(np.arange(len(names)) + offset, values, width, label=strategy,
+                        yerr=spread, capsize=2, color=COLOURS[strategy])
         axis.bar_label(bars, fmt="%.2f", fontsize=7)
-    axis.set_xticks(np.arange(len(names)), names)
+    axis.set_xticks(np.arange(len(names)), names, rotation=15, fontsize=8)
     axis.set(ylabel="held-out Dice (N = 1)", title="One training volume: transfer vs scratch")
     axis.legend()
     figure.tight_layout()
@@ -195,14 +217,13 @@ def curves(results: dict, path: Path) -> None:
     if not names:
         return
     figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
-    colours = dict(zip(STRATEGIES, ("tab:grey", "tab:blue", "tab:orange"), strict=True))
     for axis, name in zip(axes[0], names, strict=True):
         for run in results[name]["runs"]:
             if run.get("curve"):
-                axis.plot(*zip(*run["curve"], strict=True), color=colours[run["strategy"]],
+                axis.plot(*zip(*run["curve"], strict=True), color=COLOURS[run["strategy"]],
                           alpha=0.7, lw=1)
-        for strategy, colour in colours.items():
-            axis.plot([], [], color=colour, label=strategy)
+        for strategy in [s for s in ORDER if s in results[name]["mean"]]:
+            axis.plot([], [], color=COLOURS[strategy], label=strategy)
         axis.set(title=name, xlabel="step", ylabel="validation Dice (held-out scan)")
         axis.legend(fontsize=7)
     figure.tight_layout()
