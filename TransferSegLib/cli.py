@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--pool", required=True, help="dataset the training cases are drawn from")
     st.add_argument("--test", required=True, help="separate dataset every run is scored on")
     st.add_argument("--base", help="base model file (needed unless only scratch)")
-    st.add_argument("--strategies", default="scratch,finetune,vanilla",
+    st.add_argument("--strategies", default=f"scratch,{DEFAULT_STRATEGY},finetune,vanilla",
                     help="comma-separated; scratch is the control and always needed")
     st.add_argument("--sizes", default=[1, 2], type=_whole_numbers,
                     help="training-set sizes, comma-separated")
