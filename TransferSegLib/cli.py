@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from TransferSegLib import __version__
+from TransferSegLib import events as ev
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.strategies import DEFAULT_STRATEGY
 
@@ -250,48 +251,6 @@ def _run(args: argparse.Namespace) -> int:
     return jobrunner.run_job_printing(Path(args.job))
 
 
-class EventPrinter:
-    """Training events as JSON lines (``--events jsonl``) or a progress bar with messages."""
-
-    def __init__(self, mode: str):
-        self.mode, self.bar = mode, None
-
-    def __call__(self, event: dict) -> None:
-        if self.mode == "jsonl":
-            print(json.dumps(event), flush=True)
-            return
-        kind = event["event"]
-        if kind == "step":
-            from tqdm import tqdm
-
-            if self.bar is None:
-                self.bar = tqdm(total=event["steps"], unit="step", dynamic_ncols=True,
-                                disable=not sys.stderr.isatty())
-            self.bar.n = event["step"]
-            self.bar.set_postfix(loss=f"{event['loss']:.4f}")
-            self.bar.refresh()
-        elif kind == "start":
-            print(event["report"])
-            print(f"training on {event['device']} ({event['world']} process(es)), "
-                  f"{event['cases']} case(s), {event['validation_cases']} for validation")
-        elif kind == "validation":
-            self._write(f"step {event['step']}: validation Dice {event['dice']:.4f}"
-                        + (" (best)" if event["improved"] else ""))
-        elif kind in ("message", "stage"):
-            self._write(event["message"])
-        elif kind in ("done", "cancelled"):
-            if self.bar is not None:
-                self.bar.close()
-            print(f"{event['status']} after {event['step']} steps in {event['seconds']} s; "
-                  f"model: {event['model']}")
-
-    def _write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text)
-
-
 def _train_config(args: argparse.Namespace):
     from TransferSegLib.settings import TrainConfig, command_line_settings
 
@@ -328,7 +287,7 @@ def _finetune(args: argparse.Namespace) -> int:
         args.strategy, _train_config(args), val_data=Path(args.val) if args.val else None,
         labels=args.labels.split(",") if args.labels else None,
         architecture=args.architecture, patch_size=args.patch,
-        events=EventPrinter(args.events),
+        events=ev.EventPrinter(args.events),
         resume=args.resume, overwrite=args.overwrite, cancel_file=_cancel_file(args),
     ))
 
@@ -339,7 +298,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     return _in_process_group(lambda: recipes.pretrain(
         [Path(p) for p in args.data], Path(args.out), _train_config(args),
         architecture=args.architecture, spacing=args.spacing, patch_size=args.patch,
-        modality=args.modality, heads=args.heads, events=EventPrinter(args.events),
+        modality=args.modality, heads=args.heads, events=ev.EventPrinter(args.events),
         resume=args.resume,
         overwrite=args.overwrite, cancel_file=_cancel_file(args),
     ))

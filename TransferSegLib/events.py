@@ -4,13 +4,15 @@ The trainer, the jobs and the download child send them; the command line prints 
 (``--events jsonl``) or draws a bar; :class:`TransferSegLib.process.ChildProcess` and the
 Slicer panel read them back. Kinds: ``start``, ``step``, ``validation``, ``stage``,
 ``checkpoint``, ``message``, ``case``, ``segmented``, ``scores``, ``progress``, and one final
-``done``, ``cancelled`` or ``error``. Standard library only.
+``done``, ``cancelled`` or ``error``. Standard library only (the command line's progress bar,
+:class:`EventPrinter`, imports tqdm when it first draws).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 
 TERMINAL = ("done", "cancelled", "error")  # the last event of a job
@@ -46,6 +48,50 @@ def from_line(line: str) -> dict | None:
     except ValueError:
         return None
     return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None
+
+
+# --- the command line's printer of them ----------------------------------------------------------
+
+class EventPrinter:
+    """Training events as JSON lines (``--events jsonl``) or a progress bar with messages."""
+
+    def __init__(self, mode: str):
+        self.mode, self.bar = mode, None
+
+    def __call__(self, event: dict) -> None:
+        if self.mode == "jsonl":
+            print(to_line(event), end="", flush=True)
+            return
+        kind = event["event"]
+        if kind == "step":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=event["steps"], unit="step", dynamic_ncols=True,
+                                disable=not sys.stderr.isatty())
+            self.bar.n = event["step"]
+            self.bar.set_postfix(loss=f"{event['loss']:.4f}")
+            self.bar.refresh()
+        elif kind == "start":
+            print(event["report"])
+            print(f"training on {event['device']} ({event['world']} process(es)), "
+                  f"{event['cases']} case(s), {event['validation_cases']} for validation")
+        elif kind == "validation":
+            self._write(f"step {event['step']}: validation Dice {event['dice']:.4f}"
+                        + (" (best)" if event["improved"] else ""))
+        elif kind in ("message", "stage"):
+            self._write(event["message"])
+        elif kind in ("done", "cancelled"):
+            if self.bar is not None:
+                self.bar.close()
+            print(f"{event['status']} after {event['step']} steps in {event['seconds']} s; "
+                  f"model: {event['model']}")
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text)
 
 
 # --- one constructor per kind: the fields each kind carries -------------------------------------
