@@ -17,7 +17,16 @@ import SimpleITK as sitk
 import torch
 from conftest import real_sample
 
-from TransferSegLib import checkpoint, ctbase, datasets, sampling, training, volumes, zoo
+from TransferSegLib import (
+    checkpoint,
+    ctbase,
+    datasets,
+    networks,
+    sampling,
+    training,
+    volumes,
+    zoo,
+)
 from TransferSegLib.cli import build_parser
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.losses import SegmentationLoss
@@ -239,8 +248,6 @@ def test_fine_tuning_from_a_base_trains_and_segments_with_the_context_patch(tmp_
     data = _scan_dataset(tmp_path / "data", (100, 80, 20), (3.0, 3.0, 3.0))
     base_card = _card({0: "background", 1: "spleen"})
     base = tmp_path / "base.safetensors"
-    from TransferSegLib import networks
-
     model = networks.build_network(base_card.architecture, 1, 2, **base_card.arguments)
     checkpoint.save_model(base, model, base_card)
     config = training.TrainConfig(steps=2, batch_size=1, val_every=2, checkpoint_every=2)

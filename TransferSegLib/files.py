@@ -140,8 +140,9 @@ def require_writable(files: list, folders: list = ()) -> None:
     asked for: for an output file its folder, for an output folder the folder itself or, where
     it does not exist yet, the nearest folder above it that does. Writing is tried for real (an
     empty hidden file made and removed at once): permission bits say nothing for root, and
-    read-only or special file systems (``/sys``, a full or read-only mount) only answer a
-    write. Empty entries are skipped."""
+    read-only or special file systems (``/sys``, a read-only mount) only answer a write. (A
+    full disk still takes an empty file; the writers report it when they fail.) Empty entries
+    are skipped."""
     places = [Path(p).parent for p in files if p] + [Path(p) for p in folders if p]
     for place in places:
         existing = place
