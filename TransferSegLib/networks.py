@@ -20,6 +20,7 @@ Transformer networks (UNETR, SwinUNETR) need the ``einops`` package.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -64,17 +65,15 @@ def _stride_product(strides: Sequence[int | Sequence[int]]) -> int:
 
 # --- UNet ------------------------------------------------------------------------------------
 
+def _with_defaults(**defaults: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A resolver that merges the user's arguments over (a fresh copy of) ``defaults``."""
+    return lambda kwargs: {**copy.deepcopy(defaults), **kwargs}
+
+
 def _resolve_unet(kwargs: dict[str, Any]) -> dict[str, Any]:
-    resolved = {
-        "channels": [16, 32, 64, 128, 256],
-        "kernel_size": 3,
-        "up_kernel_size": 3,
-        "num_res_units": 2,
-        "act": "prelu",
-        "norm": "instance",
-        "dropout": 0.0,
-    }
-    resolved.update(kwargs)
+    resolved = _with_defaults(channels=[16, 32, 64, 128, 256], kernel_size=3, up_kernel_size=3,
+                              num_res_units=2, act="prelu", norm="instance",
+                              dropout=0.0)(kwargs)
     # A user who asks for fewer levels means halving at each: derive strides to match.
     if "strides" not in kwargs:
         resolved["strides"] = [2] * (len(resolved["channels"]) - 1)
@@ -135,19 +134,11 @@ def _resolve_dynunet(kwargs: dict[str, Any]) -> dict[str, Any]:
             "other, or make them agree."
         )
     strides = kwargs.get("strides", [1] + [2] * (levels - 1))
-    resolved = {
-        "kernel_size": [3] * levels,
-        "strides": strides,
-        "upsample_kernel_size": list(strides[1:]),
-        "filters": [min(16 * 2**level, 320) for level in range(levels)],
-        "norm_name": "instance",
-        "act_name": "leakyrelu",
-        "deep_supervision": False,
-        "deep_supr_num": 1,
-        "res_block": False,
-    }
-    resolved.update(kwargs)
-    return resolved
+    return _with_defaults(
+        kernel_size=[3] * levels, strides=strides, upsample_kernel_size=list(strides[1:]),
+        filters=[min(16 * 2**level, 320) for level in range(levels)], norm_name="instance",
+        act_name="leakyrelu", deep_supervision=False, deep_supr_num=1, res_block=False,
+    )(kwargs)
 
 
 def _dynunet_encoder(model: DynUNet) -> list[nn.Module]:
@@ -164,16 +155,8 @@ def _dynunet_head(model: DynUNet) -> nn.Module:
 
 # --- VNet ------------------------------------------------------------------------------------
 
-def _resolve_vnet(kwargs: dict[str, Any]) -> dict[str, Any]:
-    resolved = {
-        "act": "elu",
-        "dropout_prob_down": 0.5,
-        "dropout_prob_up": [0.5, 0.5],
-        "dropout_dim": 3,
-        "bias": False,
-    }
-    resolved.update(kwargs)
-    return resolved
+_resolve_vnet = _with_defaults(act="elu", dropout_prob_down=0.5, dropout_prob_up=[0.5, 0.5],
+                               dropout_dim=3, bias=False)
 
 
 def _vnet_encoder(model: VNet) -> list[nn.Module]:
@@ -192,20 +175,9 @@ def _vnet_head(model: VNet) -> nn.Module:
 
 # --- UNETR -----------------------------------------------------------------------------------
 
-def _resolve_unetr(kwargs: dict[str, Any]) -> dict[str, Any]:
-    resolved = {
-        "img_size": [96, 96, 96],
-        "feature_size": 16,
-        "hidden_size": 384,
-        "mlp_dim": 1536,
-        "num_heads": 6,
-        "norm_name": "instance",
-        "conv_block": True,
-        "res_block": True,
-        "dropout_rate": 0.0,
-    }
-    resolved.update(kwargs)
-    return resolved
+_resolve_unetr = _with_defaults(img_size=[96, 96, 96], feature_size=16, hidden_size=384,
+                                mlp_dim=1536, num_heads=6, norm_name="instance", conv_block=True,
+                                res_block=True, dropout_rate=0.0)
 
 
 def _unetr_encoder(model: UNETR) -> list[nn.Module]:
@@ -225,22 +197,10 @@ def _unetr_head(model: UNETR) -> nn.Module:
 
 # --- SwinUNETR -------------------------------------------------------------------------------
 
-def _resolve_swinunetr(kwargs: dict[str, Any]) -> dict[str, Any]:
-    resolved = {
-        "feature_size": 24,
-        "depths": [2, 2, 2, 2],
-        "num_heads": [3, 6, 12, 24],
-        "window_size": 7,
-        "norm_name": "instance",
-        "drop_rate": 0.0,
-        "attn_drop_rate": 0.0,
-        "dropout_path_rate": 0.0,
-        "normalize": True,
-        "use_checkpoint": False,
-        "use_v2": False,
-    }
-    resolved.update(kwargs)
-    return resolved
+_resolve_swinunetr = _with_defaults(
+    feature_size=24, depths=[2, 2, 2, 2], num_heads=[3, 6, 12, 24], window_size=7,
+    norm_name="instance", drop_rate=0.0, attn_drop_rate=0.0, dropout_path_rate=0.0,
+    normalize=True, use_checkpoint=False, use_v2=False)
 
 
 def _swinunetr_encoder(model: SwinUNETR) -> list[nn.Module]:
@@ -272,16 +232,9 @@ def _swinunetr_head(model: SwinUNETR) -> nn.Module:
 # --- SegResNet -------------------------------------------------------------------------------
 
 def _resolve_segresnet(kwargs: dict[str, Any]) -> dict[str, Any]:
-    resolved = {
-        "init_filters": 16,
-        "blocks_down": [1, 2, 2, 4],
-        "blocks_up": [1, 1, 1],
-        "norm": "instance",
-        "act": "relu",
-        "dropout_prob": None,
-        "upsample_mode": "nontrainable",
-    }
-    resolved.update(kwargs)
+    resolved = _with_defaults(init_filters=16, blocks_down=[1, 2, 2, 4], blocks_up=[1, 1, 1],
+                              norm="instance", act="relu", dropout_prob=None,
+                              upsample_mode="nontrainable")(kwargs)
     if resolved.get("use_conv_final", True) is not True:
         # Without it the output has init_filters channels, not out_channels.
         raise InputError("segresnet needs use_conv_final=True: it is the layer giving the labels.")

@@ -48,10 +48,9 @@ class HeadReport:
         total = len(self.kept) + len(self.new)
         kept = ", ".join(f"{name} ({old}->{new})" for name, old, new in self.kept)
         parts = [f"reused {len(self.kept)} of {total} target labels from the base: {kept}"]
-        if self.new:
-            parts.append(f"new (freshly initialised): {', '.join(self.new)}")
-        if self.dropped:
-            parts.append(f"dropped from the base: {', '.join(self.dropped)}")
+        parts += [f"{heading}: {', '.join(names)}" for heading, names in (
+            ("new (freshly initialised)", self.new), ("dropped from the base", self.dropped))
+            if names]
         if self.remapped:
             parts.append(f"{len(self.remapped)} tensors with one channel per label remapped")
         return "; ".join(parts) + "."

@@ -59,18 +59,10 @@ PATHS = ("transferseg", "monai")
 DEFAULT_SIZE = (512, 512, 200)  # voxels (x, y, z)
 QUICK_SIZE = (160, 160, 64)
 SPACING = (0.8, 0.8, 2.0)  # mm (x, y, z)
-# MONAI UNet constructor arguments, spelled out in full so the baseline builds the same network
-# from them that TransferSeg builds from the model card.
-NETWORK = {
-    "channels": [16, 32, 64, 128, 256],
-    "strides": [2, 2, 2, 2],
-    "kernel_size": 3,
-    "up_kernel_size": 3,
-    "num_res_units": 2,
-    "act": "prelu",
-    "norm": "instance",
-    "dropout": 0.0,
-}
+# MONAI UNet constructor arguments: what differs from MONAI's defaults. TransferSeg's UNet
+# defaults are MONAI's for the rest (kernel sizes 3, PReLU, instance norm, no dropout), so both
+# paths build the same network; the results record the arguments in full.
+NETWORK = {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2}
 PATCH = (96, 96, 96)  # voxels (x, y, z)
 LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}
 CT_WINDOW = (-1000.0, 1000.0)  # HU clipped and mapped to [0, 1], as the model card says
@@ -247,7 +239,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         },
         "model": {
             "architecture": "unet (monai.networks.nets.UNet)",
-            "arguments": NETWORK,
+            "arguments": prepared["arguments"],
             "parameters": prepared["parameters"],
             "out_channels": len(LABELS),
             "patch_xyz": args.patch,
@@ -341,6 +333,7 @@ def prepare(spec: dict, workdir: Path) -> dict:
         "spacing": spacing, "voxels": math.prod(spec["size"]),
         "file_mib": round(volume.stat().st_size / MIB, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "arguments": card.arguments,
     }
 
 
