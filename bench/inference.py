@@ -29,26 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
     MIB,
-    cpu_model,
-    memory_gib,
+    header,
     own_peak_rss_mib,
     ratio,
     resolved_device,
     run_child,
     serve_worker,
     timed_on_device,
-    version,
     write_atomically,
     write_results,
 )
@@ -211,25 +206,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     paths = {name: summarise(runs[name]) for name in PATHS}
     ts, mo = paths["transferseg"], paths["monai"]
     return {
-        "benchmark": "inference: transferseg segment vs plain MONAI sliding window",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "hardware": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "memory_gib": memory_gib(),
-            "device": prepared["device"],
-            "gpu": prepared["gpu"],
-            "torch_threads": prepared["torch_threads"],
-        },
-        "software": {
-            "python": platform.python_version(),
-            "torch": version("torch"),
-            "monai": version("monai"),
-            "SimpleITK": version("SimpleITK"),
-            "transferseg": version("TransferSegLib"),
-            "platform": platform.platform(),
-        },
+        **header("inference: transferseg segment vs plain MONAI sliding window", prepared,
+                 ("torch", "monai", "SimpleITK", "transferseg")),
         "volume": {
             "size_xyz": args.size,
             "spacing_mm": prepared["spacing"],

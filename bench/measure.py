@@ -168,6 +168,25 @@ def run_child(script: str | Path, kind: str, spec: Path, run_name: str = "") -> 
     return report
 
 
+def header(benchmark: str, prepared: dict, packages: tuple[str, ...]) -> dict:
+    """What every result file starts with: the benchmark's title, when and how it ran, the
+    machine (``prepared``: the device, GPU and torch threads a child reported) and the
+    versions of the software (python, the platform, and ``packages``)."""
+    from datetime import datetime, timezone
+
+    return {
+        "benchmark": benchmark,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(),
+                     **{key: prepared[key] for key in ("device", "gpu", "torch_threads")}},
+        "software": {"python": platform.python_version(),
+                     **{name: version(package) for name, package in
+                        ((p, "TransferSegLib" if p == "transferseg" else p) for p in packages)},
+                     "platform": platform.platform()},
+    }
+
+
 def write_results(result: dict, results: Path, stem: str, plot) -> None:
     """``results/<stem>.json`` (atomically) and ``plot(result, results/<stem>.png)``."""
     json_path, png_path = results / f"{stem}.json", results / f"{stem}.png"

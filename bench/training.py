@@ -36,27 +36,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
     DISTURBED_CORES,
     MIB,
     cores_busy,
-    cpu_model,
-    memory_gib,
+    header,
     own_peak_rss_mib,
     ratio,
     resolved_device,
     run_child,
     serve_worker,
     timed_on_device,
-    version,
     vm_hwm_mib,
     write_atomically,
     write_results,
@@ -295,26 +291,8 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
     ts, mo = paths["transferseg"], paths["monai"]
     device = prepared["device"]
     return {
-        "benchmark": "training: TransferSeg trainer vs a plain MONAI-tutorial loop",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "hardware": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "memory_gib": memory_gib(),
-            "device": device,
-            "gpu": prepared["gpu"],
-            "torch_threads": prepared["torch_threads"],
-        },
-        "software": {
-            "python": platform.python_version(),
-            "torch": version("torch"),
-            "monai": version("monai"),
-            "SimpleITK": version("SimpleITK"),
-            "nibabel": version("nibabel"),
-            "transferseg": version("TransferSegLib"),
-            "platform": platform.platform(),
-        },
+        **header("training: TransferSeg trainer vs a plain MONAI-tutorial loop", prepared,
+                 ("torch", "monai", "SimpleITK", "nibabel", "transferseg")),
         "data": {
             "sample": SAMPLE,
             "size_xyz": prepared["size"],
