@@ -54,6 +54,20 @@ def load(family: str, path: Path, entry: dict) -> tuple[nn.Module, ModelCard, Im
     return module.load(Path(path), entry)
 
 
+def published_network(architecture: str, published: dict, entry: dict
+                      ) -> tuple[nn.Module, dict, dict[int, str], dict]:
+    """The new network a family's catalog ``entry`` describes, over the family's ``published``
+    defaults: (network, its resolved arguments, labels by index, the merged fields)."""
+    from TransferSegLib import networks
+
+    fields = {**published, **entry}
+    labels = {int(k): str(v) for k, v in fields["labels"].items()}
+    arguments = networks.resolve_kwargs(architecture, **dict(fields.get("arguments", {})))
+    model = networks.build_network(architecture, int(fields["in_channels"]), len(labels),
+                                   **arguments)
+    return model, arguments, labels, fields
+
+
 def card_from_entry(entry: dict, **overrides: Any) -> ModelCard:
     """A model card from a catalog entry's fields; ``overrides`` win (architecture, arguments,
     in_channels, out_channels, labels... as the importer found them in the file)."""

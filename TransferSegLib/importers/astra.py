@@ -37,10 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from TransferSegLib import networks
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import ModelFileError
-from TransferSegLib.importers import card_from_entry
+from TransferSegLib.importers import card_from_entry, published_network
 from TransferSegLib.weights import ImportReport, load_weights
 
 ARCHITECTURE = "resnet_unet"
@@ -184,11 +183,8 @@ def convert(tensors: dict[str, torch.Tensor], in_channels: int) -> dict[str, tor
 
 def load(path: Path, entry: dict) -> tuple[nn.Module, ModelCard, ImportReport]:
     """Import the encoder from its shards (see :func:`shard_paths`) into a new ``resnet_unet``."""
-    fields = {**PUBLISHED, **entry}
-    labels = {int(k): str(v) for k, v in fields["labels"].items()}
-    arguments = networks.resolve_kwargs(ARCHITECTURE, **dict(fields["arguments"]))
+    model, arguments, labels, fields = published_network(ARCHITECTURE, PUBLISHED, entry)
     in_channels = int(fields["in_channels"])
-    model = networks.build_network(ARCHITECTURE, in_channels, len(labels), **arguments)
     paths = shard_paths(path, entry)
     tensors = convert(read_weights(paths), in_channels)
     new = [key for key in model.state_dict() if not key.startswith(ENCODER_PREFIX)]

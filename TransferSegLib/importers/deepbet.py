@@ -39,9 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from TransferSegLib import networks
 from TransferSegLib.checkpoint import ModelCard
-from TransferSegLib.importers import card_from_entry
+from TransferSegLib.importers import card_from_entry, published_network
 from TransferSegLib.importers.torchscript import read_torchscript_tensors
 from TransferSegLib.weights import ImportReport, load_weights
 
@@ -114,11 +113,7 @@ def _pinned_sha256(path: Path, entry: dict) -> str | None:
 def load(path: Path, entry: dict) -> tuple[nn.Module, ModelCard, ImportReport]:
     """Import deepbet's ``model.pt``; see the module docstring for what the card says."""
     path = Path(path)
-    fields = {**PUBLISHED, **entry}
-    labels = {int(k): str(v) for k, v in fields["labels"].items()}
-    arguments = networks.resolve_kwargs(ARCHITECTURE, **dict(entry.get("arguments", {})))
-    model = networks.build_network(ARCHITECTURE, int(fields["in_channels"]), len(labels),
-                                   **arguments)
+    model, arguments, labels, fields = published_network(ARCHITECTURE, PUBLISHED, entry)
     tensors = read_torchscript_tensors(path, expected_sha256=_pinned_sha256(path, entry))
     report = load_weights(model, convert(tensors), source=path.name)
     report.notes.append(

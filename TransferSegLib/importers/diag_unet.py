@@ -36,10 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from TransferSegLib import networks
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.errors import ModelFileError
-from TransferSegLib.importers import card_from_entry
+from TransferSegLib.importers import card_from_entry, published_network
 from TransferSegLib.weights import ImportReport, load_weights
 
 ARCHITECTURE = "diag_unet"
@@ -335,11 +334,7 @@ def convert(
 
 def load(path: Path, entry: dict) -> tuple[nn.Module, ModelCard, ImportReport]:
     """Import the published Keras (.h5) or ONNX file; see the module docstring."""
-    fields = {**PUBLISHED, **entry}
-    labels = {int(k): str(v) for k, v in fields["labels"].items()}
-    arguments = networks.resolve_kwargs(ARCHITECTURE, **dict(entry.get("arguments", {})))
-    model = networks.build_network(ARCHITECTURE, int(fields["in_channels"]), len(labels),
-                                   **arguments)
+    model, arguments, labels, fields = published_network(ARCHITECTURE, PUBLISHED, entry)
     layers, others = read_layers(path)
     background = fields.get("background_index")
     tensors, notes = convert(layers, model, None if background is None else int(background))

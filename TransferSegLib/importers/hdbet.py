@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from TransferSegLib import networks
 from TransferSegLib.checkpoint import ModelCard
-from TransferSegLib.importers import card_from_entry
+from TransferSegLib.importers import card_from_entry, published_network
 from TransferSegLib.weights import ImportReport, load_weights, read_torch_weights
 
 ARCHITECTURE = "hdbet"
@@ -102,11 +101,7 @@ def convert(tensors: dict[str, torch.Tensor], levels: int = 5) -> tuple[dict[str
 
 def load(path: Path, entry: dict) -> tuple[nn.Module, ModelCard, ImportReport]:
     """Import one HD-BET v1 fold file; see the module docstring for what the card says."""
-    fields = {**PUBLISHED, **entry}
-    labels = {int(k): str(v) for k, v in fields["labels"].items()}
-    arguments = networks.resolve_kwargs(ARCHITECTURE, **dict(entry.get("arguments", {})))
-    model = networks.build_network(ARCHITECTURE, int(fields["in_channels"]), len(labels),
-                                   **arguments)
+    model, arguments, labels, fields = published_network(ARCHITECTURE, PUBLISHED, entry)
     tensors, dropped = convert(read_torch_weights(path), int(arguments["levels"]))
     report = load_weights(model, tensors, source=Path(path).name, dropped=dropped)
     report.notes.append("instance-norm running averages and deep-supervision outputs are not "
