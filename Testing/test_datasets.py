@@ -26,6 +26,13 @@ def copy(source: Path, target: Path) -> Path:
     return target
 
 
+def populate(folder: Path, files: dict[str, Path]) -> Path:
+    """``folder`` with a copy of each source file at its relative path."""
+    for relative, source in files.items():
+        copy(source, folder / relative)
+    return folder
+
+
 def write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -220,10 +227,9 @@ MSD_MANIFEST = {
 @pytest.fixture
 def msd_folder(tmp_path) -> Path:
     one, two = real_sample("pyradiomics_brain1"), real_sample("pyradiomics_brain2")
-    folder = tmp_path / "Task01_BrainTumour"
-    copy(one.image, folder / "imagesTr" / "brain1.nii.gz")
-    copy(one.label, folder / "labelsTr" / "brain1.nii.gz")
-    copy(two.image, folder / "imagesTs" / "brain2.nii.gz")
+    folder = populate(tmp_path / "Task01_BrainTumour", {
+        "imagesTr/brain1.nii.gz": one.image, "labelsTr/brain1.nii.gz": one.label,
+        "imagesTs/brain2.nii.gz": two.image})
     write_json(folder / "dataset.json", MSD_MANIFEST)
     return folder
 
@@ -274,11 +280,9 @@ def test_msd_listed_file_that_does_not_exist_is_refused(msd_folder):
 @pytest.fixture
 def csv_folder(tmp_path) -> Path:
     ct, mr = real_sample("totalseg_ct"), real_sample("totalseg_mr")
-    folder = tmp_path / "study"
-    copy(ct.image, folder / "scans" / "ct.nii.gz")
-    copy(ct.label, folder / "masks" / "ct_seg.nii.gz")
-    copy(mr.image, folder / "scans" / "mr.nii.gz")
-    copy(mr.label, folder / "masks" / "mr_seg.nii.gz")
+    folder = populate(tmp_path / "study", {
+        "scans/ct.nii.gz": ct.image, "masks/ct_seg.nii.gz": ct.label,
+        "scans/mr.nii.gz": mr.image, "masks/mr_seg.nii.gz": mr.label})
     write_json(folder / "labels.json", {str(v): n for v, n in ct.labels.items()})
     return folder
 

@@ -23,21 +23,23 @@ FLIP = np.diag([-1.0, -1.0, 1.0])
 ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}
 
 
-def load_volume(scene, path: Path, name: str):
-    """A volume node read by Slicer's own reader, as File > Add Data does."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+def _read_node(scene, path: Path, name: str, node_class: str, storage_class: str):
+    """A node read from ``path`` by Slicer's own storage node, as File > Add Data does."""
+    node = scene.AddNewNodeByClass(node_class, name)
+    storage = scene.AddNewNodeByClass(storage_class)
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
     return node
+
+
+def load_volume(scene, path: Path, name: str):
+    return _read_node(scene, path, name, "vtkMRMLScalarVolumeNode",
+                      "vtkMRMLVolumeArchetypeStorageNode")
 
 
 def load_segmentation(scene, path: Path, name: str):
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    return node
+    return _read_node(scene, path, name, "vtkMRMLSegmentationNode",
+                      "vtkMRMLSegmentationStorageNode")
 
 
 def array(image: sitk.Image) -> np.ndarray:
