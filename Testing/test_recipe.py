@@ -71,6 +71,57 @@ def test_hidden_organs_are_ignored_voxels_not_background(tmp_path):
     assert torch.any(logits.grad[0, :, 4:] != 0)
 
 
+def test_base_groups_merge_parts_into_one_label_and_keep_hidden_ignored(tmp_path):
+    """Each vertebra, rib and lobe becomes its group's one label, on every voxel it had; the
+    hidden organs stay ignored and the other structures keep their own names."""
+    assert ctbase.grouped("vertebrae_T12", ctbase.GROUPS) == "vertebrae"
+    assert ctbase.grouped("thoracic vertebral column", ctbase.GROUPS) == "vertebrae"
+    assert ctbase.grouped("left lung", ctbase.GROUPS) == "lung_left"
+    assert ctbase.grouped("lung_middle_lobe_right", ctbase.GROUPS) == "lung_right"
+    assert ctbase.grouped("spinal_cord", ctbase.GROUPS) == "spinal_cord"
+    csv = ctbase.case_dataset("totalseg_ct", tmp_path / "d", hide=ctbase.HIDDEN,
+                              groups=ctbase.GROUPS)
+    dataset = datasets.discover(csv)
+    names = set(dataset.labels.foreground.values())
+    assert {"vertebrae", "ribs", "lung_left", "lung_right", "spinal_cord"} <= names
+    assert not any(n.startswith(("vertebrae_", "rib_", "lung_upper", "lung_lower")) for n in names)
+    assert not set(ctbase.HIDDEN) & names
+    assert dataset.labelled()[0].annotated == names
+    sample = real_sample("totalseg_ct")
+    original = sitk.GetArrayFromImage(volumes.read_label(sample.label))
+    merged = sitk.GetArrayFromImage(volumes.read_label(tmp_path / "d" / "label.nii.gz"))
+    for group in ("vertebrae", "ribs", "lung_right"):
+        members = [v for v, n in sample.labels.items() if ctbase.grouped(n, ctbase.GROUPS) == group]
+        assert len(members) > 1
+        np.testing.assert_array_equal(merged == dataset.labels.value(group),
+                                      np.isin(original, members))
+    hidden = [v for v, n in sample.labels.items() if n in ctbase.HIDDEN]
+    np.testing.assert_array_equal(merged == dataset.labels.ignore_value, np.isin(original, hidden))
+
+
+def test_spatial_augmentation_moves_image_and_labels_together():
+    """Rotation and scaling keep the target's values (nearest), move it with the image, and
+    are off unless asked for."""
+    grid = np.indices((32, 32, 32)).astype(np.float32)
+    image = (grid[0] / 31)[None].astype(np.float32)  # a ramp along z: tilting it shows
+    target = np.zeros((32, 32, 32), np.int16)
+    target[8:24, 8:24, 8:24] = 3
+    target[:, :, :2] = training.IGNORE
+    moved = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        plain_image, plain = sampling.augment(image, target, np.random.default_rng(seed))
+        np.testing.assert_array_equal(plain, target)  # intensity only by default
+        out_image, out = sampling.augment(image, target, rng, spatial=True)
+        assert set(np.unique(out)) <= {training.IGNORE, 0, 3}
+        if not np.array_equal(out, target):
+            moved += 1
+            # the cube moved with the image: its voxels' image values are the ramp's there
+            inside = out_image[0][out == 3]
+            assert abs(inside.mean() - 0.5) < 0.25
+    assert 0 < moved < 20  # applied to some patches (probability 0.3), not all
+
+
 def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path, monkeypatch):
     out = tmp_path / "base"
     cancel = tmp_path / "stop"

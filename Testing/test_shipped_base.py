@@ -17,12 +17,12 @@ from TransferSegLib import checkpoint, ctbase, zoo
 from TransferSegLib.strategies import DEFAULT_BASE
 
 ROOT = Path(__file__).resolve().parent.parent
-# Dice of the shipped base on totalseg_dicom, a patient no part of it saw (measured: inferior
-# vena cava 0.24, mean 0.012 over the 22 structures that scan draws and the base knows; see
+# Dice of the shipped base on totalseg_dicom, a patient no part of it saw (measured: vertebrae
+# 0.42, mean 0.054 over the 10 structures that scan draws and the base knows; see
 # Resources/Models/*.md), less a margin for other CPUs' arithmetic. A weak base off its three
 # training patients: what it is for is fine-tuning, and these bounds say it still works.
-HELD_OUT_BOUNDS = {"inferior_vena_cava": 0.15}
-HELD_OUT_MEAN_BOUND = 0.006
+HELD_OUT_BOUNDS = {"vertebrae": 0.30}
+HELD_OUT_MEAN_BOUND = 0.03
 
 
 def _shipped() -> tuple[dict, Path]:
@@ -68,7 +68,7 @@ def test_the_shipped_base_segments_a_ct_it_never_saw():
     real_sample(ctbase.HELD_OUT[0])  # fetched (fails with the fetch command if not)
     assert ctbase.HELD_OUT[0] not in ctbase.SOURCES
     scores = ctbase.held_out_dice(path)
-    assert len(scores) >= 20 and not re.search("liver|spleen|stomach|autochthon",
+    assert len(scores) >= 8 and not re.search("liver|spleen|stomach|autochthon",
                                                 " ".join(scores))
     for name, bound in HELD_OUT_BOUNDS.items():
         assert scores[name] >= bound, (name, scores[name])

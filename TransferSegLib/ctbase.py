@@ -28,10 +28,12 @@ base). ``--resume`` continues an interrupted run.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,7 @@ from TransferSegLib import samples, volumes
 from TransferSegLib.datasets import IGNORE_NAME
 from TransferSegLib.files import atomic_output
 
-VERSION = "v2"
+VERSION = "v3"
 MODEL_ID = f"transferseg-ct-base-{VERSION}"
 HIDDEN = ("liver", "spleen", "stomach", "autochthon_left", "autochthon_right")
 # sample -> labels dropped (their voxels become background: they are not any drawn structure)
@@ -49,6 +51,16 @@ SOURCES = {
     "totalseg_ct_full": (),
     "totalseg_thorax": (),
     "slicerio_chest": ("tissue",),
+}
+# One name for what the cases draw in parts or under another name (a vertebra each, or the
+# spine in three sections; a rib each, or all ribs; a lobe each, or the whole lung): one
+# channel learns from every case that draws any part of it, and a new patient's anatomy is
+# scored whatever its parts are called.
+GROUPS = {
+    "vertebrae": ("vertebrae_*", "sacrum", "* vertebral column"),
+    "ribs": ("rib_*", "ribs"),
+    "lung_left": ("lung_*_left", "left lung"),
+    "lung_right": ("lung_*_right", "right lung"),
 }
 HELD_OUT = ("totalseg_dicom", "pyradiomics_lung1", "pyradiomics_lung2")
 ARCHITECTURE = "dynunet"
@@ -59,13 +71,23 @@ STEPS = 3000
 LR = 3e-3
 
 
+def grouped(name: str, groups: Mapping[str, Sequence[str]]) -> str:
+    """The name ``name`` is learnt under: the first group with a pattern it matches, else its
+    own (patterns as :func:`fnmatch.fnmatchcase`)."""
+    return next((group for group, patterns in groups.items()
+                 if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)), name)
+
+
 def case_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
-                 drop: Sequence[str] = (), hide: Sequence[str] = ()) -> Path:
+                 drop: Sequence[str] = (), hide: Sequence[str] = (),
+                 groups: Mapping[str, Sequence[str]] | None = None) -> Path:
     """A one-case CSV dataset from sample ``name`` in ``folder``; returns the CSV path.
 
     ``keep`` (None: all) are the labels to learn; ``drop`` labels become background;
     ``hide`` labels become the ``ignore`` label: their voxels are left out of the loss, and
-    the case's ``annotated`` column names only what is learnt. The sample is never modified.
+    the case's ``annotated`` column names only what is learnt. ``groups`` (see
+    :func:`grouped`) merges labels into one under the group's name. The sample is never
+    modified.
     """
     case = samples.require_sample(name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,19 +97,23 @@ def case_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
               if (keep is None or n in keep) and n not in drop and n not in hide}
     hidden = [v for v, n in case.labels.items() if n in hide]
     ignore_value = max(case.labels, default=0) + 1
+    value_of: dict[str, int] = {}  # a group takes the value of its first member
+    for value, structure in list(learnt.items()):
+        learnt[value] = grouped(structure, groups or {})
+        value_of.setdefault(learnt[value], value)
     out = np.zeros(array.shape, np.uint16)
-    for value in learnt:
-        out[array == value] = value
+    for value, structure in learnt.items():
+        out[array == value] = value_of[structure]
     if hidden:
         out[np.isin(array, hidden)] = ignore_value
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(label)
     volumes.write_image(image, folder / "label.nii.gz", overwrite=True)
-    table = {str(v): n for v, n in learnt.items()}
+    table = {str(v): n for n, v in value_of.items()}
     if hidden:
         table[str(ignore_value)] = IGNORE_NAME
     (folder / "labels.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
-    annotated = ";".join(learnt.values())
+    annotated = ";".join(value_of)
     (folder / "cases.csv").write_text(
         "image,label,name,annotated,modality\n"
         f"{case.image},label.nii.gz,{name},{annotated},{case.modality}\n", encoding="utf-8")
@@ -96,7 +122,7 @@ def case_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
 
 def datasets(folder: Path) -> list[Path]:
     """The base's training datasets (one CSV per case, each with its own label table)."""
-    return [case_dataset(name, folder / name, drop=drop, hide=HIDDEN)
+    return [case_dataset(name, folder / name, drop=drop, hide=HIDDEN, groups=GROUPS)
             for name, drop in SOURCES.items()]
 
 
@@ -112,11 +138,12 @@ def description(steps: int = STEPS) -> str:
         "CT base model made by TransferSeg from the labelled CTs of pinned registry packages, "
         f"trained with partial labels: {', '.join(SOURCES)} (3 patients; each case annotates "
         f"only its own structures). Not taught, so that they can be learnt by fine-tuning: "
-        f"{', '.join(HIDDEN)} (ignored voxels). Never seen: {', '.join(HELD_OUT)}. Data "
+        f"{', '.join(HIDDEN)} (ignored voxels). Never seen: {', '.join(HELD_OUT)}. Merged "
+        f"into one label each: {', '.join(GROUPS)}. Data "
         f"licences: {'; '.join(licences)}. Recipe: {ARCHITECTURE} {json.dumps(ARGUMENTS)}, "
         f"{SPACING[0]:g} mm isotropic, {PATCH[0]}^3 patches, batch 2, AdamW lr {LR:g} with "
         f"polynomial decay, {steps} steps, Dice + cross-entropy (partial labels excluded), CT "
-        "window -1000..1000 HU. Reproduce with "
+        "window -1000..1000 HU, random rotation (15 degrees) and scaling (15%). Reproduce with "
         + ("`make base`." if steps == STEPS else
            f"`python -m TransferSegLib.ctbase --out DIR --steps {steps}`.")
     )
@@ -137,7 +164,8 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     out = Path(out)
     data = datasets(out / "data")
     config = training.TrainConfig(steps=steps, batch_size=2, lr=LR, val_every=max(steps // 10, 1),
-                                  checkpoint_every=max(steps // 20, 1), threads=threads)
+                                  checkpoint_every=max(steps // 20, 1), threads=threads,
+                                  spatial=True)
     result = recipes.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,
@@ -164,17 +192,22 @@ def completed(result, steps: int) -> bool:
 
 def held_out_dice(model: Path, sample: str = "totalseg_dicom") -> dict[str, float]:
     """Dice per structure of the base on a CT it never saw (``HELD_OUT``), for every structure
-    that CT draws and the base learnt."""
+    that CT draws and the base learnt (its labels merged by ``GROUPS`` as the base's were)."""
     from TransferSegLib import datasets as datasets_module
     from TransferSegLib import study
     from TransferSegLib.checkpoint import read_card
 
-    case = samples.require_sample(sample)
+    image = Path(samples.require_sample(sample).image)
     known = set(read_card(model).labels.values())
-    names = [n for n in case.labels.values() if n in known]
-    table = datasets_module.LabelTable({0: "background", **case.labels})
-    cases = [datasets_module.Case(name=sample, images=(Path(case.image),), label=Path(case.label))]
-    return study.test_dice(model, cases, table, names, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        case_dataset(sample, Path(tmp), groups=GROUPS)
+        labels = json.loads((Path(tmp) / "labels.json").read_text(encoding="utf-8"))
+        table = datasets_module.LabelTable(
+            {0: "background", **{int(v): n for v, n in labels.items()}})
+        names = [n for n in labels.values() if n in known]
+        cases = [datasets_module.Case(name=sample, images=(image,),
+                                      label=Path(tmp) / "label.nii.gz")]
+        return study.test_dice(model, cases, table, names, "cpu")
 
 
 def report(out: Path, results: Path, plot: Path | None = None) -> dict:
@@ -192,7 +225,9 @@ def report(out: Path, results: Path, plot: Path | None = None) -> dict:
                      "Dice on its training scans, and Dice on a CT it never saw",
         "recipe": {"architecture": ARCHITECTURE, "arguments": ARGUMENTS, "spacing": SPACING,
                    "patch": PATCH, "steps": done["step"], "lr": LR, "sources": list(SOURCES),
-                   "hidden": list(HIDDEN), "held_out": list(HELD_OUT)},
+                   "hidden": list(HIDDEN), "held_out": list(HELD_OUT),
+                   "groups": {group: list(patterns) for group, patterns in GROUPS.items()},
+                   "augmentation": "intensity; rotation up to 15 degrees, scaling 0.85-1.15"},
         # a resumed run logs one end event per part: its time is their sum
         "minutes": round(sum(e.get("seconds", 0) for e in events
                              if e["event"] in ("done", "cancelled")) / 60, 1),
@@ -294,7 +329,10 @@ def card_markdown(data: dict, entry: dict) -> str:
     lines += [
         "", f"Never taught (ignored voxels, not among its labels; new targets for fine-tuning): "
         f"{', '.join(recipe['hidden'])}.", f"Never seen (held out for testing): "
-        f"{', '.join(recipe['held_out'])}.", "", "## Recipe", "",
+        f"{', '.join(recipe['held_out'])}.", "Merged into one label each (a structure drawn in "
+        "parts, or under another name, by another case): "
+        + "; ".join(f"{group} ({', '.join(patterns)})" for group, patterns in GROUPS.items())
+        + ".", "", "## Recipe", "",
         f"- network: {recipe['architecture']} {json.dumps(recipe['arguments'])}, "
         f"{entry['in_channels']} input channel, {len(entry['labels'])} outputs "
         "(background and its structures)",
@@ -303,14 +341,14 @@ def card_markdown(data: dict, entry: dict) -> str:
         f"- intensities: CT window {entry['normalisation'].get('window')} HU mapped to [0, 1]",
         f"- {recipe['steps']} steps of batch 2, AdamW lr {recipe['lr']:g} with polynomial decay, "
         "Dice + cross-entropy over the annotated structures of each case, intensity "
-        f"augmentation; {data['minutes']} minutes on {data['hardware']['cpu_cores']} CPU "
-        "cores",
+        "augmentation, random rotation (up to 15 degrees) and scaling (0.85-1.15); "
+        f"{data['minutes']} minutes on {data['hardware']['cpu_cores']} CPU cores",
         "- reproduce: `make base` (`python -m TransferSegLib.ctbase --out transferseg-base`; "
         "`--ship` puts the result here)", "",
         "## How good it is", "",
         f"Mean validation Dice over its labels on its own training scans: "
         f"{data['validation'][-1][1] if data['validation'] else 'n/a'} "
-        f"(curve: `bench/results/ctbase.json`, `ctbase.png`). "
+        f"(curve: `bench/results/ctbase-{VERSION}.json`, `ctbase-{VERSION}.png`). "
         f"Structures at 0.5 or more: {len(learnt)} of {len(trained)}"
         + "".join(f"{', ' if i else ': '}{k} {v:.2f}" for i, (v, k) in enumerate(learnt))
         + ".", "",
@@ -361,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="then write its report (--results) and put it into the catalog "
                              "(Resources/Models/, models.json); a finished run is not retrained")
     parser.add_argument("--results", default="bench/results",
-                        help="folder of the report (ctbase.json, ctbase.png)")
+                        help=f"folder of the report (ctbase-{VERSION}.json, .png)")
     args = parser.parse_args(argv)
     from TransferSegLib.demo import ProgressBar
 
@@ -380,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from TransferSegLib import zoo
 
         results = Path(args.results)
-        data = report(Path(args.out), results / "ctbase.json", results / "ctbase.png")
+        data = report(Path(args.out), results / f"ctbase-{VERSION}.json",
+                      results / f"ctbase-{VERSION}.png")
         entry = ship(final, zoo.resources_dir(), data)
         print(f"shipped Resources/{entry['files'][0]['bundled']} (sha256 "
               f"{entry['files'][0]['sha256']}); held-out Dice {data['held_out']}")

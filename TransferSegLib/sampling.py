@@ -153,10 +153,11 @@ def sample_patch(
     return image, target
 
 
-@functools.lru_cache(maxsize=2)
-def _augmentations(mirror: bool):
+@functools.lru_cache(maxsize=4)
+def _augmentations(mirror: bool, spatial: bool):
     from monai.transforms import (
         Compose,
+        RandAffined,
         RandFlipd,
         RandGaussianNoised,
         RandScaleIntensityd,
@@ -164,7 +165,12 @@ def _augmentations(mirror: bool):
     )
 
     flips = [RandFlipd(["image", "target"], prob=0.5, spatial_axis=axis) for axis in range(3)]
+    # the target keeps its values (nearest); past the patch's edge both repeat the edge voxels
+    affine = RandAffined(["image", "target"], prob=0.3, rotate_range=(0.26, 0.26, 0.26),
+                         scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"),
+                         padding_mode="border")
     return Compose([
+        *([affine] if spatial else []),
         *(flips if mirror else []),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
@@ -173,14 +179,14 @@ def _augmentations(mirror: bool):
 
 
 def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator,
-            mirror: bool = False):
-    """Intensity scale and shift, Gaussian noise and, with ``mirror``, random flips on each
-    axis (MONAI transforms).
+            mirror: bool = False, spatial: bool = False):
+    """Intensity scale and shift, Gaussian noise; with ``spatial``, random rotation and
+    scaling; with ``mirror``, random flips on each axis (MONAI transforms).
 
     The transforms are reseeded from ``rng`` on every call, so a step's augmentation depends
     only on the step's seed (what makes resuming exact).
     """
-    transforms = _augmentations(mirror)
+    transforms = _augmentations(mirror, spatial)
     transforms.set_random_state(seed=int(rng.integers(2**31)))
     out = transforms({"image": image, "target": target[None]})
     return np.asarray(out["image"], np.float32), np.asarray(out["target"][0], np.int16)

@@ -340,7 +340,7 @@ def train(
                 image, target = sample_patch(case, patch, rng,
                                              rng.random() < config.foreground_ratio)
                 if config.augment:
-                    image, target = augment(image, target, rng, config.mirror)
+                    image, target = augment(image, target, rng, config.mirror, config.spatial)
                 images.append(image)
                 targets.append(target)
                 annotated.append(case.annotated)

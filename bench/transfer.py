@@ -45,9 +45,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from TransferSegLib import __version__, ctbase, demo, study, zoo  # noqa: E402
+from TransferSegLib.strategies import DEFAULT_STRATEGY  # noqa: E402
 from TransferSegLib.training import TrainConfig  # noqa: E402
 
-STRATEGIES = ("scratch", "finetune", "vanilla")  # the default set; --strategies adds others
+# the default set, as `transferseg study` runs it: the control, the product's default, the
+# two classic transfers; --strategies adds others
+STRATEGIES = ("scratch", DEFAULT_STRATEGY, "finetune", "vanilla")
 ORDER = ("scratch", "finetune", "vanilla", "discriminative", "finetune-last", "two-stage")
 COLOURS = dict(zip(ORDER, ("tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:purple",
                            "tab:brown"), strict=True))
