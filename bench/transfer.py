@@ -129,6 +129,7 @@ def main() -> int:
         settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else ctbase.MODEL_ID,
                           "steps": target_config.steps, "seeds": seeds,
                           "lr": target_config.lr or "each strategy's own",
+                          "spatial_augmentation": target_config.spatial,
                           "patch": patch or "the training scan's extent (context_patch)"}
     # Merged with the file as it is now (another --only run may have written it meanwhile).
     previous = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
