@@ -63,12 +63,12 @@ def _stride_product(strides: Sequence[int | Sequence[int]]) -> int:
     return math.lcm(*per_axis)
 
 
-# --- UNet ------------------------------------------------------------------------------------
-
 def _with_defaults(**defaults: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """A resolver that merges the user's arguments over (a fresh copy of) ``defaults``."""
     return lambda kwargs: {**copy.deepcopy(defaults), **kwargs}
 
+
+# --- UNet ------------------------------------------------------------------------------------
 
 def _resolve_unet(kwargs: dict[str, Any]) -> dict[str, Any]:
     resolved = _with_defaults(channels=[16, 32, 64, 128, 256], kernel_size=3, up_kernel_size=3,

@@ -11,6 +11,7 @@ import resource
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -172,8 +173,6 @@ def header(benchmark: str, prepared: dict, packages: tuple[str, ...]) -> dict:
     """What every result file starts with: the benchmark's title, when and how it ran, the
     machine (``prepared``: the device, GPU and torch threads a child reported) and the
     versions of the software (python, the platform, and ``packages``)."""
-    from datetime import datetime, timezone
-
     return {
         "benchmark": benchmark,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -181,8 +180,8 @@ def header(benchmark: str, prepared: dict, packages: tuple[str, ...]) -> dict:
         "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(),
                      **{key: prepared[key] for key in ("device", "gpu", "torch_threads")}},
         "software": {"python": platform.python_version(),
-                     **{name: version(package) for name, package in
-                        ((p, "TransferSegLib" if p == "transferseg" else p) for p in packages)},
+                     **{p: version("TransferSegLib" if p == "transferseg" else p)
+                        for p in packages},
                      "platform": platform.platform()},
     }
 

@@ -1,12 +1,11 @@
 """Data efficiency: does a base model help when there is one annotated volume?
 
 For each target, ``transferseg study`` trains ``scratch``, ``discriminative`` (the default),
-``finetune`` and ``vanilla`` from
-the CT base model that ships with TransferSeg (``transferseg-ct-base-v3``, see
-``TransferSegLib/ctbase.py``: liver, spleen, stomach and the left and right autochthon were
-never taught to it) at the same step budget on N = 1 training volume, each strategy at its own
-learning rate, over several seeds, and scores each final model on a held-out volume of another
-patient. Targets, all from the pinned samples:
+``finetune`` and ``vanilla`` from the CT base model that ships with TransferSeg
+(``transferseg-ct-base-v3``, see ``TransferSegLib/ctbase.py``: liver, spleen, stomach and the
+left and right autochthon were never taught to it) at the same step budget on N = 1 training
+volume, each strategy at its own learning rate, over several seeds, and scores each final model
+on a held-out volume of another patient. Targets, all from the pinned samples:
 
 - ``ct_organs``: liver, spleen, stomach; train on the 3 mm sample CT, test on the DICOM CT of
   another patient (new to the base: hidden from it);
