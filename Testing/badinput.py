@@ -228,6 +228,14 @@ def without_witness(call: Call, witness: Path) -> Call:
     return checked
 
 
+def pickle_trap(path: Path, read: Callable[[Path], object]) -> Call:
+    """``read(path)`` of a raw pickle at ``path`` that would touch a witness file if
+    unpickled, failing if it did."""
+    witness = path.parent / "code_ran"
+    path.write_bytes(pickle.dumps(_Touch(witness), protocol=2))
+    return without_witness(lambda: read(path), witness)
+
+
 def segment_cli(folder: Path, *extra) -> Call:
     """``transferseg segment`` of a small scan with the tiny model (made unless it is there),
     plus ``extra`` flags."""
@@ -950,10 +958,7 @@ def _(folder):
       ".safetensors", error=ModelFileError,
       match=r"pickle\.safetensors is a PyTorch \(pickle\) file.*import it")
 def _(folder):
-    witness = folder / "code_ran"
-    (folder / "pickle.safetensors").write_bytes(pickle.dumps(_Touch(witness), protocol=2))
-    return without_witness(lambda: checkpoint.load_model(folder / "pickle.safetensors"),
-                           witness)
+    return pickle_trap(folder / "pickle.safetensors", checkpoint.load_model)
 
 
 @case("model_truncated", "model files", "model file cut in half", error=ModelFileError,
@@ -987,10 +992,7 @@ def _(folder):
       "Path.touch", error=ModelFileError,
       match=r"legacy\.pth needs arbitrary Python objects.*ask its publisher")
 def _(folder):
-    witness = folder / "code_ran"
-    (folder / "legacy.pth").write_bytes(pickle.dumps(_Touch(witness), protocol=2))
-    return without_witness(lambda: weights.read_torch_weights(folder / "legacy.pth"),
-                           witness)
+    return pickle_trap(folder / "legacy.pth", weights.read_torch_weights)
 
 
 @case("pth_not_weights", "importers", "a text file named weights.pth", error=ModelFileError,

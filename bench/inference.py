@@ -35,18 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
-    MIB,
-    header,
-    own_peak_rss_mib,
-    ratio,
-    resolved_device,
-    run_child,
-    serve_worker,
-    timed_on_device,
-    write_atomically,
-    write_results,
-)
+import measure  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("transferseg", "monai")
@@ -81,14 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per forward pass")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
-    parser.add_argument("--profile", action="store_true",
-                        help="then cProfile each path once more (untimed); writes "
-                             "<results>/profile-<path>.txt")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
-    parser.add_argument("--workdir", type=Path,
-                        help="folder for the volume, model and outputs (default: a temporary one)")
-    parser.add_argument("--worker", choices=("prepare", "compare", *PATHS), help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    measure.add_common_arguments(parser, RESULTS, ("prepare", "compare", *PATHS),
+                                 "profile-<path>.txt", "the volume, model and outputs")
     parser.add_argument("--run-name", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size is None:
@@ -168,13 +151,11 @@ def plot(result: dict, path: Path) -> None:
         axis.set_title(title)
         axis.margins(y=0.15)
     volume, model = result["volume"], result["model"]
-    figure.suptitle(
+    measure.save_figure(
+        figure, path,
         f"{' x '.join(map(str, volume['size_xyz']))} voxels, UNet "
         f"{model['arguments']['channels']}, patch {' x '.join(map(str, model['patch_xyz']))}, "
-        f"{result['hardware']['device']}", fontsize=9)
-    figure.tight_layout()
-    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
-    plt.close(figure)
+        f"{result['hardware']['device']}")
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
@@ -186,27 +167,17 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     }))
     print(f"preparing a {' x '.join(map(str, args.size))} volume and a model in {workdir}",
           flush=True)
-    prepared = run_child(__file__, "prepare", spec)
-    orchestrator_rss = own_peak_rss_mib()
-    runs: dict[str, list[dict]] = {name: [] for name in PATHS}
-    for repeat in range(args.repeats):
-        for name in PATHS if repeat % 2 == 0 else PATHS[::-1]:
-            report = run_child(__file__, name, spec, run_name=f"{name}-{repeat}")
-            runs[name].append(report)
-            print(f"{name:<12} run {repeat + 1}: {report['process_wall_s']:.1f} s wall, "
-                  f"{report['cpu_s']:.1f} s CPU, peak RSS {report['peak_rss_mib']:.0f} MiB",
-                  flush=True)
-    orchestrator_rss = max(orchestrator_rss, own_peak_rss_mib())
-    if args.profile:  # separate runs: the profiler's overhead must not reach the timings
-        for name in PATHS:
-            run_child(__file__, name, spec, run_name=f"{name}-profile")
-            print(f"{name:<12} profiled: {args.results / f'profile-{name}.txt'}", flush=True)
-    agreement = run_child(__file__, "compare", spec)["agreement"]
+    prepared = measure.run_child(__file__, "prepare", spec)
+    runs, orchestrator_rss = measure.paired_runs(
+        __file__, spec, PATHS, args.repeats, profile=args.profile,
+        describe=lambda report: f"{report['process_wall_s']:.1f} s wall, "
+        f"{report['cpu_s']:.1f} s CPU, peak RSS {report['peak_rss_mib']:.0f} MiB")
+    agreement = measure.run_child(__file__, "compare", spec)["agreement"]
 
     paths = {name: summarise(runs[name]) for name in PATHS}
     ts, mo = paths["transferseg"], paths["monai"]
     return {
-        **header("inference: transferseg segment vs plain MONAI sliding window", prepared,
+        **measure.header("inference: transferseg segment vs plain MONAI sliding window", prepared,
                  ("torch", "monai", "SimpleITK", "transferseg")),
         "volume": {
             "size_xyz": args.size,
@@ -232,13 +203,13 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             "memory": "largest over repeats",
         },
         "paths": paths,
-        "ratios": {
-            "time_ratio": ratio(ts["time_s"], mo["time_s"]),
-            "work_time_ratio": ratio(ts["work_s"], mo["work_s"]),
-            "cpu_time_ratio": ratio(ts["cpu_s"], mo["cpu_s"]),
-            "peak_rss_ratio": ratio(ts["peak_rss_mib"], mo["peak_rss_mib"]),
-            "gpu_peak_ratio": ratio(ts["gpu_peak_allocated_mib"], mo["gpu_peak_allocated_mib"]),
-        },
+        "ratios": measure.ratios(ts, mo, {
+            "time_ratio": "time_s",
+            "work_time_ratio": "work_s",
+            "cpu_time_ratio": "cpu_s",
+            "peak_rss_ratio": "peak_rss_mib",
+            "gpu_peak_ratio": "gpu_peak_allocated_mib",
+        }),
         "agreement": agreement,
         "orchestrator_peak_rss_mib": round(orchestrator_rss, 1),
         "definitions": {
@@ -261,7 +232,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return serve_worker(args, measured, prepare=prepare,
+        return measure.serve_worker(args, measured, prepare=prepare,
                             compare=lambda spec, workdir: compare(workdir))
     stem = "inference-quick" if args.quick else "inference"
     with tempfile.TemporaryDirectory(prefix="transferseg-bench-") as temporary:
@@ -269,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         result = benchmark(args, workdir.resolve())
     print_table(result)
-    write_results(result, args.results, stem, plot)
+    measure.write_results(result, args.results, stem, plot)
     return 0
 
 
@@ -302,14 +273,14 @@ def prepare(spec: dict, workdir: Path) -> dict:
         title="benchmark UNet (random weights)",
     )
     save_model(workdir / "model.safetensors", model, card, overwrite=True)
-    device = resolved_device(spec["device"])
+    device = measure.resolved_device(spec["device"])
     spec["device"] = device
     (workdir / "spec.json").write_text(json.dumps(spec))
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {
         "device": device, "gpu": gpu, "torch_threads": torch.get_num_threads(),
         "spacing": spacing, "voxels": math.prod(spec["size"]),
-        "file_mib": round(volume.stat().st_size / MIB, 1),
+        "file_mib": round(volume.stat().st_size / measure.MIB, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "arguments": card.arguments,
     }
@@ -361,7 +332,7 @@ def measured(kind: str, spec: dict, workdir: Path, run_name: str,
     """Run one path, optionally cProfiled (then the time includes profiler overhead)."""
     run = transferseg_path if kind == "transferseg" else monai_path
     output = workdir / f"{run_name.rsplit('-', 1)[0]}.nii.gz"
-    stages, start, end, fields = timed_on_device(run, spec, workdir, output, profile_to, 30)
+    stages, start, end, fields = measure.timed_on_device(run, spec, workdir, output, profile_to, 30)
     return {"work_start": start, "work_s": end - start, "stages_s": stages, **fields}
 
 

@@ -4,6 +4,7 @@ that measures children keeps its own memory peak small."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -54,6 +55,25 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return round(numerator / denominator, 3)
+
+
+def add_common_arguments(parser, results: Path, kinds: tuple[str, ...], profile_file: str,
+                         workdir_holds: str) -> None:
+    """The options every paired benchmark has: --profile, --results, --workdir, and the
+    hidden --worker (one of ``kinds``) and --spec by which the parent starts its children."""
+    parser.add_argument("--profile", action="store_true",
+                        help="then cProfile each path once more (untimed); writes "
+                             f"<results>/{profile_file}")
+    parser.add_argument("--results", type=Path, default=results, help="folder for the results")
+    parser.add_argument("--workdir", type=Path,
+                        help=f"folder for {workdir_holds} (default: a temporary one)")
+    parser.add_argument("--worker", choices=kinds, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+
+
+def ratios(ours: dict, theirs: dict, fields: dict[str, str]) -> dict[str, float | None]:
+    """``{name: ratio(ours[field], theirs[field])}`` for each ``name: field`` of ``fields``."""
+    return {name: ratio(ours[field], theirs[field]) for name, field in fields.items()}
 
 
 def call_profiled(function, *args, profile_to: Path | None = None, tottime_rows: int = 30):
@@ -169,6 +189,27 @@ def run_child(script: str | Path, kind: str, spec: Path, run_name: str = "") -> 
     return report
 
 
+def paired_runs(script: str | Path, spec: Path, paths: tuple[str, ...], repeats: int,
+                describe, profile: bool = False) -> tuple[dict[str, list[dict]], float]:
+    """``repeats`` runs of each of ``paths`` (a child each, :func:`run_child`), the order
+    reversed every other round so that neither path always runs second; ``describe(report)``
+    is printed after each run. With ``profile``, one more run each under the profiler, apart
+    from the timed ones. Returns the reports per path and this process's own peak RSS."""
+    orchestrator_rss = own_peak_rss_mib()
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    for repeat in range(repeats):
+        for name in paths if repeat % 2 == 0 else paths[::-1]:
+            report = run_child(script, name, spec, run_name=f"{name}-{repeat}")
+            runs[name].append(report)
+            print(f"{name:<12} run {repeat + 1}: {describe(report)}", flush=True)
+    orchestrator_rss = max(orchestrator_rss, own_peak_rss_mib())
+    if profile:  # separate runs: the profiler's overhead must not reach the timings
+        for name in paths:
+            run_child(script, name, spec, run_name=f"{name}-profile")
+            print(f"{name:<12} profiled", flush=True)
+    return runs, orchestrator_rss
+
+
 def header(benchmark: str, prepared: dict, packages: tuple[str, ...]) -> dict:
     """What every result file starts with: the benchmark's title, when and how it ran, the
     machine (``prepared``: the device, GPU and torch threads a child reported) and the
@@ -184,6 +225,16 @@ def header(benchmark: str, prepared: dict, packages: tuple[str, ...]) -> dict:
                         for p in packages},
                      "platform": platform.platform()},
     }
+
+
+def save_figure(figure, path: Path, title: str) -> None:
+    """Title ``figure``, lay it out, write it to ``path`` as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)
 
 
 def write_results(result: dict, results: Path, stem: str, plot) -> None:

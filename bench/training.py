@@ -42,21 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import (  # noqa: E402  (bench/ is on sys.path when run as a script)
-    DISTURBED_CORES,
-    MIB,
-    cores_busy,
-    header,
-    own_peak_rss_mib,
-    ratio,
-    resolved_device,
-    run_child,
-    serve_worker,
-    timed_on_device,
-    vm_hwm_mib,
-    write_atomically,
-    write_results,
-)
+import measure  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("transferseg", "monai")
@@ -104,14 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--monai-amp", action="store_true",
                         help="on CUDA, run the MONAI loop under float16 autocast with a "
                              "GradScaler, as TransferSeg does (default: float32)")
-    parser.add_argument("--profile", action="store_true",
-                        help="then cProfile each path once more (untimed); writes "
-                             "<results>/profile-training[-quick]-<path>.txt")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the results")
-    parser.add_argument("--workdir", type=Path,
-                        help="folder for the dataset and the outputs (default: a temporary one)")
-    parser.add_argument("--worker", choices=("prepare", *PATHS), help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    measure.add_common_arguments(parser, RESULTS, ("prepare", *PATHS),
+                                 "profile-training[-quick]-<path>.txt",
+                                 "the dataset and the outputs")
     parser.add_argument("--run-name", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -223,14 +204,12 @@ def plot(result: dict, path: Path) -> None:
     trace.set_title("time per optimiser step (dashed: disturbed run)", fontsize=9)
     trace.legend(fontsize=8)
     model = result["model"]
-    figure.suptitle(
+    measure.save_figure(
+        figure, path,
         f"{result['data']['sample']} ({len(ORGANS)} organs, {model['spacing_mm'][0]:g} mm), UNet "
         f"{model['arguments']['channels']}, patch {' x '.join(map(str, model['patch_xyz']))}, "
         f"batch {settings['batch_size']}, {settings['steps']} timed steps, "
-        f"{result['hardware']['device']}", fontsize=9)
-    figure.tight_layout()
-    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
-    plt.close(figure)
+        f"{result['hardware']['device']}")
 
 
 def augmentation_difference(config: dict) -> str:
@@ -260,38 +239,30 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
         "workdir": str(workdir), "profile_dir": str(args.results) if args.profile else None,
         "profile_stem": f"profile-{stem}",
     }))
-    busy_at_start = cores_busy(1.0)
-    if busy_at_start is not None and busy_at_start > DISTURBED_CORES:
+    busy_at_start = measure.cores_busy(1.0)
+    if busy_at_start is not None and busy_at_start > measure.DISTURBED_CORES:
         print(f"warning: other work keeps {busy_at_start:.1f} of {os.cpu_count()} cores busy; "
               "with torch's threads competing for cores, step times can grow many fold",
               flush=True)
     print(f"preparing the {SAMPLE} dataset in {workdir}", flush=True)
-    prepared = run_child(__file__, "prepare", spec)
-    orchestrator_rss = own_peak_rss_mib()
-    runs: dict[str, list[dict]] = {name: [] for name in PATHS}
-    for repeat in range(args.repeats):
-        for name in PATHS if repeat % 2 == 0 else PATHS[::-1]:
-            report = run_child(__file__, name, spec, run_name=f"{name}-{repeat}")
-            runs[name].append(report)
-            other = report.get("other_cores")
-            print(f"{name:<12} run {repeat + 1}: {report['patches_per_s']:.3f} patches/s, "
-                  f"{report['process_wall_s']:.1f} s wall, {report['cpu_s']:.1f} s CPU, "
-                  f"peak RSS {report['peak_rss_mib']:.0f} MiB"
-                  + (f", other work {other:.2f} cores" if other is not None else "")
-                  + (" (DISTURBED)" if report.get("disturbed") else ""), flush=True)
-    orchestrator_rss = max(orchestrator_rss, own_peak_rss_mib())
-    if args.profile:  # separate runs: the profiler's overhead must not reach the timings
-        for name in PATHS:
-            run_child(__file__, name, spec, run_name=f"{name}-profile")
-            print(f"{name:<12} profiled: {args.results / f'profile-{stem}-{name}.txt'}",
-                  flush=True)
+    prepared = measure.run_child(__file__, "prepare", spec)
+
+    def describe(report: dict) -> str:
+        other = report.get("other_cores")
+        return (f"{report['patches_per_s']:.3f} patches/s, {report['process_wall_s']:.1f} s "
+                f"wall, {report['cpu_s']:.1f} s CPU, peak RSS {report['peak_rss_mib']:.0f} MiB"
+                + (f", other work {other:.2f} cores" if other is not None else "")
+                + (" (DISTURBED)" if report.get("disturbed") else ""))
+
+    runs, orchestrator_rss = measure.paired_runs(__file__, spec, PATHS, args.repeats, describe,
+                                         profile=args.profile)
 
     config = [run.pop("config") for run in runs["transferseg"]][0]
     paths = {name: summarise(runs[name]) for name in PATHS}
     ts, mo = paths["transferseg"], paths["monai"]
     device = prepared["device"]
     return {
-        **header("training: TransferSeg trainer vs a plain MONAI-tutorial loop", prepared,
+        **measure.header("training: TransferSeg trainer vs a plain MONAI-tutorial loop", prepared,
                  ("torch", "monai", "SimpleITK", "nibabel", "transferseg")),
         "data": {
             "sample": SAMPLE,
@@ -338,15 +309,14 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
             "memory": "largest over repeats",
         },
         "paths": paths,
-        "ratios": {
-            "throughput_ratio": ratio(ts["patches_per_s"], mo["patches_per_s"]),
-            "median_step_throughput_ratio": ratio(ts["patches_per_s_median_step"],
-                                                  mo["patches_per_s_median_step"]),
-            "time_ratio": ratio(ts["time_s"], mo["time_s"]),
-            "cpu_time_ratio": ratio(ts["cpu_s"], mo["cpu_s"]),
-            "peak_rss_ratio": ratio(ts["peak_rss_mib"], mo["peak_rss_mib"]),
-            "gpu_peak_ratio": ratio(ts["gpu_peak_allocated_mib"], mo["gpu_peak_allocated_mib"]),
-        },
+        "ratios": measure.ratios(ts, mo, {
+            "throughput_ratio": "patches_per_s",
+            "median_step_throughput_ratio": "patches_per_s_median_step",
+            "time_ratio": "time_s",
+            "cpu_time_ratio": "cpu_s",
+            "peak_rss_ratio": "peak_rss_mib",
+            "gpu_peak_ratio": "gpu_peak_allocated_mib",
+        }),
         "orchestrator_peak_rss_mib": round(orchestrator_rss, 1),
         "other_cores_at_start": busy_at_start,
         "disturbed_runs": [run["run"] for name in PATHS for run in runs[name]
@@ -377,8 +347,8 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
                                     "first child",
             "other_cores": "cores kept busy by other processes while the child ran, on "
                            "average (/proc/stat minus the child's CPU time)",
-            "disturbed": f"other_cores > {DISTURBED_CORES}: the timings of that run are not "
-                         "to be quoted",
+            "disturbed": f"other_cores > {measure.DISTURBED_CORES}: the timings of that run are "
+                         "not to be quoted",
             "involuntary_switches": "times the child was preempted (os.wait4 ru_nivcsw): "
                                     "high when other work competed for the cores",
             "peak_rss_mib": "ru_maxrss of the child from os.wait4: the largest single process "
@@ -396,14 +366,14 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return serve_worker(args, measured, prepare=prepare)
+        return measure.serve_worker(args, measured, prepare=prepare)
     stem = "training-quick" if args.quick else "training"
     with tempfile.TemporaryDirectory(prefix="transferseg-bench-") as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         result = benchmark(args, workdir.resolve(), stem)
     print_table(result)
-    write_results(result, args.results, stem, plot)
+    measure.write_results(result, args.results, stem, plot)
     return 0
 
 
@@ -458,7 +428,7 @@ def prepare(spec: dict, workdir: Path) -> dict:
         )
         save_model(workdir / "base.safetensors", model, card, overwrite=True)
         call = 'finetune(base.safetensors, cases.csv, out, "scratch", config)'
-    device = resolved_device(spec["device"])
+    device = measure.resolved_device(spec["device"])
     spec.update(device=device, spacing=spacing, image=str(sample.image))
     (workdir / "spec.json").write_text(json.dumps(spec))
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
@@ -476,7 +446,7 @@ def measured(kind: str, spec: dict, workdir: Path, run_name: str,
              profile_to: Path | None) -> dict:
     """Run one path, optionally cProfiled (then the times include the profiler's overhead)."""
     run = transferseg_path if kind == "transferseg" else monai_path
-    clock, start, end, fields = timed_on_device(run, spec, workdir, workdir / run_name,
+    clock, start, end, fields = measure.timed_on_device(run, spec, workdir, workdir / run_name,
                                                 profile_to, 40)
     return {"work_start": start, "work_s": end - start,
             **step_statistics(clock, spec, start, end), **fields}
@@ -555,7 +525,7 @@ def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:
     def record(event: dict) -> None:
         events.append((time.perf_counter(), event))
         if event["event"] == "step" and event["step"] == total:
-            hwm_at_end_of_steps.append(vm_hwm_mib())
+            hwm_at_end_of_steps.append(measure.vm_hwm_mib())
 
     base = workdir / "base.safetensors"
     training.sample_patch, training.augment = timed_sample_patch, timed_augment
@@ -588,7 +558,7 @@ def transferseg_path(spec: dict, workdir: Path, output: Path) -> dict:
         "trainer_patches_per_s": steps[-1][1]["patches_per_s"],
         "vm_hwm_steps_mib": hwm_at_end_of_steps[0],
         "threads": torch.get_num_threads(),
-        "model_file_mib": model.stat().st_size / MIB if model.exists() else None,
+        "model_file_mib": model.stat().st_size / measure.MIB if model.exists() else None,
         "config": asdict(config),
     }
 
@@ -670,7 +640,7 @@ def monai_path(spec: dict, workdir: Path, output: Path) -> dict:
         scaler.update()
         losses.append(loss.item())
     end = time.perf_counter()
-    hwm_at_end_of_steps = vm_hwm_mib()
+    hwm_at_end_of_steps = measure.vm_hwm_mib()
     del batches  # joins the loader's workers, so their usage reaches this process's rusage
     torch.save(model.state_dict(), output.with_suffix(".pt"))
     return {
