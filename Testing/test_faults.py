@@ -585,11 +585,11 @@ def _gpu_short_of_memory(monkeypatch, largest_batch_that_fits: int) -> list[int]
     """Make the sliding window raise CUDA's out-of-memory error above a batch size."""
     batches, predict = [], inference.predict_logits
 
-    def predict_logits(*args, batch_size=2, **kwargs):
-        batches.append(batch_size)
-        if batch_size > largest_batch_that_fits:
+    def predict_logits(model, array, windows, **kwargs):
+        batches.append(windows.batch_size)
+        if windows.batch_size > largest_batch_that_fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return predict(*args, batch_size=batch_size, **kwargs)
+        return predict(model, array, windows, **kwargs)
 
     monkeypatch.setattr(inference, "predict_logits", predict_logits)
     return batches

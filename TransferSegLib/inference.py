@@ -26,7 +26,7 @@ import torch
 from TransferSegLib import networks, preprocess, segmentations, volumes
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.files import refuse_existing
-from TransferSegLib.tiling import evaluating
+from TransferSegLib.tiling import Windows, evaluating
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -77,26 +77,11 @@ def _stitch_device(device: torch.device, channels: int, shape: Sequence[int]) ->
     return device if need < free // 2 else torch.device("cpu")
 
 
-def predict_logits(
-    model: torch.nn.Module,
-    array: np.ndarray,
-    patch_size: Sequence[int],
-    *,
-    device: torch.device,
-    out_channels: int,
-    overlap: float = 0.25,
-    batch_size: int = 2,
-    progress: bool = False,
-    padding: str = "constant",
-) -> torch.Tensor:
-    """Blended network outputs (C, Z, Y, X) float32 on the CPU for an array (in_C, Z, Y, X).
-
-    ``patch_size`` is in array order (Z, Y, X). A volume thinner than a patch is padded with
-    zeros (``padding="constant"``, as published networks expect) or by repeating its edge
-    voxels (``"edge"``: how TransferSeg trains, :func:`sampling.sample_patch`; a model card
-    says which). Padded with air, a 9 cm slab of an abdomen reads to a network trained on
-    whole scans as a body that ends there, and it finds lungs in it (bench/README.md).
-    """
+def predict_logits(model: torch.nn.Module, array: np.ndarray, windows: Windows, *,
+                   device: torch.device, out_channels: int, progress: bool = False
+                   ) -> torch.Tensor:
+    """Blended network outputs (C, Z, Y, X) float32 on the CPU for an array (in_C, Z, Y, X),
+    in ``windows`` (MONAI's ``sliding_window_inference``)."""
     from monai.inferers import sliding_window_inference
 
     inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
@@ -104,9 +89,10 @@ def predict_logits(
     stitch = _stitch_device(device, out_channels, inputs.shape[2:])
     with evaluating(device):  # callers update the result in place (softmax_)
         logits = sliding_window_inference(
-            inputs, roi_size=tuple(patch_size), sw_batch_size=batch_size, predictor=model,
-            overlap=overlap, mode="gaussian", sw_device=device, device=stitch,
-            padding_mode="replicate" if padding == "edge" else "constant", progress=progress,
+            inputs, roi_size=tuple(windows.patch), sw_batch_size=windows.batch_size,
+            predictor=model, overlap=windows.overlap, mode="gaussian", sw_device=device,
+            device=stitch, padding_mode="replicate" if windows.padding == "edge" else "constant",
+            progress=progress,
         )
     return logits[0].float().cpu()
 
@@ -201,13 +187,12 @@ def segment(
     labels_only = same_grid and labels_wanted
 
     def predict(array: np.ndarray, batch: int) -> torch.Tensor | np.ndarray:
+        windows = Windows(patch, overlap, batch, card.inference.get("padding", "constant"))
         if labels_only:
             from TransferSegLib.stitching import predict_labels
 
-            return predict_labels(model, array, patch, device=device,
-                                  out_channels=card.out_channels, overlap=overlap,
-                                  batch_size=batch, progress=progress,
-                                  padding=card.inference.get("padding", "constant"),
+            return predict_labels(model, array, windows, device=device,
+                                  out_channels=card.out_channels, progress=progress,
                                   transform=transform)
         if card.inference.get("tiling") == "nnunet":
             from TransferSegLib import nnunet_tiling
@@ -221,10 +206,8 @@ def segment(
                 accumulate=(torch.float16 if card.inference.get("accumulate") == "float16"
                             else torch.float32))
         if valid_output is None:
-            return predict_logits(model, array, patch, device=device,
-                                  out_channels=card.out_channels, overlap=overlap,
-                                  batch_size=batch, progress=progress,
-                                  padding=card.inference.get("padding", "constant"))
+            return predict_logits(model, array, windows, device=device,
+                                  out_channels=card.out_channels, progress=progress)
         from TransferSegLib.tiling import predict_logits_valid  # valid convolutions
 
         return predict_logits_valid(model, array, patch, valid_output, device=device,

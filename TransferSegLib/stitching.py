@@ -12,11 +12,17 @@ the planes before ``z``, so their labels are final: they are taken then, and the
 dropped. The scores live in a ring of one patch's depth of planes (``patch_z`` x Y x X per
 channel), reused as the windows move down the volume.
 
-Memory: C x patch_z x Y x X floats for the ring instead of (C + 1) x Z x Y x X for MONAI's
-output and weights (a 512 x 512 x 200 CT, 96^3 patches, 4 labels: 0.38 GiB instead of
-1.0 GiB), and no full-volume argmax. The labels can differ from MONAI's only where two
-channels' blended scores are within float rounding of each other (``bench/inference.py``
-counts the voxels that differ).
+The ring holds float16 scores by default (``accumulate=torch.float32`` for MONAI's precision).
+Before a window's scores are added, each voxel's largest score is subtracted from all of its
+channels: the same amount for every channel of a voxel, so the blend's argmax is unchanged,
+and the scores that compete for a voxel sit near zero, where float16 is finest. A score so far
+below its voxel's largest that the sum could overflow is clipped (it cannot win there).
+
+Memory: C x patch_z x Y x X half floats for the ring instead of (C + 1) x Z x Y x X floats for
+MONAI's output and weights (a 512 x 512 x 200 CT, 96^3 patches, 4 labels: 0.07 GiB instead of
+1.0 GiB; float32 scores, 0.15 GiB), and no full-volume argmax. The labels can differ from
+MONAI's only where two channels' blended scores are within rounding of each other: float32's,
+or float16's (``bench/inference.py`` counts the voxels that differ).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from TransferSegLib.tiling import evaluating, groups
+from TransferSegLib.tiling import Windows, evaluating, groups
 
 _PLANES = 16  # planes at a time when labels are taken from the ring
 
@@ -66,46 +72,39 @@ def _ring(start: int, count: int, depth: int) -> list[tuple[slice, slice]]:
     return pieces
 
 
-def predict_labels(
-    model: torch.nn.Module,
-    array: np.ndarray,
-    patch_size: Sequence[int],
-    *,
-    device: torch.device,
-    out_channels: int,
-    overlap: float = 0.25,
-    batch_size: int = 2,
-    progress: bool = False,
-    padding: str = "constant",
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> np.ndarray:
+def predict_labels(model: torch.nn.Module, array: np.ndarray, windows: Windows, *,
+                   device: torch.device, out_channels: int, progress: bool = False,
+                   transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                   accumulate: torch.dtype = torch.float16) -> np.ndarray:
     """Channel index of the largest blended score per voxel (Z, Y, X) for an array
-    (in_C, Z, Y, X); uint8, or uint16 past 255 channels.
+    (in_C, Z, Y, X) in ``windows``; uint8, or uint16 past 255 channels.
 
-    Same arguments as :func:`TransferSegLib.inference.predict_logits`; the labels are those of
-    its argmax, without its (C, Z, Y, X) volume. With ``transform`` (a voxel-wise
-    normalisation), ``array`` is the scan itself (e.g. int16 HU) and each batch of windows is
-    normalised as it is cut: no float copy of the whole scan. It must then be at least one
-    patch in size (padding happens in model space).
+    The labels are those of :func:`TransferSegLib.inference.predict_logits`'s argmax, without
+    its (C, Z, Y, X) volume. With ``transform`` (a voxel-wise normalisation), ``array`` is the
+    scan itself (e.g. int16 HU) and each batch of windows is normalised as it is cut: no float
+    copy of the whole scan. It must then be at least one patch in size (padding happens in
+    model space). ``accumulate`` is the ring's type: float16 (half the memory; see the
+    module's notes for what it changes) or float32.
     """
     from monai.data.utils import compute_importance_map, dense_patch_slices
 
-    patch = tuple(int(v) for v in patch_size)
+    patch, overlap = tuple(int(v) for v in windows.patch), windows.overlap
     shape = tuple(array.shape[1:])
     pads = _pad_widths(shape, patch)
     inputs = np.asarray(array, dtype=None if transform else np.float32)
     if any(before or after for before, after in pads):
         if transform is not None:
             raise ValueError("a transformed array must be at least one patch in size")
-        inputs = np.pad(inputs, [(0, 0), *pads], mode="edge" if padding == "edge" else "constant")
+        inputs = np.pad(inputs, [(0, 0), *pads],
+                        mode="edge" if windows.padding == "edge" else "constant")
     padded = inputs.shape[1:]
     intervals = [roi if roi == size else max(int(roi * (1 - overlap)), 1)
                  for roi, size in zip(patch, padded, strict=True)]
-    windows = dense_patch_slices(padded, patch, intervals)  # MONAI's windows, z-major
+    boxes = dense_patch_slices(padded, patch, intervals)  # MONAI's windows, z-major
     # The ring runs along the axis where it is thinnest against the volume (z for a volume of
     # few, thick slices; y or x for a CT of many): C x patch x the other two sides.
     axis = min(range(3), key=lambda a: patch[a] / padded[a])
-    windows = sorted(windows, key=lambda w: w[axis].start)  # stable: MONAI's order within
+    boxes = sorted(boxes, key=lambda w: w[axis].start)  # stable: MONAI's order within
     model = model.to(device).eval()
     stitch = device if device.type == "cuda" else torch.device("cpu")
     weights = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device=stitch,
@@ -113,7 +112,12 @@ def predict_labels(
     depth = patch[axis]
     ring_shape = [out_channels, *padded]
     ring_shape[1 + axis] = depth
-    ring = torch.zeros(ring_shape, dtype=torch.float32, device=stitch)
+    ring = torch.zeros(ring_shape, dtype=accumulate, device=stitch)
+    narrow = torch.finfo(accumulate).bits < 32
+    # A voxel's blended score sums at most ``covering`` weighted outputs (weights <= 1): a
+    # score is clipped where it would make the sum overflow the ring's type.
+    covering = int(np.prod([-(-roi // step) for roi, step in zip(patch, intervals, strict=True)]))
+    limit = float(torch.finfo(accumulate).max) / covering
     labels = np.zeros(padded, np.uint8 if out_channels < 256 else np.uint16)
     done = 0  # planes (along ``axis``) before this one have their labels
 
@@ -134,7 +138,7 @@ def predict_labels(
         done = stop
 
     with evaluating(device):
-        for group in groups(windows, batch_size, progress):
+        for group in groups(boxes, windows.batch_size, progress):
             batch = np.stack([inputs[(slice(None), *w)] for w in group])
             batch = torch.from_numpy(transform(batch) if transform else batch)
             outputs = model(batch.to(device))
@@ -142,7 +146,11 @@ def predict_labels(
                 start = window[axis].start
                 if start > done:
                     finish(start)
-                output = output.to(stitch, torch.float32).mul_(weights)
+                output = output.to(stitch, torch.float32)
+                if narrow:  # see the module's notes
+                    output -= output.amax(dim=0, keepdim=True)
+                    output.clamp_(min=-limit)
+                output.mul_(weights)
                 for slots, offsets in _ring(start, depth, depth):
                     ring[(slice(None), *along(slots, window))] += \
                         output[(slice(None), *along(offsets))]

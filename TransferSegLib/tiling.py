@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +28,24 @@ def _three(size: int | Sequence[int], what: str) -> tuple[int, int, int]:
             isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise InputError(f"The {what} must be one or three positive whole numbers, not {size!r}.")
     return tuple(int(s) for s in sizes)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How a network slides over a volume in MONAI's Gaussian-weighted windows.
+
+    ``patch`` is in array order (Z, Y, X); ``batch_size`` windows go through the network at a
+    time. A volume thinner than a patch is padded with zeros (``padding="constant"``, as
+    published networks expect) or by repeating its edge voxels (``"edge"``: how TransferSeg
+    trains, :func:`sampling.sample_patch`; a model card says which). Padded with air, a 9 cm
+    slab of an abdomen reads to a network trained on whole scans as a body that ends there,
+    and it finds lungs in it (bench/README.md).
+    """
+
+    patch: tuple[int, ...]
+    overlap: float = 0.25
+    batch_size: int = 2
+    padding: str = "constant"
 
 
 def evaluating(device: torch.device) -> contextlib.ExitStack:

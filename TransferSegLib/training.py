@@ -205,7 +205,7 @@ def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelC
     from TransferSegLib import networks
     from TransferSegLib.inference import argmax_channels
     from TransferSegLib.stitching import predict_labels
-    from TransferSegLib.tiling import predict_logits_valid
+    from TransferSegLib.tiling import Windows, predict_logits_valid
 
     patch = tuple(int(v) for v in reversed(card.patch_size))
     valid_output = networks.output_size(card.architecture, card.arguments, patch)
@@ -216,9 +216,9 @@ def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelC
                                           out_channels=card.out_channels)
             prediction = argmax_channels(logits.numpy(), card.out_channels)
         else:  # as segment pads a scan thinner than a patch (the card says how)
-            prediction = predict_labels(model, case.image, patch, device=device,
-                                        out_channels=card.out_channels, overlap=overlap,
-                                        padding=card.inference.get("padding", "constant"))
+            windows = Windows(patch, overlap, padding=card.inference.get("padding", "constant"))
+            prediction = predict_labels(model, case.image, windows, device=device,
+                                        out_channels=card.out_channels)
         scored = case.target != IGNORE  # ignored voxels count neither way
         for channel in range(1, card.out_channels):
             if not case.annotated[channel]:
