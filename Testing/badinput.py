@@ -619,12 +619,37 @@ def _seg_variant(folder: Path, name: str, old: bytes, new: bytes) -> Path:
     return path
 
 
-@case("seg_layer_missing", "segmentations", ".seg.nrrd whose segment lives in layer 3 of a "
-      "one-layer file", error=InputError,
-      match=r"layer\.seg\.nrrd: segment 'spleen' is in layer 3.*save it again from Slicer")
-def _(folder):
-    path = _seg_variant(folder, "layer.seg.nrrd", b"Segment1_Layer:=0", b"Segment1_Layer:=3")
-    return lambda: segmentations.read_segmentation(path)
+def _seg_header_case(name: str, input: str, match: str, file: str, old: bytes,
+                     new: bytes) -> None:
+    """Register a case: the valid ``.seg.nrrd`` with header text ``old`` replaced by ``new``,
+    read; it must fail with an InputError matching ``match``."""
+    @case(name, "segmentations", input, error=InputError, match=match)
+    def _(folder):
+        path = _seg_variant(folder, file, old, new)
+        return lambda: segmentations.read_segmentation(path)
+
+
+for _row in (
+    ("seg_layer_missing", ".seg.nrrd whose segment lives in layer 3 of a one-layer file",
+     r"layer\.seg\.nrrd: segment 'spleen' is in layer 3.*save it again from Slicer",
+     "layer.seg.nrrd", b"Segment1_Layer:=0", b"Segment1_Layer:=3"),
+    ("seg_unnamed_voxels", ".seg.nrrd whose spleen segment says value 7 while its voxels are 2",
+     r"unnamed\.seg\.nrrd has voxels of value 2 in layer 0 that no segment names.*save",
+     "unnamed.seg.nrrd", b"Segment1_LabelValue:=2", b"Segment1_LabelValue:=7"),
+    ("seg_shared_value", ".seg.nrrd giving two segments label value 1 in one layer",
+     r"shared\.seg\.nrrd: segments 'liver' and 'spleen' both have label value 1.*save",
+     "shared.seg.nrrd", b"Segment1_LabelValue:=2", b"Segment1_LabelValue:=1"),
+    ("seg_duplicate_name", ".seg.nrrd with two segments named liver",
+     r"names\.seg\.nrrd has two segments named 'liver'; rename one",
+     "names.seg.nrrd", b"Segment1_Name:=spleen", b"Segment1_Name:=liver"),
+    ("seg_fractional_value", ".seg.nrrd with Segment1_LabelValue 1.5",
+     r"value\.seg\.nrrd has a malformed Segment1_LabelValue.*whole.*save it",
+     "value.seg.nrrd", b"Segment1_LabelValue:=2", b"Segment1_LabelValue:=1.5"),
+    ("seg_nan_layer", ".seg.nrrd with Segment1_Layer nan",
+     r"nan\.seg\.nrrd has a malformed Segment1_Layer \('nan'\).*save it",
+     "nan.seg.nrrd", b"Segment1_Layer:=0", b"Segment1_Layer:=nan"),
+):
+    _seg_header_case(*_row)
 
 
 @case("seg_segment_gap", "segmentations", ".seg.nrrd describing Segment0 and Segment7 but no "
@@ -633,15 +658,6 @@ def _(folder):
 def _(folder):
     path = _seg_variant(folder, "gap.seg.nrrd", b"Segment1_", b"Segment7_")
     path.write_bytes(path.read_bytes().replace(b"Segment1_", b"Segment7_"))
-    return lambda: segmentations.read_segmentation(path)
-
-
-@case("seg_unnamed_voxels", "segmentations", ".seg.nrrd whose spleen segment says value 7 "
-      "while its voxels are 2", error=InputError,
-      match=r"unnamed\.seg\.nrrd has voxels of value 2 in layer 0 that no segment names.*save")
-def _(folder):
-    path = _seg_variant(folder, "unnamed.seg.nrrd", b"Segment1_LabelValue:=2",
-                        b"Segment1_LabelValue:=7")
     return lambda: segmentations.read_segmentation(path)
 
 
@@ -658,39 +674,6 @@ def _(folder):
                                                              {1: "liver", 2: "spleen"})
     segmentation.segments.append(segmentations.Segment("kidney", 7, (0.5, 0.2, 0.1)))
     path = segmentations.write_segmentation(segmentation, folder / "empty_kidney.seg.nrrd")
-    return lambda: segmentations.read_segmentation(path)
-
-
-@case("seg_shared_value", "segmentations", ".seg.nrrd giving two segments label value 1 in one "
-      "layer", error=InputError,
-      match=r"shared\.seg\.nrrd: segments 'liver' and 'spleen' both have label value 1.*save")
-def _(folder):
-    path = _seg_variant(folder, "shared.seg.nrrd", b"Segment1_LabelValue:=2",
-                        b"Segment1_LabelValue:=1")
-    return lambda: segmentations.read_segmentation(path)
-
-
-@case("seg_duplicate_name", "segmentations", ".seg.nrrd with two segments named liver",
-      error=InputError, match=r"names\.seg\.nrrd has two segments named 'liver'; rename one")
-def _(folder):
-    path = _seg_variant(folder, "names.seg.nrrd", b"Segment1_Name:=spleen",
-                        b"Segment1_Name:=liver")
-    return lambda: segmentations.read_segmentation(path)
-
-
-@case("seg_fractional_value", "segmentations", ".seg.nrrd with Segment1_LabelValue 1.5",
-      error=InputError,
-      match=r"value\.seg\.nrrd has a malformed Segment1_LabelValue.*whole.*save it")
-def _(folder):
-    path = _seg_variant(folder, "value.seg.nrrd", b"Segment1_LabelValue:=2",
-                        b"Segment1_LabelValue:=1.5")
-    return lambda: segmentations.read_segmentation(path)
-
-
-@case("seg_nan_layer", "segmentations", ".seg.nrrd with Segment1_Layer nan", error=InputError,
-      match=r"nan\.seg\.nrrd has a malformed Segment1_Layer \('nan'\).*save it")
-def _(folder):
-    path = _seg_variant(folder, "nan.seg.nrrd", b"Segment1_Layer:=0", b"Segment1_Layer:=nan")
     return lambda: segmentations.read_segmentation(path)
 
 

@@ -159,13 +159,16 @@ def test_linknet3d_maps_a_patch_to_logits_and_knows_its_parts():
     assert len(set().union(*groups)) == len(list(model.parameters()))
 
 
-def test_deepbet_names_map_onto_our_network():
-    assert deepbet.rename("down1.block1.downsample.0.weight") == "encoder.1.0.shortcut.0.weight"
-    assert deepbet.rename("down3.block2.double_conv.3.weight") == "encoder.3.1.conv2.weight"
-    assert deepbet.rename("up2.tp_conv.0.weight") == "decoder.2.upsample.weight"
-    assert deepbet.rename("tp_conv2.bias") == "head.bias"
-    assert deepbet.rename("conv.0.bias") == "final_conv.0.bias"
-    assert deepbet.rename("unknown.weight") == "unknown.weight"
+@pytest.mark.parametrize(("published", "ours"), [
+    ("down1.block1.downsample.0.weight", "encoder.1.0.shortcut.0.weight"),
+    ("down3.block2.double_conv.3.weight", "encoder.3.1.conv2.weight"),
+    ("up2.tp_conv.0.weight", "decoder.2.upsample.weight"),
+    ("tp_conv2.bias", "head.bias"),
+    ("conv.0.bias", "final_conv.0.bias"),
+    ("unknown.weight", "unknown.weight"),  # not one of deepbet's names: unchanged
+])
+def test_deepbet_names_map_onto_our_network(published, ours):
+    assert deepbet.rename(published) == ours
 
 
 def test_mr_recipe_moves_z_scores_to_a_target_mean_and_deviation():
