@@ -37,8 +37,9 @@ def _monai_labels(model, array, patch, overlap, batch, padding) -> np.ndarray:
     ((16, 16, 16), (16, 16, 16), 0.25, 2, "constant"),  # exactly one patch
 ])
 def test_labels_equal_monai_blend_then_argmax(shape, patch, overlap, batch, padding):
-    """With float32 scores, every voxel; with the default float16 ring, all but the near-ties
-    (a random network on noise has many: real scans far fewer, bench/inference.py)."""
+    """With float32 scores (a small ring's), every voxel; with float16 (a large ring's), all but
+    the near-ties (a random network on noise has many: real scans far fewer,
+    bench/inference.py)."""
     model = _network()
     array = np.random.default_rng(1).random((1, *shape), dtype=np.float32)
     expected = _monai_labels(model, array, patch, overlap, batch, padding)
@@ -48,38 +49,38 @@ def test_labels_equal_monai_blend_then_argmax(shape, patch, overlap, batch, padd
     exact = stitching.predict_labels(model, array, windows, accumulate=torch.float32, **options)
     assert exact.shape == shape and exact.dtype == np.uint8
     np.testing.assert_array_equal(exact, expected)
-    half = stitching.predict_labels(model, array, windows, **options)
+    assert np.array_equal(stitching.predict_labels(model, array, windows, **options), exact)
+    half = stitching.predict_labels(model, array, windows, accumulate=torch.float16, **options)
     assert half.shape == shape and half.dtype == np.uint8
     assert np.mean(half == expected) > 0.999
 
 
-def test_ring_holds_one_patch_of_planes_not_the_volume():
+def test_ring_holds_one_patch_of_planes_not_the_volume(monkeypatch):
     """The score buffer is C x patch x the two other sides, along the axis where that is
-    smallest; MONAI's is C x the whole volume (plus its weights)."""
-    sizes = []
+    smallest; MONAI's is C x the whole volume (plus its weights). A ring over HALF_ABOVE bytes
+    in float32 holds float16."""
 
     class Recorder(torch.nn.Module):
         def forward(self, x):
             return torch.cat([x, 1 - x], dim=1)
 
-    real_zeros, half = torch.zeros, []
+    real_zeros, made = torch.zeros, []
 
     def zeros(*args, **kwargs):
         tensor = real_zeros(*args, **kwargs)
-        sizes.append(tuple(tensor.shape))
-        half.append(tensor.dtype == torch.float16)
+        made.append((tuple(tensor.shape), tensor.dtype))
         return tensor
 
     array = np.random.default_rng(0).random((1, 24, 100, 60), dtype=np.float32)
-    torch.zeros = zeros
-    try:
+    ring = (2, 24, 16, 60)  # along y: 16 / 100 is the thinnest share
+    monkeypatch.setattr(torch, "zeros", zeros)
+    for limit, kind in ((4 * np.prod(ring), torch.float32), (4 * np.prod(ring) - 1, torch.float16)):
+        made.clear()
+        monkeypatch.setattr(stitching, "HALF_ABOVE", limit)
         stitching.predict_labels(Recorder(), array, Windows((16, 16, 16)),
                                  device=torch.device("cpu"), out_channels=2)
-    finally:
-        torch.zeros = real_zeros
-    assert (2, 24, 16, 60) in sizes  # along y: 16 / 100 is the thinnest share
-    assert half[sizes.index((2, 24, 16, 60))]  # two bytes a score
-    assert all(np.prod(s) < 2 * 24 * 100 * 60 / 4 for s in sizes)
+        assert (ring, kind) in made
+        assert all(np.prod(shape) < 2 * 24 * 100 * 60 / 4 for shape, _ in made)
 
 
 class Bins(torch.nn.Module):
@@ -115,7 +116,8 @@ def test_half_ring_takes_scores_beyond_float16_range():
                                                             "out_channels": 3}
     exact = stitching.predict_labels(Loud(), array, windows, accumulate=torch.float32,
                                      **options)
-    half = stitching.predict_labels(Loud(), array, windows, **options)
+    half = stitching.predict_labels(Loud(), array, windows, accumulate=torch.float16,
+                                    **options)
     assert len(np.unique(exact)) > 1
     np.testing.assert_array_equal(half, exact)
 

@@ -12,15 +12,16 @@ the planes before ``z``, so their labels are final: they are taken then, and the
 dropped. The scores live in a ring of one patch's depth of planes (``patch_z`` x Y x X per
 channel), reused as the windows move down the volume.
 
-The ring holds float16 scores by default (``accumulate=torch.float32`` for MONAI's precision).
-Before a window's scores are added, each voxel's largest score is subtracted from all of its
-channels: the same amount for every channel of a voxel, so the blend's argmax is unchanged,
-and the scores that compete for a voxel sit near zero, where float16 is finest. A score so far
-below its voxel's largest that the sum could overflow is clipped (it cannot win there).
+A ring that would take more than ``HALF_ABOVE`` bytes in float32 (a CT-sized scan, not a small
+crop, where memory is no concern) holds float16 scores instead. Before a window's scores are
+added, each voxel's largest score is subtracted from all of its channels: the same amount for
+every channel of a voxel, so the blend's argmax is unchanged, and the scores that compete for
+a voxel sit near zero, where float16 is finest. A score so far below its voxel's largest that
+the sum could overflow is clipped (it cannot win there).
 
-Memory: C x patch_z x Y x X half floats for the ring instead of (C + 1) x Z x Y x X floats for
-MONAI's output and weights (a 512 x 512 x 200 CT, 96^3 patches, 4 labels: 0.07 GiB instead of
-1.0 GiB; float32 scores, 0.15 GiB), and no full-volume argmax. The labels can differ from
+Memory: C x patch_z x Y x X scores for the ring instead of (C + 1) x Z x Y x X floats for
+MONAI's output and weights (a 512 x 512 x 200 CT, 96^3 patches, 4 labels: 0.07 GiB of float16
+instead of 1.0 GiB), and no full-volume argmax. The labels can differ from
 MONAI's only where two channels' blended scores are within rounding of each other: float32's,
 or float16's (``bench/inference.py`` counts the voxels that differ).
 """
@@ -35,6 +36,7 @@ import torch
 from TransferSegLib.tiling import Windows, evaluating, groups
 
 _PLANES = 16  # planes at a time when labels are taken from the ring
+HALF_ABOVE = 64 * 2**20  # bytes of a float32 ring above which it holds float16
 
 
 def _largest(scores: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,7 @@ def _ring(start: int, count: int, depth: int) -> list[tuple[slice, slice]]:
 def predict_labels(model: torch.nn.Module, array: np.ndarray, windows: Windows, *,
                    device: torch.device, out_channels: int, progress: bool = False,
                    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                   accumulate: torch.dtype = torch.float16) -> np.ndarray:
+                   accumulate: torch.dtype | None = None) -> np.ndarray:
     """Channel index of the largest blended score per voxel (Z, Y, X) for an array
     (in_C, Z, Y, X) in ``windows``; uint8, or uint16 past 255 channels.
 
@@ -83,8 +85,9 @@ def predict_labels(model: torch.nn.Module, array: np.ndarray, windows: Windows, 
     its (C, Z, Y, X) volume. With ``transform`` (a voxel-wise normalisation), ``array`` is the
     scan itself (e.g. int16 HU) and each batch of windows is normalised as it is cut: no float
     copy of the whole scan. It must then be at least one patch in size (padding happens in
-    model space). ``accumulate`` is the ring's type: float16 (half the memory; see the
-    module's notes for what it changes) or float32.
+    model space). ``accumulate`` is the ring's type, float16 (half the memory; the module's
+    notes say what it changes) or float32; None: float16 for a ring of more than
+    ``HALF_ABOVE`` bytes in float32.
     """
     from monai.data.utils import compute_importance_map, dense_patch_slices
 
@@ -112,6 +115,9 @@ def predict_labels(model: torch.nn.Module, array: np.ndarray, windows: Windows, 
     depth = patch[axis]
     ring_shape = [out_channels, *padded]
     ring_shape[1 + axis] = depth
+    if accumulate is None:
+        large = 4 * int(np.prod(ring_shape)) > HALF_ABOVE
+        accumulate = torch.float16 if large else torch.float32
     ring = torch.zeros(ring_shape, dtype=accumulate, device=stitch)
     narrow = torch.finfo(accumulate).bits < 32
     # A voxel's blended score sums at most ``covering`` weighted outputs (weights <= 1): a
