@@ -21,9 +21,9 @@ the sum could overflow is clipped (it cannot win there).
 
 Memory: C x patch_z x Y x X scores for the ring instead of (C + 1) x Z x Y x X floats for
 MONAI's output and weights (a 512 x 512 x 200 CT, 96^3 patches, 4 labels: 0.07 GiB of float16
-instead of 1.0 GiB), and no full-volume argmax. The labels can differ from
-MONAI's only where two channels' blended scores are within rounding of each other: float32's,
-or float16's (``bench/inference.py`` counts the voxels that differ).
+instead of 1.0 GiB), and no full-volume argmax. The labels can differ from MONAI's only where
+two channels' blended scores are within rounding of each other: float32's, or float16's
+(``bench/inference.py`` counts the voxels that differ).
 """
 
 from __future__ import annotations
