@@ -77,3 +77,29 @@ def test_a_cancelled_run_ends_the_whole_study(tmp_path):
                         TrainConfig(steps=3, val_every=3, checkpoint_every=3),
                         architecture="unet", patch_size=[32, 32, 32], cancel_file=stop)
     assert [p.name for p in (tmp_path / "out" / "runs").iterdir()] == ["scratch_n1_s0"]
+
+
+def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
+    """bench/transfer.py --only: a seed or strategy added to a target keeps the runs already
+    measured with the same base and settings, replaces those run again, and keeps none
+    measured from another base."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "transfer.py"
+    spec = importlib.util.spec_from_file_location("transfer_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(strategy, seed, dice, cases=("a",)):
+        return {"strategy": strategy, "seed": seed, "cases": list(cases), "test_dice": dice}
+
+    setting = {"base": "b2", "steps": 150, "seeds": [1]}
+    previous = {"settings": {"t": {**setting, "seeds": [0, 1]}},
+                "targets": {"t": {"runs": [run("scratch", 0, 0.1), run("scratch", 1, 0.2),
+                                           run("scratch", 1, 0.3, ("b",))]}}}
+    new = [run("scratch", 1, 0.25)]
+    assert bench.kept_runs(previous, "t", setting, new) == [run("scratch", 0, 0.1),
+                                                            run("scratch", 1, 0.3, ("b",))]
+    assert bench.kept_runs(previous, "t", {**setting, "base": "b3"}, new) == []
+    assert bench.kept_runs(previous, "other", setting, new) == []

@@ -23,10 +23,11 @@ and ``bench/results/transfer-curves.png`` (validation Dice against step).
     python bench/transfer.py [--steps 150] [--seeds 0,1,2] [--published-steps 80]
                              [--only TARGET ...] [--strategies scratch,...] [--quick]
 
-``--only`` runs some targets and merges them into the existing results file; with
-``--strategies`` (scratch, the control, always among them) the runs of the other strategies
-already there are kept, so a strategy can be added to a target without running the rest again
-(every run is seeded, so scratch's runs come out the same).
+``--only`` runs some targets and merges them into the existing results file: a target's runs
+of a strategy, seed and fold not run now are kept if they were measured with the same settings
+(base, steps, rate, augmentation, patch), so a strategy or a seed can be added to a target
+without running the rest again (``--strategies``: scratch, the control, is always among them;
+every run is seeded, so scratch's runs come out the same).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run these targets only, merge the results")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help="comma-separated, scratch included (the control); with --only, "
-                             "the runs of other strategies already in the results are kept")
+                             "the runs of other strategies and seeds already in the results "
+                             "are kept")
     parser.add_argument("--quick", action="store_true", help="20 steps: a smoke run")
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     args = parser.parse_args()
@@ -132,9 +134,10 @@ def main() -> int:
                           "patch": patch or "the training scan's extent (context_patch)"}
     # Merged with the file as it is now (another --only run may have written it meanwhile).
     previous = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
-    for name, runs in results.items():  # runs of strategies not run now are kept
-        kept = [r for r in previous.get("targets", {}).get(name, {}).get("runs", [])
-                if r["strategy"] not in strategies]
+    for name, runs in results.items():
+        kept = kept_runs(previous, name, settings[name], runs)
+        if kept:
+            settings[name]["seeds"] = sorted({r["seed"] for r in kept + runs})
         results[name] = summarise(kept + runs)
     results = {**previous.get("targets", {}), **results}
     settings = {**previous.get("settings", {}), **settings}
@@ -155,6 +158,19 @@ def main() -> int:
     print(json.dumps({k: v["mean"] for k, v in results.items()}, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def kept_runs(previous: dict, name: str, setting: dict, runs: list[dict]) -> list[dict]:
+    """The runs of target ``name`` in the ``previous`` results that stay beside the new
+    ``runs``: those of a strategy, seed and fold not run now, measured with the same base,
+    steps, rate, augmentation and patch (``setting`` but its seeds); none otherwise."""
+    before = previous.get("settings", {}).get(name, {})
+    if {k: v for k, v in before.items() if k != "seeds"} != \
+            {k: v for k, v in setting.items() if k != "seeds"}:
+        return []
+    done = {(r["strategy"], r["seed"], tuple(r["cases"])) for r in runs}
+    return [r for r in previous.get("targets", {}).get(name, {}).get("runs", [])
+            if (r["strategy"], r["seed"], tuple(r["cases"])) not in done]
 
 
 def records(rows: list[dict]) -> list[dict]:
