@@ -11,7 +11,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from TransferSegLib import checkpoint, inference, preprocess, stitching
-from TransferSegLib.tiling import Windows
+from TransferSegLib.tiling import Windows, ready
 
 
 def _network(out_channels: int = 5) -> torch.nn.Module:
@@ -167,3 +167,23 @@ def test_segment_takes_the_slab_path_and_agrees_with_the_full_blend():
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(slab.label),
                                   sitk.GetArrayViewFromImage(full.label))
     assert len(np.unique(sitk.GetArrayViewFromImage(slab.label))) > 1
+
+
+def test_windows_run_channels_last_and_other_layouts_are_left_alone():
+    """Both window paths feed the network channels-last batches with channels-last 3D weights
+    (a CPU's transposed convolution then needs no im2col buffer); a network with 2D weights is
+    left as it is."""
+    model, seen = _network(), []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(
+            memory_format=torch.channels_last_3d)))
+    array = np.random.default_rng(0).random((1, 20, 20, 20), dtype=np.float32)
+    windows = Windows((16, 16, 16), 0.25, 2)
+    cpu = torch.device("cpu")
+    stitching.predict_labels(model, array, windows, device=cpu, out_channels=5)
+    inference.predict_logits(model, array, windows, device=cpu, out_channels=5)
+    assert seen and all(seen)
+    assert model.model[0].conv.unit0.conv.weight.is_contiguous(
+        memory_format=torch.channels_last_3d)
+    flat = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv3d(2, 2, 1))
+    assert ready(flat, cpu)[0].weight.is_contiguous()

@@ -26,7 +26,7 @@ import torch
 from TransferSegLib import networks, preprocess, segmentations, volumes
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.files import refuse_existing
-from TransferSegLib.tiling import Windows, evaluating
+from TransferSegLib.tiling import Windows, channels_last, evaluating, ready
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -85,12 +85,13 @@ def predict_logits(model: torch.nn.Module, array: np.ndarray, windows: Windows, 
     from monai.inferers import sliding_window_inference
 
     inputs = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
-    model = model.to(device).eval()
+    model = ready(model, device)
     stitch = _stitch_device(device, out_channels, inputs.shape[2:])
     with evaluating(device):  # callers update the result in place (softmax_)
         logits = sliding_window_inference(
             inputs, roi_size=tuple(windows.patch), sw_batch_size=windows.batch_size,
-            predictor=model, overlap=windows.overlap, mode="gaussian", sw_device=device,
+            predictor=lambda batch: model(channels_last(batch)), overlap=windows.overlap,
+            mode="gaussian", sw_device=device,
             device=stitch, padding_mode="replicate" if windows.padding == "edge" else "constant",
             progress=progress,
         )

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from TransferSegLib.tiling import Windows, evaluating, groups
+from TransferSegLib.tiling import Windows, channels_last, evaluating, groups, ready
 
 _PLANES = 16  # planes at a time when labels are taken from the ring
 HALF_ABOVE = 64 * 2**20  # bytes of a float32 ring above which it holds float16
@@ -108,7 +108,7 @@ def predict_labels(model: torch.nn.Module, array: np.ndarray, windows: Windows, 
     # few, thick slices; y or x for a CT of many): C x patch x the other two sides.
     axis = min(range(3), key=lambda a: patch[a] / padded[a])
     boxes = sorted(boxes, key=lambda w: w[axis].start)  # stable: MONAI's order within
-    model = model.to(device).eval()
+    model = ready(model, device)
     stitch = device if device.type == "cuda" else torch.device("cpu")
     weights = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device=stitch,
                                      dtype=torch.float32)
@@ -147,7 +147,7 @@ def predict_labels(model: torch.nn.Module, array: np.ndarray, windows: Windows, 
         for group in groups(boxes, windows.batch_size, progress):
             batch = np.stack([inputs[(slice(None), *w)] for w in group])
             batch = torch.from_numpy(transform(batch) if transform else batch)
-            outputs = model(batch.to(device))
+            outputs = model(channels_last(batch.to(device)))
             for window, output in zip(group, outputs, strict=True):
                 start = window[axis].start
                 if start > done:
