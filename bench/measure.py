@@ -151,20 +151,79 @@ def cores_busy(seconds: float) -> float | None:
     return None if before is None or after is None else round((after - before) / seconds, 2)
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux ``/proc/<pid>/task/*/children``)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                queue += [int(v) for v in task.read_text(encoding="utf-8").split()]
+            except (OSError, ValueError):
+                pass
+    return found
+
+
+def tree_pss_mib(pid: int) -> float | None:
+    """The proportional set size of ``pid`` and its descendants together: each page they
+    share (a DataLoader worker's inherited pages) counted once, not once per process; None
+    where ``/proc/<pid>/smaps_rollup`` cannot be read."""
+    total, seen = 0, False
+    for process in _descendants(pid):
+        try:
+            text = Path(f"/proc/{process}/smaps_rollup").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total, seen = total + int(line.split()[1]), True
+                break
+    return total / 1024 if seen else None
+
+
+class TreeMemory:
+    """Samples :func:`tree_pss_mib` of a process tree every ``interval`` s in a thread; the
+    largest sample is ``peak`` (None if none could be read). A sample, not a high-water mark:
+    a peak shorter than the interval can be missed."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import threading
+
+        self.peak: float | None = None
+        self._pid, self._interval, self._stop = pid, interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            value = tree_pss_mib(self._pid)
+            if value is not None and (self.peak is None or value > self.peak):
+                self.peak = value
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def run_child(script: str | Path, kind: str, spec: Path, run_name: str = "") -> dict:
     """Run ``script`` as ``--worker kind`` in a fresh interpreter; its report, wall time, CPU
     time, peak RSS and how busy the other cores were. The child is reaped with ``os.wait4``
     so its resource usage can be read (that of its own children, e.g. DataLoader workers,
     included: they are joined before it exits; ``ru_maxrss`` is then the largest single
-    process, not their sum)."""
+    process, not their sum). ``tree_pss_peak_mib`` is their sum, sampled
+    (:class:`TreeMemory`)."""
     command = [sys.executable, str(Path(script).resolve()), "--worker", kind, "--spec",
                str(spec), "--run-name", run_name]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     busy_before = busy_cpu_s()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    tree = TreeMemory(child.pid)
     output = child.stdout.read()
     child.stdout.close()
+    tree_peak = tree.stop()  # the child has closed its output: its work is done
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     busy_after = busy_cpu_s()
@@ -186,6 +245,7 @@ def run_child(script: str | Path, kind: str, spec: Path, run_name: str = "") -> 
         report["disturbed"] = report["other_cores"] > DISTURBED_CORES
     # Linux reports KiB, macOS bytes.
     report["peak_rss_mib"] = usage.ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
+    report["tree_pss_peak_mib"] = tree_peak
     return report
 
 

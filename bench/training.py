@@ -132,6 +132,7 @@ def summarise(runs: list[dict]) -> dict:
         "after_s": median("after_s"),
         "cpu_s": median("cpu_s"),
         "peak_rss_mib": largest("peak_rss_mib"),
+        "tree_pss_peak_mib": largest("tree_pss_peak_mib"),
         "vm_hwm_mib": largest("vm_hwm_mib"),
         "gpu_peak_allocated_mib": largest("gpu_peak_allocated_mib"),
         "gpu_peak_reserved_mib": largest("gpu_peak_reserved_mib"),
@@ -146,14 +147,15 @@ def print_table(result: dict) -> None:
     gpu = paths["transferseg"]["gpu_peak_allocated_mib"] is not None
     header = (f"{'path':<12} {'patches/s':>10} {'step s':>7} {'data s':>7} {'wall s':>7} "
               f"{'setup s':>8} "
-              f"{'CPU s':>7} {'peak RSS MiB':>13}")
+              f"{'CPU s':>7} {'peak RSS MiB':>13} {'tree PSS MiB':>13}")
     header += f" {'GPU peak MiB':>13}" if gpu else ""
     print(header)
     for name in PATHS:
         row = paths[name]
         line = (f"{name:<12} {row['patches_per_s']:>10.3f} {row['step_s_median']:>7.3f} "
                 f"{row['data_s_median']:>7.3f} {row['time_s']:>7.1f} {row['setup_s']:>8.1f} "
-                f"{row['cpu_s']:>7.1f} {row['peak_rss_mib']:>13.0f}")
+                f"{row['cpu_s']:>7.1f} {row['peak_rss_mib']:>13.0f} "
+                f"{row['tree_pss_peak_mib'] or float('nan'):>13.0f}")
         line += f" {row['gpu_peak_allocated_mib']:>13.0f}" if gpu else ""
         print(line)
     print("ratios (transferseg / monai): "
@@ -315,6 +317,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
             "time_ratio": "time_s",
             "cpu_time_ratio": "cpu_s",
             "peak_rss_ratio": "peak_rss_mib",
+            "tree_pss_ratio": "tree_pss_peak_mib",
             "gpu_peak_ratio": "gpu_peak_allocated_mib",
         }),
         "orchestrator_peak_rss_mib": round(orchestrator_rss, 1),
@@ -353,6 +356,9 @@ def benchmark(args: argparse.Namespace, workdir: Path, stem: str) -> dict:
                                     "high when other work competed for the cores",
             "peak_rss_mib": "ru_maxrss of the child from os.wait4: the largest single process "
                             "(loader workers included), floor: orchestrator_peak_rss_mib",
+            "tree_pss_peak_mib": "the child and its loader workers together: the largest sum of "
+                                 "their proportional set sizes (a page they share counted "
+                                 "once), sampled every 0.2 s",
             "vm_hwm_mib": "VmHWM of the child's own address space, read by the child at its end",
             "vm_hwm_steps_mib": "the same, read at the end of the last step (before "
                                 "transferseg's validation and model files)",
