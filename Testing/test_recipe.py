@@ -99,6 +99,30 @@ def test_base_groups_merge_parts_into_one_label_and_keep_hidden_ignored(tmp_path
     np.testing.assert_array_equal(merged == dataset.labels.ignore_value, np.isin(original, hidden))
 
 
+def test_base_v4_ignores_a_group_that_a_case_draws_only_in_part(tmp_path):
+    """The thoracic crop draws T12 alone with more of the spine in view: in recipe v4 T12 is
+    ignored there and "vertebrae" is not among the case's drawn structures, so no vertebra in
+    view is taught as background; the cases that draw the whole spine still teach it. The
+    shipped recipe (v3) merges it."""
+    assert ctbase.VARIANTS["v4"] == {"totalseg_thorax": ("vertebrae_T12",)}
+    by_name = {csv.parent.name: datasets.discover(csv)
+               for csv in ctbase.datasets(tmp_path, "v4")}
+    thorax = by_name["totalseg_thorax"]
+    assert "vertebrae" not in thorax.labelled()[0].annotated
+    assert "vertebrae" not in thorax.labels.foreground.values()
+    sample = real_sample("totalseg_thorax")
+    original = sitk.GetArrayFromImage(volumes.read_label(sample.label))
+    written = tmp_path / "totalseg_thorax" / "label.nii.gz"
+    label = sitk.GetArrayFromImage(volumes.read_label(written))
+    t12 = [v for v, n in sample.labels.items() if n == "vertebrae_T12"]
+    np.testing.assert_array_equal(label == thorax.labels.ignore_value,
+                                  np.isin(original, t12))
+    for name in ("totalseg_ct_full", "slicerio_chest"):
+        assert "vertebrae" in by_name[name].labelled()[0].annotated
+    shipped = datasets.discover(ctbase.datasets(tmp_path / "v3")[1])
+    assert "vertebrae" in shipped.labelled()[0].annotated
+
+
 def test_spatial_augmentation_moves_image_and_labels_together():
     """Rotation and scaling keep the target's values (nearest), move it with the image, and
     are off unless asked for."""
