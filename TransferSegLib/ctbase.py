@@ -55,8 +55,8 @@ SOURCES = {
 # Recipe versions: per sample, the labels that draw only a part of their group where more of it
 # is in view. They are ignored there (no loss), and the group counts as not drawn in that case;
 # merged instead (v3), the rest of the group in view is taught as background: the thoracic crop
-# draws T12 alone, with T5-T11 in view. v4 ignores it; measured, its base transferred worse
-# than v3's (bench/README.md, "The T12 fix"), so v3 is the one shipped.
+# draws T12 alone, with 20 cm of unlabelled thoracic spine above it. v4 ignores it; measured,
+# its base transferred worse than v3's (bench/README.md, "The T12 fix"), so v3 is shipped.
 VARIANTS = {"v3": {}, "v4": {"totalseg_thorax": ("vertebrae_T12",)}}
 
 
