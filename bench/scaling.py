@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(),
                      "device": "cpu"},
         "software": {"python": platform.python_version(), "torch": version("torch"),
-                     "monai": version("monai"), "transferseg": version("TransferSegLib")},
+                     "monai": version("monai"), "transferseg": version("TransferSegLib"),
+                     "pytorch-ignite": version("pytorch-ignite")},  # see measure.header
         "segment": segment,
         "training_step": step_costs(args.patches, args.steps),
         "definitions": {
