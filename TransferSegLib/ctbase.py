@@ -146,7 +146,7 @@ def data_licences() -> list[str]:
     return sorted({samples.PACKAGES[samples.SPEC_BY_NAME[n].package].licence for n in SOURCES})
 
 
-def description(steps: int = STEPS, version: str = VERSION) -> str:
+def description(steps: int = STEPS, version: str = VERSION, seed: int = 0) -> str:
     """The model card's description: data, licences, what was hidden, the recipe."""
     licences = data_licences()
     return (
@@ -162,18 +162,19 @@ def description(steps: int = STEPS, version: str = VERSION) -> str:
         f"{SPACING[0]:g} mm isotropic, {PATCH[0]}^3 patches, batch 2, AdamW lr {LR:g} with "
         f"polynomial decay, {steps} steps, Dice + cross-entropy (partial labels excluded), CT "
         "window -1000..1000 HU, random rotation (15 degrees) and scaling (15%). Reproduce with "
-        + ("`make base`." if (steps, version) == (STEPS, VERSION) else
+        + ("`make base`." if (steps, version, seed) == (STEPS, VERSION, 0) else
            f"`python -m TransferSegLib.ctbase --out DIR --steps {steps}"
-           + ("`." if version == VERSION else f" --version {version}`."))
+           + ("" if version == VERSION else f" --version {version}")
+           + ("`." if seed == 0 else f" --seed {seed}`."))
     )
 
 
 def train_base(out: Path, steps: int = STEPS, resume: bool = False,
                log: Callable[[str], None] = print, events=None,
                cancel_file: Path | None = None, threads: int | None = None,
-               version: str = VERSION) -> Path:
-    """Train the base (recipe ``version``) into ``out`` and return
-    ``out/<model_id(version)>.safetensors``.
+               version: str = VERSION, seed: int = 0) -> Path:
+    """Train the base (recipe ``version``; ``seed`` of the network's start and the patches)
+    into ``out`` and return ``out/<model_id(version)>.safetensors``.
 
     The model file appears only when the run completed all ``steps``; otherwise a
     :class:`~TransferSegLib.errors.TransferSegError` says how to continue.
@@ -186,11 +187,11 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     data = datasets(out / "data", version)
     config = training.TrainConfig(steps=steps, batch_size=2, lr=LR, val_every=max(steps // 10, 1),
                                   checkpoint_every=max(steps // 20, 1), threads=threads,
-                                  spatial=True)
+                                  spatial=True, seed=seed)
     result = recipes.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,
-        title=f"TransferSeg CT base {version}", description=description(steps, version),
+        title=f"TransferSeg CT base {version}", description=description(steps, version, seed),
         resume=resume, overwrite=not resume, events=events or (lambda event: None),
         cancel_file=cancel_file,
     )
@@ -232,7 +233,7 @@ def held_out_dice(model: Path, sample: str = "totalseg_dicom") -> dict[str, floa
 
 
 def report(out: Path, results: Path, plot: Path | None = None,
-           version: str = VERSION) -> dict:
+           version: str = VERSION, seed: int = 0) -> dict:
     """The training curve and per-label validation Dice of the run in ``out`` (its
     ``progress.jsonl``), and the finished base's Dice on the held-out CT, as JSON (and a plot)."""
     events = [json.loads(line) for line in
@@ -245,8 +246,8 @@ def report(out: Path, results: Path, plot: Path | None = None,
     data = {
         "benchmark": f"CT base {version} (TransferSegLib/ctbase.py): training curve, per-label "
                      "Dice on its training scans, and Dice on a CT it never saw",
-        "recipe": {"version": version, "architecture": ARCHITECTURE, "arguments": ARGUMENTS,
-                   "spacing": SPACING,
+        "recipe": {"version": version, "seed": seed, "architecture": ARCHITECTURE,
+                   "arguments": ARGUMENTS, "spacing": SPACING,
                    "patch": PATCH, "steps": done["step"], "lr": LR, "sources": list(SOURCES),
                    "hidden": list(HIDDEN), "held_out": list(HELD_OUT),
                    "partial": {name: list(labels) for name, labels in VARIANTS[version].items()},
@@ -424,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--version", choices=sorted(VARIANTS), default=VERSION,
                         help=f"recipe version (default {VERSION}, the shipped one)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the network's start and of the patches (default 0, the "
+                             "shipped base's)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the cores other programs leave idle)")
@@ -433,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--report, and put the base into the catalog (Resources/Models/, "
                              "models.json)")
     parser.add_argument("--results", default="bench/results",
-                        help="folder of the report (ctbase-<version>.json, .png)")
+                        help="folder of the report (ctbase-<version>[-seed<seed>].json, .png)")
     args = parser.parse_args(argv)
     from TransferSegLib.demo import ProgressBar
 
@@ -448,11 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     final = Path(args.out) / f"{model_id(args.version)}.safetensors"
     if not ((args.report or args.ship) and final.is_file()):
         train_base(Path(args.out), args.steps, args.resume, events=events, threads=args.threads,
-                   version=args.version)
+                   version=args.version, seed=args.seed)
     if args.report or args.ship:
         results = Path(args.results)
-        data = report(Path(args.out), results / f"ctbase-{args.version}.json",
-                      results / f"ctbase-{args.version}.png", version=args.version)
+        stem = f"ctbase-{args.version}" + (f"-seed{args.seed}" if args.seed else "")
+        data = report(Path(args.out), results / f"{stem}.json", results / f"{stem}.png",
+                      version=args.version, seed=args.seed)
         print(f"held-out Dice {data['held_out']}")
     if args.ship:
         from TransferSegLib import zoo

@@ -45,7 +45,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from TransferSegLib import __version__, ctbase, demo, study, zoo  # noqa: E402
+from TransferSegLib import __version__, ctbase, demo, samples, study, zoo  # noqa: E402
 from TransferSegLib.strategies import DEFAULT_STRATEGY  # noqa: E402
 from TransferSegLib.training import TrainConfig  # noqa: E402
 
@@ -92,6 +92,11 @@ def main() -> int:
                         help="comma-separated, scratch included (the control); with --only, "
                              "the runs of other strategies and seeds already in the results "
                              "are kept")
+    parser.add_argument("--base", default=None,
+                        help="a CT base model file to transfer from instead of the shipped one "
+                             f"({ctbase.MODEL_ID}); use it with --name")
+    parser.add_argument("--name", default="transfer",
+                        help="stem of the results files in bench/results (default transfer)")
     parser.add_argument("--quick", action="store_true", help="20 steps: a smoke run")
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     args = parser.parse_args()
@@ -100,7 +105,9 @@ def main() -> int:
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="transferseg-bench-"))
-    base = zoo.fetch(ctbase.MODEL_ID)
+    base = Path(args.base) if args.base else zoo.fetch(ctbase.MODEL_ID)
+    base_name = (f"{base.name}, sha256 {samples.sha256_of(base)}" if args.base
+                 else ctbase.MODEL_ID)
     seeds = [int(s) for s in args.seeds.split(",")]
     strategies = tuple(args.strategies.split(","))
     unknown = [name for name in strategies if name not in ORDER]
@@ -109,7 +116,7 @@ def main() -> int:
     # lr None: every strategy at its own default rate (scratch at its best, the fair control)
     config = TrainConfig(steps=args.steps, batch_size=2, val_every=max(args.steps // 6, 1),
                          checkpoint_every=args.steps, threads=args.threads)
-    out = HERE / "results" / ("transfer-quick.json" if args.quick else "transfer.json")
+    out = HERE / "results" / (f"{args.name}-quick.json" if args.quick else f"{args.name}.json")
     results, settings, started = {}, {}, time.time()
     for name, folds in targets(work / "data").items():
         if args.only and name not in args.only:
@@ -127,7 +134,7 @@ def main() -> int:
             rows += study.run_study(train, test, work / name / f"fold{index}", target_base,
                                     strategies, (1,), seeds, target_config, patch_size=patch)
         results[name] = records(rows)
-        settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else ctbase.MODEL_ID,
+        settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else base_name,
                           "steps": target_config.steps, "seeds": seeds,
                           "lr": target_config.lr or "each strategy's own",
                           "spatial_augmentation": target_config.spatial,
