@@ -57,6 +57,10 @@ def evaluating(device: torch.device) -> contextlib.ExitStack:
     return stack
 
 
+# Where 3D convolutions run channels-last (training and the window tilers alike).
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")
+
+
 def ready(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model`` (itself, moved) as the window tilers run it: on ``device``, in eval mode, and
     with its 3D convolution weights channels-last, as training keeps them. A CPU then runs a
@@ -65,13 +69,16 @@ def ready(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     MiB for two 96^3 windows, in no more time. The labels are those of the default layout but
     at near-ties (2 of 1.8 M voxels there)."""
     model = model.to(device).eval()
-    if all(p.dim() == 5 for p in model.parameters() if p.dim() >= 4):
+    if (device.type in CHANNELS_LAST_DEVICES
+            and all(p.dim() == 5 for p in model.parameters() if p.dim() >= 4)):
         model = model.to(memory_format=torch.channels_last_3d)
     return model
 
 
 def channels_last(batch: torch.Tensor) -> torch.Tensor:
-    """A batch of windows (N, C, Z, Y, X) in the layout :func:`ready` gives the weights."""
+    """A batch (N, C, Z, Y, X) in the layout :func:`ready` and training give the weights."""
+    if batch.device.type not in CHANNELS_LAST_DEVICES:
+        return batch
     return batch.contiguous(memory_format=torch.channels_last_3d)
 
 
