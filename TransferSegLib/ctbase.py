@@ -437,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--report, and put the base into the catalog (Resources/Models/, "
                              "models.json)")
     parser.add_argument("--results", default="bench/results",
-                        help="folder of the report (ctbase-<version>[-seed<seed>].json, .png)")
+                        help="folder of the report (ctbase-<version>[-<steps>steps]"
+                             "[-seed<seed>].json, .png)")
     args = parser.parse_args(argv)
     from TransferSegLib.demo import ProgressBar
 
@@ -455,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    version=args.version, seed=args.seed)
     if args.report or args.ship:
         results = Path(args.results)
-        stem = f"ctbase-{args.version}" + (f"-seed{args.seed}" if args.seed else "")
+        stem = (f"ctbase-{args.version}" + (f"-{args.steps}steps" if args.steps != STEPS else "")
+                + (f"-seed{args.seed}" if args.seed else ""))
         data = report(Path(args.out), results / f"{stem}.json", results / f"{stem}.png",
                       version=args.version, seed=args.seed)
         print(f"held-out Dice {data['held_out']}")
