@@ -15,7 +15,16 @@ import torch
 from conftest import real_sample, reduced_label
 from safetensors.torch import load_file
 
-from TransferSegLib import checkpoint, datasets, networks, recipes, sampling, training, volumes
+from TransferSegLib import (
+    checkpoint,
+    datasets,
+    isolation,
+    networks,
+    recipes,
+    sampling,
+    training,
+    volumes,
+)
 from TransferSegLib.cli import main
 from TransferSegLib.errors import InputError, TransferSegError
 
@@ -342,3 +351,67 @@ def test_finetune_can_replace_the_base_models_patch(tmp_path, base_model):
     with pytest.raises(InputError, match="multiple of 4"):
         recipes.finetune(base_model, data, tmp_path / "bad", "finetune", quick(steps=1),
                           patch_size=[30, 32, 32])
+
+
+# A fresh interpreter (SimpleITK not loaded: the case of a training process) trains, prepares
+# one case apart, and reads a broken scan apart; a fork of the test process, whose ITK thread
+# pools a fork would leave behind, never reads a scan.
+APART = """
+import json, sys
+import numpy as np
+from TransferSegLib import checkpoint, datasets, errors, recipes, sampling, training
+base, data, out, broken = sys.argv[1:]
+config = training.TrainConfig(steps=2, batch_size=1, val_every=2, device="cpu")
+result = recipes.finetune(base, data, out, "vanilla", config)
+dataset = datasets.discover(data)
+case = sampling.prepare_case(dataset.labelled()[0], dataset.labels, checkpoint.read_card(base))
+np.savez(out + "/case.npz", image=case.image, target=case.target, annotated=case.annotated,
+         **{f"foreground_{k}": v for k, v in case.foreground.items()})
+try:
+    sampling.median_spacing([sampling.LabelledCase(datasets.Case("broken", (broken,)), None)])
+    error = None
+except errors.InputError as caught:
+    error = str(caught)
+print(json.dumps({"status": result.status, "error": error,
+                  "simpleitk": "SimpleITK" in sys.modules}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads in process elsewhere")
+def test_training_process_never_loads_simpleitk_and_reads_the_same_arrays(tmp_path, base_model):
+    """The scans are read in a short-lived child: the trainer never imports SimpleITK, gets
+    the arrays it would have read itself, and the user's error about a scan as itself."""
+    data, out, broken = organ_dataset(tmp_path / "data"), tmp_path / "run", tmp_path / "x.nii.gz"
+    broken.write_bytes(b"not an image")
+    env = {k: v for k, v in os.environ.items() if k != isolation.IN_PROCESS_VARIABLE}
+    run = subprocess.run([sys.executable, "-c", APART, str(base_model), str(data), str(out),
+                          str(broken)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.splitlines()[-1])
+    assert report["status"] == "done" and report["simpleitk"] is False
+    assert "x.nii.gz" in report["error"]  # an InputError naming the file, raised apart
+    assert checkpoint.read_card(out / "model.safetensors").patch_size != [32, 32, 32]
+
+    dataset = datasets.discover(data)
+    here = sampling.prepare_case(dataset.labelled()[0], dataset.labels,
+                                 checkpoint.read_card(base_model))  # SimpleITK loaded here
+    with np.load(out / "case.npz", allow_pickle=False) as apart:
+        assert here.image.dtype == apart["image"].dtype
+        assert np.array_equal(here.image, apart["image"])
+        assert np.array_equal(here.target, apart["target"])
+        assert np.array_equal(here.annotated, apart["annotated"])
+        assert sorted(here.foreground) == sorted(
+            int(k.removeprefix("foreground_")) for k in apart.files if k.startswith("foreground_"))
+        assert all(np.array_equal(v, apart[f"foreground_{k}"]) for k, v in here.foreground.items())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads in process elsewhere")
+def test_a_reader_that_dies_or_fails_apart_says_what_happened(monkeypatch):
+    monkeypatch.setattr(isolation, "separate", lambda: True)
+    with pytest.raises(TransferSegError, match="killed by signal 9"):
+        isolation.call(lambda: os.kill(os.getpid(), 9), what="a case")
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        isolation.call(lambda: {"x": np.array(1 / 0)})
+    with pytest.raises(InputError, match="the reason"):
+        isolation.call(lambda: (_ for _ in ()).throw(InputError("the reason")))
+    assert isolation.call(lambda: {"x": np.arange(3)})["x"].tolist() == [0, 1, 2]

@@ -20,12 +20,14 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import SimpleITK as sitk
+from typing import TYPE_CHECKING
 
 from TransferSegLib import volumes
 from TransferSegLib.errors import InputError
 from TransferSegLib.files import full_suffix, require_regular
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 BACKGROUND = "background"
 # A label with this name marks voxels whose class is unknown: they are left out of training

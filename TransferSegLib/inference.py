@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from TransferSegLib import networks, preprocess, segmentations, volumes
 from TransferSegLib.errors import InputError, TransferSegError
 from TransferSegLib.files import refuse_existing
+from TransferSegLib.isolation import sitk  # imported on first use
 from TransferSegLib.tiling import Windows, channels_last, evaluating, ready
 
 

@@ -43,11 +43,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from TransferSegLib.errors import GeometryError, InputError, TransferSegError
 from TransferSegLib.events import json_safe
 from TransferSegLib.files import atomic_output
+from TransferSegLib.isolation import sitk  # imported on first use
 
 HD_PERCENTILE = 95.0
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from TransferSegLib.errors import InputError
+from TransferSegLib.isolation import sitk  # imported on first use
 from TransferSegLib.volumes import Geometry, max_voxels
 
 # Defaults per modality. CT: Hounsfield units clipped to a soft-tissue-and-bone window, scaled
@@ -177,9 +177,11 @@ def _orient_information(image: sitk.Image, orientation: str) -> sitk.Image:
 
 
 def resample(
-    image: sitk.Image, grid: Geometry, interpolator: int = sitk.sitkLinear, default: float = 0.0
+    image: sitk.Image, grid: Geometry, interpolator: int | None = None, default: float = 0.0
 ) -> sitk.Image:
-    """``image`` resampled onto ``grid`` (physical space unchanged; identity transform)."""
+    """``image`` resampled onto ``grid`` (physical space unchanged; identity transform; linear
+    unless ``interpolator``, a SimpleITK interpolator)."""
+    interpolator = sitk.sitkLinear if interpolator is None else interpolator
     reference = grid.blank()
     # The grids cover the same extent up to half a voxel; voxels just outside the source take
     # the nearest edge value rather than ``default``.

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 from TransferSegLib import events as ev
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.datasets import Dataset
@@ -145,19 +147,16 @@ def context_patch(card: ModelCard, cases: Sequence[LabelledCase]) -> list[int] |
     0.157 -> 0.281 and of finetune 0.201 -> 0.264 on liver, spleen and stomach when the patch
     covers the scan).
     """
-    from TransferSegLib import networks
-    from TransferSegLib.preprocess import model_grid
-    from TransferSegLib.volumes import read_volume
+    from TransferSegLib import isolation, networks
 
     if networks.fixed_input_size(card.architecture, card.arguments) is not None or \
             networks.output_size(card.architecture, card.arguments,
                                  list(reversed(card.patch_size))) is not None:
         return None
     divisor = networks.patch_divisor(card.architecture, card.arguments)
-    extent = [0, 0, 0]
-    for item in cases[:8]:
-        size = model_grid(read_volume(item.case.image), card.spacing, card.orientation).size
-        extent = [max(e, int(v)) for e, v in zip(extent, size, strict=True)]
+    sizes = isolation.call(_model_sizes, [item.case.image for item in cases[:8]], card.spacing,
+                           card.orientation, what="the training scans")["size"]
+    extent = [int(v) for v in sizes.max(axis=0)]
     base = [int(v) for v in card.patch_size]
     floors = [min(b, 2 * divisor) for b in base]
     patch = [max(f, -(-e // divisor) * divisor) for e, f in zip(extent, floors, strict=True)]
@@ -169,6 +168,16 @@ def context_patch(card: ModelCard, cases: Sequence[LabelledCase]) -> list[int] |
             return base
         patch[axis] -= divisor
     return patch
+
+
+def _model_sizes(paths: Sequence[Path], spacing: Sequence[float], orientation: str
+                 ) -> dict[str, np.ndarray]:
+    """Each scan's size (voxels, x y z) on the model's grid."""
+    from TransferSegLib.preprocess import model_grid
+    from TransferSegLib.volumes import read_volume
+
+    return {"size": np.array([model_grid(read_volume(path), spacing, orientation).size
+                              for path in paths], np.int64)}
 
 
 def _checked_patch(card: ModelCard, patch_size: Sequence[int]) -> list[int]:

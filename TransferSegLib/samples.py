@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from TransferSegLib import segmentations, volumes
 from TransferSegLib.errors import InputError, MissingSampleError, TransferSegError
 from TransferSegLib.files import write_error
+from TransferSegLib.isolation import sitk  # imported on first use
 
 MANIFEST = "manifest.json"
 FETCH_HINT = "run `transferseg samples fetch` (or `make data`) first"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from TransferSegLib import preprocess
+from TransferSegLib import isolation, preprocess
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.datasets import Case, LabelTable
 from TransferSegLib.errors import InputError
@@ -67,7 +67,19 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
 
     ``others_background``: labels the model does not have count as background. Voxels of the
     table's ``ignore`` label get the target :data:`IGNORE`: no loss, no validation score.
+    Read in a short-lived child process where :func:`isolation.separate` (the training
+    process never loads SimpleITK).
     """
+    arrays = isolation.call(_prepared_arrays, case, table, card, others_background,
+                            what=f"case {case.name} ({case.image})")
+    foreground = {int(key.removeprefix("foreground_")): value
+                  for key, value in arrays.items() if key.startswith("foreground_")}
+    return PreparedCase(case.name, arrays["image"], arrays["target"], arrays["annotated"],
+                        foreground)
+
+
+def _prepared_arrays(case: Case, table: LabelTable, card: ModelCard,
+                     others_background: bool) -> dict[str, np.ndarray]:
     images, label = case.load(table)
     if len(images) != card.in_channels:
         raise InputError(
@@ -93,9 +105,9 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
         if mapping[table.value(name)] != IGNORE:
             annotated[mapping[table.value(name)]] = True
     annotated[0] = True
-    foreground = {int(c): np.flatnonzero(target == c) for c in np.unique(target)
-                  if c > 0 and annotated[c]}
-    return PreparedCase(case.name, np.stack(arrays), target, annotated, foreground)
+    return {"image": np.stack(arrays), "target": target, "annotated": annotated,
+            **{f"foreground_{int(c)}": np.flatnonzero(target == c) for c in np.unique(target)
+               if c > 0 and annotated[c]}}
 
 
 class CaseCache:
@@ -229,8 +241,13 @@ def labelled_cases(dataset, source: str) -> list[LabelledCase]:
 
 def median_spacing(cases: list[LabelledCase]) -> list[float]:
     """Median voxel size (mm, x y z) of the cases' first image channel."""
+    spacings = isolation.call(_spacings, [item.case.image for item in cases],
+                              what="the training scans")["spacing"]
+    return [float(v) for v in np.median(spacings, axis=0)]
+
+
+def _spacings(paths: Sequence) -> dict[str, np.ndarray]:
     from TransferSegLib.volumes import read_volume
 
-    spacings = [read_volume(item.case.image).GetSpacing() for item in cases]
-    return [float(v) for v in np.median(np.array(spacings), axis=0)]
+    return {"spacing": np.array([read_volume(path).GetSpacing() for path in paths], float)}
 

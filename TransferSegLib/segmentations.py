@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from TransferSegLib.errors import InputError
 from TransferSegLib.files import atomic_output, library_messages_held
+from TransferSegLib.isolation import sitk  # imported on first use
 from TransferSegLib.volumes import (
     as_label_pixels,
     as_volume,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from TransferSegLib.errors import GeometryError, InputError
 from TransferSegLib.files import (
@@ -26,6 +25,7 @@ from TransferSegLib.files import (
     library_messages_held,
     require_regular,
 )
+from TransferSegLib.isolation import sitk  # imported on first use
 
 FORMATS = {
     ".nii": "NIfTI",
@@ -105,9 +105,10 @@ class Geometry:
         size = " x ".join(str(v) for v in self.size)
         return f"size {size}, spacing {spacing} mm, origin ({origin}) mm"
 
-    def blank(self, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
-        """An image of zeros on this grid (a reference for resampling)."""
-        image = sitk.Image(list(self.size), pixel_type)
+    def blank(self, pixel_type: int | None = None) -> sitk.Image:
+        """An image of zeros on this grid (a reference for resampling; 8-bit unless
+        ``pixel_type``, a SimpleITK pixel ID)."""
+        image = sitk.Image(list(self.size), sitk.sitkUInt8 if pixel_type is None else pixel_type)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
