@@ -2,8 +2,9 @@
 
 Importing SimpleITK costs a process about 93 MiB of resident memory for good (31 MiB of its
 own heap, 61 MiB of its library's pages), a fifth of what the steps of a small network's
-training add on a CPU (``bench/training.py``). A training process reads its scans once, at
-the start, so on Linux it reads them in a short-lived child (``fork``: nothing to re-import,
+training add on a CPU (``bench/training.py``). A training process reads its scans at the start
+(and later only when they overflow its case cache), so on Linux it reads them in a short-lived
+child (``fork``: nothing to re-import,
 the arguments need no pickling) that writes its arrays to a temporary ``.npz`` file and exits;
 the trainer loads the arrays with ``allow_pickle=False`` and never imports SimpleITK
 (``bench/README.md``, "Training").
