@@ -4,10 +4,9 @@ Importing SimpleITK costs a process about 93 MiB of resident memory for good (31
 own heap, 61 MiB of its library's pages), a fifth of what the steps of a small network's
 training add on a CPU (``bench/training.py``). A training process reads its scans at the start
 (and later only when they overflow its case cache), so on Linux it reads them in a short-lived
-child (``fork``: nothing to re-import,
-the arguments need no pickling) that writes its arrays to a temporary ``.npz`` file and exits;
-the trainer loads the arrays with ``allow_pickle=False`` and never imports SimpleITK
-(``bench/README.md``, "Training").
+child (``fork``: nothing to re-import, the arguments need no pickling) that writes its arrays
+to a temporary ``.npz`` file and exits; the trainer loads the arrays with
+``allow_pickle=False`` and never imports SimpleITK (``bench/README.md``, "Training").
 
 Elsewhere (macOS and Windows, where a forked child of a threaded process is unsafe or
 impossible), in a process that has SimpleITK loaded already (nothing to save), in a daemonic
