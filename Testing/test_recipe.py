@@ -103,8 +103,9 @@ def test_base_v4_ignores_a_group_that_a_case_draws_only_in_part(tmp_path):
     """The thoracic crop draws T12 alone with more of the spine in view: in recipe v4 T12 is
     ignored there and "vertebrae" is not among the case's drawn structures, so no vertebra in
     view is taught as background; the cases that draw the whole spine still teach it. The
-    shipped recipe (v3) merges it."""
-    assert ctbase.VARIANTS["v4"] == {"totalseg_thorax": ("vertebrae_T12",)}
+    shipped recipe (v5, v3's data) merges it."""
+    assert ctbase.VARIANTS["v4"].partial == {"totalseg_thorax": ("vertebrae_T12",)}
+    assert not ctbase.VARIANTS[ctbase.VERSION].partial
     by_name = {csv.parent.name: datasets.discover(csv)
                for csv in ctbase.datasets(tmp_path, "v4")}
     thorax = by_name["totalseg_thorax"]
@@ -119,7 +120,7 @@ def test_base_v4_ignores_a_group_that_a_case_draws_only_in_part(tmp_path):
                                   np.isin(original, t12))
     for name in ("totalseg_ct_full", "slicerio_chest"):
         assert "vertebrae" in by_name[name].labelled()[0].annotated
-    shipped = datasets.discover(ctbase.datasets(tmp_path / "v3")[1])
+    shipped = datasets.discover(ctbase.datasets(tmp_path / "shipped")[1])
     assert "vertebrae" in shipped.labelled()[0].annotated
 
 
@@ -167,6 +168,9 @@ def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path, 
     assert "liver" not in card.labels.values() and "ignore" not in card.labels.values()
     assert "Recipe" in card.description and "2 steps" in card.description
     assert "--steps 2`" in card.description  # how to make this very base again
+    # the file names no folder of the machine that made it
+    assert card.lineage[0]["data"] == [f"data/{name}/cases.csv" for name in ctbase.SOURCES]
+    assert str(tmp_path) not in card.to_json()
     assert not ctbase.completed(training.TrainResult(final, "stopped early", 2, None), 2)
     assert not ctbase.completed(training.TrainResult(final, "done", 1, None), 2)
     # Shipping the finished base: file, card and a catalog entry that the schema accepts and
@@ -278,8 +282,15 @@ def test_the_base_recipe_names_its_data_and_licences():
     assert "Apache-2.0" in text and "MIT" in text
     assert json.dumps(ctbase.ARGUMENTS) in text
     assert f"{ctbase.STEPS} steps" in text and "`make base`" in text
+    recipe = ctbase.VARIANTS[ctbase.VERSION]
+    assert f"{recipe.threads} CPU thread" in text  # the count the shipped weights depend on
     longer = ctbase.description(2 * ctbase.STEPS)  # the card says how it was really made
     assert f"{2 * ctbase.STEPS} steps" in longer and f"--steps {2 * ctbase.STEPS}" in longer
+    assert "make base" not in longer
+    other = ctbase.description(version="v3", seed=1, threads=2)
+    assert "3000 steps" in other and "--steps" not in other  # v3's own step count
+    assert "--version v3 --seed 1 --threads 2`" in other and "2 CPU threads" in other
+    assert "--threads" not in ctbase.description(version="v3", seed=1)
 
 
 def _scan_dataset(folder: Path, size: tuple[int, int, int], spacing: tuple[float, ...]) -> Path:

@@ -17,12 +17,12 @@ from TransferSegLib import checkpoint, ctbase, zoo
 from TransferSegLib.strategies import DEFAULT_BASE
 
 ROOT = Path(__file__).resolve().parent.parent
-# Dice of the shipped base on totalseg_dicom, a patient no part of it saw (measured: vertebrae
-# 0.42, mean 0.054 over the 10 structures that scan draws and the base knows; see
+# Dice of the shipped base on totalseg_dicom, a patient no part of it saw (measured, v5:
+# vertebrae 0.49, mean 0.059 over the 10 structures that scan draws and the base knows; see
 # Resources/Models/*.md), less a margin for other CPUs' arithmetic. A weak base off its three
 # training patients: what it is for is fine-tuning, and these bounds say it still works.
-HELD_OUT_BOUNDS = {"vertebrae": 0.30}
-HELD_OUT_MEAN_BOUND = 0.03
+HELD_OUT_BOUNDS = {"vertebrae": 0.38}
+HELD_OUT_MEAN_BOUND = 0.045
 
 
 def _shipped() -> tuple[dict, Path]:
@@ -44,6 +44,16 @@ def test_the_shipped_file_is_the_one_its_catalog_entry_names():
     assert f"Resources/Models/{ctbase.MODEL_ID}.md" in cmake
     card = (ROOT / "Resources" / "Models" / f"{ctbase.MODEL_ID}.md").read_text(encoding="utf-8")
     assert file["sha256"] in card and all(name in card for name in ctbase.SOURCES)
+
+
+def test_no_shipped_model_names_a_folder_of_the_machine_that_made_it():
+    bundled = [m for m in zoo.catalog() if any(f.get("bundled") for f in m["files"])]
+    assert ctbase.MODEL_ID in {m["id"] for m in bundled}
+    for entry in bundled:
+        for file in entry["files"]:
+            card = checkpoint.read_card(ROOT / "Resources" / file["bundled"])
+            paths = [p for item in card.lineage for p in item.get("data", [])]
+            assert paths and not [p for p in paths if Path(p).is_absolute()], entry["id"]
 
 
 def test_the_shipped_base_loads_without_unpickling(monkeypatch):

@@ -50,7 +50,7 @@ def test_the_catalog_validates_against_its_schema():
     shipped = zoo.registry_models()
     assert set(shipped) == {"hd-bet-v1-fold0", "deepbet-1.0.2", "taps-prostate-t2w-v1",
                             "astra-merlin-ct-encoder", "transferseg-ct-base-v2",
-                            "transferseg-ct-base-v3"}
+                            "transferseg-ct-base-v3", "transferseg-ct-base-v5"}
     assert all(zoo.is_verified(zoo.entry(i)) for i in shipped)
     assert not zoo.is_verified(zoo.entry("diag-unet-sparse-ct"))
 

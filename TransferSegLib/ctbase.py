@@ -35,6 +35,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from TransferSegLib import samples, volumes
 from TransferSegLib.datasets import IGNORE_NAME
 from TransferSegLib.files import atomic_output
 
-VERSION = "v3"  # the shipped recipe (make base); VARIANTS holds the others
+VERSION = "v5"  # the shipped recipe (make base); VARIANTS holds the others
 HIDDEN = ("liver", "spleen", "stomach", "autochthon_left", "autochthon_right")
 # sample -> labels dropped (their voxels become background: they are not any drawn structure)
 SOURCES = {
@@ -52,12 +53,32 @@ SOURCES = {
     "totalseg_thorax": (),
     "slicerio_chest": ("tissue",),
 }
-# Recipe versions: per sample, the labels that draw only a part of their group where more of it
-# is in view. They are ignored there (no loss), and the group counts as not drawn in that case;
-# merged instead (v3), the rest of the group in view is taught as background: the thoracic crop
-# draws T12 alone, with 20 cm of unlabelled thoracic spine above it. v4 ignores it; measured,
-# its base transferred worse than v3's (bench/README.md, "The T12 fix"), so v3 is shipped.
-VARIANTS = {"v3": {}, "v4": {"totalseg_thorax": ("vertebrae_T12",)}}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe version changes: ``partial``, per sample, the labels that draw only a part
+    of their group where more of it is in view (ignored there: no loss, and the group counts as
+    not drawn in that case); ``steps``; ``threads``, the CPU threads of the run that made the
+    shipped file (the order a convolution sums in depends on them, so another count gives
+    other weights; None: the cores other programs leave idle)."""
+
+    partial: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    steps: int = 3000
+    threads: int | None = None
+
+
+# Merged instead of ignored (v3), the rest of a group in view is taught as background: the
+# thoracic crop draws T12 alone, with 20 cm of unlabelled thoracic spine above it. v4 ignores
+# it; measured, its base transferred worse than v3's (bench/README.md, "The T12 fix"). v5 is v3
+# trained twice as long: at 3,000 steps the bases were still learning (Dice 0.14-0.18 on their
+# own scans) and their transfer hung on the seed; at 6,000 (0.42-0.50) it beat scratch from two
+# seeds (bench/README.md, "Longer base training"), so v5 is shipped.
+VARIANTS = {
+    "v3": Recipe(),
+    "v4": Recipe(partial={"totalseg_thorax": ("vertebrae_T12",)}),
+    "v5": Recipe(steps=6000, threads=1),
+}
 
 
 def model_id(version: str = VERSION) -> str:
@@ -80,7 +101,7 @@ ARCHITECTURE = "dynunet"
 ARGUMENTS = {"levels": 5, "filters": [8, 16, 32, 64, 128]}
 SPACING = [4.0, 4.0, 4.0]
 PATCH = [48, 48, 48]
-STEPS = 3000
+STEPS = VARIANTS[VERSION].steps
 LR = 3e-3
 
 
@@ -135,7 +156,7 @@ def case_dataset(name: str, folder: Path, keep: Sequence[str] | None = None,
 
 def datasets(folder: Path, version: str = VERSION) -> list[Path]:
     """The base's training datasets (one CSV per case, each with its own label table)."""
-    partial = VARIANTS[version]
+    partial = VARIANTS[version].partial
     return [case_dataset(name, folder / name, drop=drop, hide=(*HIDDEN, *partial.get(name, ())),
                          groups=GROUPS)
             for name, drop in SOURCES.items()]
@@ -146,35 +167,55 @@ def data_licences() -> list[str]:
     return sorted({samples.PACKAGES[samples.SPEC_BY_NAME[n].package].licence for n in SOURCES})
 
 
-def description(steps: int = STEPS, version: str = VERSION, seed: int = 0) -> str:
-    """The model card's description: data, licences, what was hidden, the recipe."""
+def description(steps: int | None = None, version: str = VERSION, seed: int = 0,
+                threads: int | None = None) -> str:
+    """The model card's description: data, licences, what was hidden, the recipe (``steps``
+    and ``threads`` default to the version's)."""
     licences = data_licences()
+    recipe = VARIANTS[version]
+    steps = recipe.steps if steps is None else steps
+    threads = recipe.threads if threads is None else threads
     return (
         "CT base model made by TransferSeg from the labelled CTs of pinned registry packages, "
         f"trained with partial labels: {', '.join(SOURCES)} (3 patients; each case annotates "
         f"only its own structures). Not taught, so that they can be learnt by fine-tuning: "
         f"{', '.join(HIDDEN)} (ignored voxels). Never seen: {', '.join(HELD_OUT)}. "
         + "".join(f"Ignored in {name}, which draws only part of its group: {', '.join(labels)}. "
-                  for name, labels in VARIANTS[version].items())
+                  for name, labels in recipe.partial.items())
         + "Merged "
         f"into one label each: {', '.join(GROUPS)}. Data "
         f"licences: {'; '.join(licences)}. Recipe: {ARCHITECTURE} {json.dumps(ARGUMENTS)}, "
         f"{SPACING[0]:g} mm isotropic, {PATCH[0]}^3 patches, batch 2, AdamW lr {LR:g} with "
         f"polynomial decay, {steps} steps, Dice + cross-entropy (partial labels excluded), CT "
-        "window -1000..1000 HU, random rotation (15 degrees) and scaling (15%). Reproduce with "
-        + ("`make base`." if (steps, version, seed) == (STEPS, VERSION, 0) else
-           f"`python -m TransferSegLib.ctbase --out DIR --steps {steps}"
-           + ("" if version == VERSION else f" --version {version}")
-           + ("`." if seed == 0 else f" --seed {seed}`."))
+        "window -1000..1000 HU, random rotation (15 degrees) and scaling (15%)"
+        + (f", {threads} CPU thread{'s' if threads > 1 else ''}" if threads else "")
+        + f". Reproduce with {command(steps, version, seed, threads)}."
     )
 
 
-def train_base(out: Path, steps: int = STEPS, resume: bool = False,
+def command(steps: int | None = None, version: str = VERSION, seed: int = 0,
+            threads: int | None = None) -> str:
+    """The command that makes this base again (in backquotes): ``make base`` for the shipped
+    recipe, else the module's command line with what differs from the version's own."""
+    recipe = VARIANTS[version]
+    steps = recipe.steps if steps is None else steps
+    threads = recipe.threads if threads is None else threads
+    if (steps, version, seed, threads) == (STEPS, VERSION, 0, VARIANTS[VERSION].threads):
+        return "`make base`"
+    return ("`python -m TransferSegLib.ctbase --out DIR"
+            + ("" if steps == recipe.steps else f" --steps {steps}")
+            + ("" if version == VERSION else f" --version {version}")
+            + ("" if seed == 0 else f" --seed {seed}")
+            + ("" if threads == recipe.threads else f" --threads {threads}") + "`")
+
+
+def train_base(out: Path, steps: int | None = None, resume: bool = False,
                log: Callable[[str], None] = print, events=None,
                cancel_file: Path | None = None, threads: int | None = None,
                version: str = VERSION, seed: int = 0) -> Path:
-    """Train the base (recipe ``version``; ``seed`` of the network's start and the patches)
-    into ``out`` and return ``out/<model_id(version)>.safetensors``.
+    """Train the base (recipe ``version``; ``seed`` of the network's start and the patches;
+    ``steps`` and ``threads`` default to the recipe's) into ``out`` and return
+    ``out/<model_id(version)>.safetensors``.
 
     The model file appears only when the run completed all ``steps``; otherwise a
     :class:`~TransferSegLib.errors.TransferSegError` says how to continue.
@@ -184,6 +225,8 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     from TransferSegLib.errors import TransferSegError
 
     out = Path(out)
+    steps = VARIANTS[version].steps if steps is None else steps
+    threads = VARIANTS[version].threads if threads is None else threads
     data = datasets(out / "data", version)
     config = training.TrainConfig(steps=steps, batch_size=2, lr=LR, val_every=max(steps // 10, 1),
                                   checkpoint_every=max(steps // 20, 1), threads=threads,
@@ -191,7 +234,8 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
     result = recipes.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,
-        title=f"TransferSeg CT base {version}", description=description(steps, version, seed),
+        title=f"TransferSeg CT base {version}",
+        description=description(steps, version, seed, threads),
         resume=resume, overwrite=not resume, events=events or (lambda event: None),
         cancel_file=cancel_file,
     )
@@ -201,9 +245,22 @@ def train_base(out: Path, steps: int = STEPS, resume: bool = False,
             f"The base-model training stopped at step {result.steps} of {steps} "
             f"({result.status}); nothing was written as a base. Continue it with --resume.")
     model, card = load_model(out / "run" / "last.safetensors")
-    save_model(final, model, card, overwrite=True)
+    save_model(final, model, portable(card, out), overwrite=True)
     log(f"base model: {final}")
     return final
+
+
+def portable(card, out: Path):
+    """``card`` with the data paths of its pretraining made relative to the work folder
+    ``out`` (a shipped file names no folder of the machine that made it)."""
+    def relative(path: str) -> str:
+        try:
+            return Path(path).resolve().relative_to(Path(out).resolve()).as_posix()
+        except ValueError:
+            return Path(path).name
+    card.lineage = [dict(item, data=[relative(p) for p in item["data"]]) if "data" in item
+                    else item for item in card.lineage]
+    return card
 
 
 def completed(result, steps: int) -> bool:
@@ -250,7 +307,8 @@ def report(out: Path, results: Path, plot: Path | None = None,
                    "arguments": ARGUMENTS, "spacing": SPACING,
                    "patch": PATCH, "steps": done["step"], "lr": LR, "sources": list(SOURCES),
                    "hidden": list(HIDDEN), "held_out": list(HELD_OUT),
-                   "partial": {name: list(labels) for name, labels in VARIANTS[version].items()},
+                   "partial": {name: list(labels)
+                               for name, labels in VARIANTS[version].partial.items()},
                    "groups": {group: list(patterns) for group, patterns in GROUPS.items()},
                    "augmentation": "intensity; rotation up to 15 degrees, scaling 0.85-1.15"},
         # a resumed run logs one end event per part: its time is their sum
@@ -335,6 +393,7 @@ def card_markdown(data: dict, entry: dict) -> str:
     its catalog ``entry``."""
     recipe, file = data["recipe"], entry["files"][0]
     version = recipe.get("version", VERSION)
+    threads = data["hardware"].get("threads")
     trained = data["final_labels"]
     learnt = sorted(((v, k) for k, v in trained.items() if v >= 0.5), reverse=True)
     held = data["held_out"]["labels"]
@@ -372,9 +431,10 @@ def card_markdown(data: dict, entry: dict) -> str:
         f"- {recipe['steps']} steps of batch 2, AdamW lr {recipe['lr']:g} with polynomial decay, "
         "Dice + cross-entropy over the annotated structures of each case, intensity "
         "augmentation, random rotation (up to 15 degrees) and scaling (0.85-1.15); "
-        f"{data['minutes']} minutes on {data['hardware']['cpu_cores']} CPU cores",
-        "- reproduce: `make base` (`python -m TransferSegLib.ctbase --out transferseg-base`; "
-        "`--ship` puts the result here)", "",
+        f"{data['minutes']} minutes on {data['hardware']['cpu_cores']} CPU cores"
+        + (f" with {threads} torch thread{'s' if threads > 1 else ''}" if threads else ""),
+        f"- reproduce: {command(recipe['steps'], version, recipe.get('seed', 0), threads)} "
+        "(`--ship` then puts the result here)", "",
         "## How good it is", "",
         f"Mean validation Dice over its labels on its own training scans: "
         f"{data['validation'][-1][1] if data['validation'] else 'n/a'} "
@@ -422,7 +482,8 @@ def ship(model: Path, resources: Path, data: dict) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="work folder")
-    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the version's; v5 6000)")
     parser.add_argument("--version", choices=sorted(VARIANTS), default=VERSION,
                         help=f"recipe version (default {VERSION}, the shipped one)")
     parser.add_argument("--seed", type=int, default=0,
@@ -430,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "shipped base's)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: the cores other programs leave idle)")
+                        help="CPU threads (default: the version's, v5 1, which reproduces "
+                             "the shipped file; else the cores other programs leave idle)")
     parser.add_argument("--report", action="store_true",
                         help="then write its report (--results); a finished run is not retrained")
     parser.add_argument("--ship", action="store_true",
@@ -456,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    version=args.version, seed=args.seed)
     if args.report or args.ship:
         results = Path(args.results)
-        stem = (f"ctbase-{args.version}" + (f"-{args.steps}steps" if args.steps != STEPS else "")
+        longer = args.steps not in (None, VARIANTS[args.version].steps)
+        stem = (f"ctbase-{args.version}" + (f"-{args.steps}steps" if longer else "")
                 + (f"-seed{args.seed}" if args.seed else ""))
         data = report(Path(args.out), results / f"{stem}.json", results / f"{stem}.png",
                       version=args.version, seed=args.seed)

@@ -2,7 +2,7 @@
 
 1. Fetch the pinned sample scans (once).
 2. Score TotalSegmentator's fast model against its reference labels (the metrics at work).
-3. Take the CT base model that ships with TransferSeg (``transferseg-ct-base-v3``, made by
+3. Take the CT base model that ships with TransferSeg (``transferseg-ct-base-v5``, made by
    :mod:`TransferSegLib.ctbase` from three patients' CTs with partial labels; liver, spleen and
    stomach were never taught to it, not even as background). It is not retrained here.
 4. Transfer it to a new target, those three organs, from ONE annotated volume (the 3 mm sample

@@ -11,7 +11,7 @@ from TransferSegLib.errors import InputError
 STRATEGIES = ("scratch", "vanilla", "finetune", "finetune-last", "discriminative", "two-stage")
 
 # The base model offered first: the CT base that ships with TransferSeg (Resources/Models/).
-DEFAULT_BASE = "transferseg-ct-base-v3"
+DEFAULT_BASE = "transferseg-ct-base-v5"
 
 # The strategy used unless the user picks one (command line, jobs, Slicer module): Med3D's
 # recipe, every layer trained and the new head faster. From the shipped base with one

@@ -2,7 +2,7 @@
 
 For each target, ``transferseg study`` trains ``scratch``, ``discriminative`` (the default),
 ``finetune`` and ``vanilla`` from the CT base model that ships with TransferSeg
-(``transferseg-ct-base-v3``, see ``TransferSegLib/ctbase.py``: liver, spleen, stomach and the
+(``transferseg-ct-base-v5``, see ``TransferSegLib/ctbase.py``: liver, spleen, stomach and the
 left and right autochthon were never taught to it) at the same step budget on N = 1 training
 volume, each strategy at its own learning rate, over several seeds, and scores each final model
 on a held-out volume of another patient. Targets, all from the pinned samples:
@@ -25,7 +25,7 @@ and ``bench/results/transfer-curves.png`` (validation Dice against step).
 
 ``--only`` runs some targets and merges them into the existing results file: a target's runs
 of a strategy, seed and fold not run now are kept if they were measured with the same settings
-(base, steps, rate, augmentation, patch), so a strategy or a seed can be added to a target
+(base, steps, rate, augmentation, patch, threads), so a strategy or a seed can be added to a target
 without running the rest again (``--strategies``: scratch, the control, is always among them;
 every run is seeded, so scratch's runs come out the same).
 """
@@ -138,7 +138,10 @@ def main() -> int:
                           "steps": target_config.steps, "seeds": seeds,
                           "lr": target_config.lr or "each strategy's own",
                           "spatial_augmentation": target_config.spatial,
-                          "patch": patch or "the training scan's extent (context_patch)"}
+                          "patch": patch or "the training scan's extent (context_patch)",
+                          # the order a convolution sums in depends on them: runs of another
+                          # count are other runs, never merged with these
+                          "threads": args.threads or "the cores other programs leave idle"}
     # Merged with the file as it is now (another --only run may have written it meanwhile).
     previous = json.loads(out.read_text(encoding="utf-8")) if args.only and out.exists() else {}
     for name, runs in results.items():
@@ -170,7 +173,7 @@ def main() -> int:
 def kept_runs(previous: dict, name: str, setting: dict, runs: list[dict]) -> list[dict]:
     """The runs of target ``name`` in the ``previous`` results that stay beside the new
     ``runs``: those of a strategy, seed and fold not run now, measured with the same base,
-    steps, rate, augmentation and patch (``setting`` but its seeds); none otherwise."""
+    steps, rate, augmentation, patch and threads (``setting`` but its seeds); none otherwise."""
     before = previous.get("settings", {}).get(name, {})
     if {k: v for k, v in before.items() if k != "seeds"} != \
             {k: v for k, v in setting.items() if k != "seeds"}:
