@@ -326,7 +326,8 @@ PATH_KINDS = ("model", "scan", "label", "table", "cases", "text", "nnunet", "mis
 COMMANDS = {
     "segment": {"--model": "path", "--image": "path", "--output": "out",
                 "--probabilities": "out", "--overlap": "number", "--batch-size": "number",
-                "--device": "device", "--overwrite": "switch", "--no-mirror": "switch"},
+                "--device": "device", "--overwrite": "switch", "--no-mirror": "switch",
+                "--body-crop": "switch", "--no-body-crop": "switch"},
     "evaluate": {"--prediction": "path", "--reference": "path", "--labels": "path",
                  "--csv": "out", "--json": "out", "--resample": "switch",
                  "--ignore-unknown": "switch", "--overwrite": "switch"},

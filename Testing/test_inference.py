@@ -69,6 +69,62 @@ def test_oblique_volume_smaller_than_a_patch_is_padded_and_restored():
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.label) == 7, array > 0)
 
 
+def _ct_with_table_and_arm() -> tuple[sitk.Image, dict[str, tuple[int, int]]]:
+    """A CT of 0.8 x 0.8 x 2.5 mm: a trunk (soft tissue, air-filled lungs inside it), an arm
+    4 mm beside it and the table 3 mm under it, in air; and where each lies (x and y voxel
+    ranges, array order reversed)."""
+    z, y, x = np.mgrid[0:12, 0:260, 0:300]
+    array = np.full(x.shape, -1000, np.int16)
+    trunk = ((x - 140) / 100.0) ** 2 + ((y - 120) / 70.0) ** 2 <= 1
+    array[trunk] = 40
+    array[trunk & ((x - 110) ** 2 + (y - 110) ** 2 < 30 ** 2)] = -800  # a lung
+    arm = (x - 265) ** 2 + (y - 120) ** 2 <= 21 ** 2  # 240 + 4 mm of air to 244
+    array[arm] = 60
+    array[(y >= 194) & (y < 240) & (x >= 20) & (x < 280)] = 100  # the table, 190 + 4 mm on
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 0.8, 2.5))
+    return image, {"trunk_x": (40, 241), "trunk_y": (50, 191), "arm_x": (244, 287),
+                   "table_y": (194, 240)}
+
+
+def test_a_ct_is_cropped_to_the_body_without_the_table_or_the_arms():
+    image, where = _ct_with_table_and_arm()
+    box = inference.body_box(image)
+    margin = inference.BODY_MARGIN_MM / 0.8 + 2 + 1  # the margin, a 2 mm cell, rounding
+    for axis, (start, stop) in ((0, where["trunk_x"]), (1, where["trunk_y"])):
+        assert start - margin <= box[axis].start <= start
+        assert stop <= box[axis].stop <= stop + margin
+    assert box[0].stop < where["arm_x"][1] and box[1].stop < where["table_y"][1]
+    assert box[2] == slice(0, 12)
+    assert inference.body_box(image[35:244, 45:194]) is None  # framed to the body already
+    air = sitk.GetImageFromArray(np.full((4, 50, 50), -1000, np.int16))
+    assert inference.body_box(air) is None  # no body: the scan is left as it is
+
+
+def test_a_model_that_learnt_its_scans_framing_segments_only_the_body():
+    image, where = _ct_with_table_and_arm()
+    card = threshold_card(image.GetSpacing())
+    everything = sitk.GetArrayFromImage(
+        inference.segment(Threshold(), card, image, device="cpu").label)
+    assert everything[:, slice(*where["table_y"]), 100].all()  # the table is "dense"
+    card.inference = {"crop_body": True}
+    result = inference.segment(Threshold(), card, image, device="cpu", keep_probabilities=True)
+    assert volumes.Geometry.of(result.label) == volumes.Geometry.of(image)
+    label = sitk.GetArrayFromImage(result.label)
+    box = inference.body_box(image)
+    inside = (slice(None), box[1], box[0])
+    np.testing.assert_array_equal(label[inside], everything[inside])  # as before inside
+    outside = np.ones(label.shape, bool)
+    outside[inside] = False
+    assert not label[outside].any() and everything[outside].any()  # table and arm dropped
+    assert (result.probabilities[0][outside] == 1).all()
+    kept = inference.segment(Threshold(), card, image, device="cpu", crop_body=False).label
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(kept), everything)  # the override
+    card.normalisation = {"kind": "mr", "percentiles": [1, 99]}
+    with pytest.raises(InputError, match="cannot be cropped to the body"):
+        inference.segment(Threshold(), card, image, device="cpu")
+
+
 def test_model_file_round_trip_gives_identical_segmentations(tmp_path):
     torch.manual_seed(0)
     model = networks.build_network("unet", 1, 3, channels=[4, 8, 16], strides=[2, 2],

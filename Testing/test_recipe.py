@@ -346,9 +346,11 @@ def test_fine_tuning_from_a_base_trains_and_segments_with_the_context_patch(tmp_
     _, card = checkpoint.load_model(tmp_path / "run" / "model.safetensors")
     assert card.patch_size == [64, 48, 32]
     assert any("patch 64 x 48 x 32 voxels" in m for m in messages)
+    assert card.inference["crop_body"] is True  # it learnt the scan's framing
     finetune(base, data, tmp_path / "chosen", "finetune", config, patch_size=[48, 48, 48])
     _, card = checkpoint.load_model(tmp_path / "chosen" / "model.safetensors")
     assert card.patch_size == [48, 48, 48]  # --patch wins
+    assert "crop_body" not in card.inference  # patches of it, not the whole scan
 
 
 def test_one_default_strategy_for_the_command_line_and_the_jobs():

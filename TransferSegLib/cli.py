@@ -151,6 +151,7 @@ def _segment(args: argparse.Namespace) -> int:
         args.model, args.image, args.output, overwrite=args.overwrite,
         probabilities_output=args.probabilities, device=args.device, overlap=args.overlap,
         batch_size=args.batch_size, progress=not args.quiet, mirror=args.mirror,
+        crop_body=args.body_crop,
     )
     print(f"wrote {args.output} ({len(result.labels)} labels) in "
           f"{time.perf_counter() - start:.1f} s")
@@ -437,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-mirror", dest="mirror", action="store_false", default=None,
                      help="nnU-Net models: skip the mirrored predictions nnU-Net averages "
                      "(up to 8x faster, slightly less accurate)")
+    seg.add_argument("--body-crop", action=argparse.BooleanOptionalAction, default=None,
+                     help="CT: segment only the patient's body (table, arms apart from the "
+                          "trunk and air left out); default: as the model card says (on for "
+                          "models fine-tuned by TransferSeg)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(run=_segment)

@@ -133,6 +133,7 @@ def segment(
     keep_probabilities: bool = False,
     progress: bool = False,
     mirror: bool | None = None,
+    crop_body: bool | None = None,
 ) -> SegmentationResult:
     """Segment ``images`` (one scan, or one per input channel on a shared grid) with a model.
 
@@ -140,7 +141,9 @@ def segment(
     the input's size, spacing, origin and direction, and values from ``card.label_values``.
     A card with nnU-Net's ``inference`` settings is segmented as nnU-Net does (crop to the
     nonzero region, its tiling; ``overlap`` is then unused); ``mirror`` turns its mirroring
-    on or off (default: as the card says).
+    on or off (default: as the card says). A CT card with ``inference.crop_body`` (a model
+    fine-tuned on whole training scans, which learnt their framing) segments the patient's
+    body (:func:`body_box`) and gives background outside it; ``crop_body`` overrides the card.
     """
     images = [images] if isinstance(images, sitk.Image) else list(images)
     check_options(overlap, batch_size)
@@ -150,7 +153,17 @@ def segment(
             f"but {len(images)} image(s) were given; give one image per channel."
         )
     options = {"device": device, "overlap": overlap, "batch_size": batch_size,
-               "keep_probabilities": keep_probabilities, "progress": progress, "mirror": mirror}
+               "keep_probabilities": keep_probabilities, "progress": progress, "mirror": mirror,
+               "crop_body": False}
+    if card.inference.get("crop_body") if crop_body is None else crop_body:
+        if preprocess.channel_recipe(card.normalisation or {"kind": "none"}, 0).get(
+                "kind") != "ct":
+            raise InputError(f"Model {card.title or card.architecture} does not read CT "
+                             "intensities: its scans cannot be cropped to the body by HU.")
+        box = body_box(images[0])
+        if box is not None:
+            result = segment(model, card, [image[box] for image in images], **options)
+            return _uncropped(result, box, images[0])
     if card.inference.get("crop_nonzero"):
         box = nonzero_box(images)
         if box is not None:
@@ -309,6 +322,47 @@ def nonzero_box(images: Sequence[sitk.Image]) -> tuple[slice, slice, slice] | No
     return tuple(box[::-1])  # SimpleITK indexes (x, y, z)
 
 
+BODY_HU = -300.0  # above it: the patient (and the table, the arms), below it air and lung
+BODY_MARGIN_MM = 10.0
+
+
+def body_box(image: sitk.Image) -> tuple[slice, slice, slice] | None:
+    """The (x, y, z) slices of the patient's body in a CT (values in HU): the bounding box of
+    the largest connected region above :data:`BODY_HU`, widened by :data:`BODY_MARGIN_MM`, so
+    the scanner's table, arms held apart from the trunk and the air are left out. Found on a
+    grid of about 2 mm whose cells count as body only if all their voxels do (a narrow gap
+    between trunk and arm or table stays open). None when that box is the whole scan, or no
+    region holds a thousandth of the scan (not a CT of a body)."""
+    from scipy import ndimage
+
+    spacing, size = image.GetSpacing(), image.GetSize()
+    factors = [min(n, max(1, int(2.0 // s))) for s, n in zip(spacing, size, strict=True)]
+    array = sitk.GetArrayViewFromImage(image)
+    fz, fy, fx = factors[::-1]
+    shape = [n // f for n, f in zip(array.shape, (fz, fy, fx), strict=True)]
+    inside = np.empty(shape, bool)
+    for z in range(0, shape[0], 8):  # a few slices at a time: no whole-scan copy
+        block = array[z * fz:(z + 8) * fz, :shape[1] * fy, :shape[2] * fx]
+        depth = block.shape[0] // fz
+        inside[z:z + depth] = block[:depth * fz].reshape(
+            depth, fz, shape[1], fy, shape[2], fx).min(axis=(1, 3, 5)) > BODY_HU
+    regions, count = ndimage.label(inside)
+    if not count:
+        return None
+    sizes = np.bincount(regions.ravel())[1:]
+    if sizes.max() < inside.size / 1000:
+        return None
+    found = ndimage.find_objects((regions == 1 + int(sizes.argmax())).astype(np.uint8))[0]
+    box = []
+    for axis, cells in zip(range(3), reversed(found), strict=True):  # x, y, z
+        margin = factors[axis] + int(np.ceil(BODY_MARGIN_MM / spacing[axis]))
+        box.append(slice(max(0, cells.start * factors[axis] - margin),
+                         min(size[axis], cells.stop * factors[axis] + margin)))
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, size, strict=True)):
+        return None
+    return tuple(box)
+
+
 def _uncropped(result: SegmentationResult, box: tuple[slice, slice, slice],
                reference: sitk.Image) -> SegmentationResult:
     """A result computed inside ``box`` put back on ``reference``'s grid: background outside."""
@@ -338,11 +392,13 @@ def segment_file(
     batch_size: int = 2,
     progress: bool = False,
     mirror: bool | None = None,
+    crop_body: bool | None = None,
 ) -> SegmentationResult:
     """Segment image file(s) with the model file and write the label map (atomically).
 
     A ``.seg.nrrd`` output keeps the model's label names and colours; other formats write a
     label map. Existing outputs are refused unless ``overwrite`` (checked before any work).
+    ``mirror`` and ``crop_body`` as in :func:`segment`.
     """
     from TransferSegLib.checkpoint import load_model
 
@@ -360,7 +416,7 @@ def segment_file(
     model, card = load_model(model_path, device="cpu")
     result = segment(model, card, images, device=device, overlap=overlap, batch_size=batch_size,
                      keep_probabilities=probabilities_output is not None, progress=progress,
-                     mirror=mirror)
+                     mirror=mirror, crop_body=crop_body)
     segmentation = segmentations.Segmentation.from_label_map(result.label, result.labels,
                                                        card.terminology)
     segmentations.write_segmentation(segmentation, output, overwrite=overwrite)

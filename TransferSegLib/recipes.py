@@ -18,6 +18,7 @@ from TransferSegLib import events as ev
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.datasets import Dataset
 from TransferSegLib.errors import InputError
+from TransferSegLib.preprocess import channel_recipe
 from TransferSegLib.sampling import LabelledCase, labelled_cases, median_spacing, split_cases
 from TransferSegLib.training import Events, TrainConfig, TrainResult, run_training
 
@@ -101,6 +102,11 @@ def finetune(
                 f"the model's spacing (the base's {' x '.join(map(str, card.patch_size))}; "
                 "--patch to choose)"))
             card = replace(card, patch_size=chosen)
+        if chosen is not None and channel_recipe(card.normalisation, 0).get("kind") == "ct":
+            # Patches of whole training scans teach their framing as well: a scan framed
+            # otherwise (a wider field of view, the table, the arms) is segmented inside the
+            # patient's body only (inference.body_box; bench/README.md, "Framing").
+            card = replace(card, inference={**card.inference, "crop_body": True})
     if terminology:
         card = replace(card, terminology={**card.terminology, **{
             name: entry for name, entry in terminology.items()
