@@ -14,10 +14,10 @@ STRATEGIES = ("scratch", "vanilla", "finetune", "finetune-last", "discriminative
 DEFAULT_BASE = "transferseg-ct-base-v5"
 
 # The strategy used unless the user picks one (command line, jobs, Slicer module): Med3D's
-# recipe, every layer trained and the new head faster. From the shipped base with one
-# training CT it beat scratch at every seed on liver, spleen and stomach (+0.24 mean Dice with
-# the default rotation and scaling); on the back muscles it is within 0.03 of scratch
-# (bench/README.md).
+# recipe, every layer trained and the new head faster. From the shipped base (v5) with one
+# training CT it beat scratch at every seed on liver, spleen and stomach (+0.19 mean Dice) and
+# on average on the back muscles (+0.08): the only strategy ahead on both (finetune: +0.23,
+# -0.09; bench/README.md).
 DEFAULT_STRATEGY = "discriminative"
 
 # Each strategy's own learning rate, the head's rate as a factor of it, and linear warm-up
