@@ -159,7 +159,8 @@ def segment(
         if preprocess.channel_recipe(card.normalisation or {"kind": "none"}, 0).get(
                 "kind") != "ct":
             raise InputError(f"Model {card.title or card.architecture} does not read CT "
-                             "intensities: its scans cannot be cropped to the body by HU.")
+                             "intensities: its scans cannot be cropped to the body by HU; "
+                             "segment without --body-crop.")
         box = body_box(images[0])
         if box is not None:
             result = segment(model, card, [image[box] for image in images], **options)
