@@ -125,6 +125,38 @@ def test_a_model_that_learnt_its_scans_framing_segments_only_the_body():
         inference.segment(Threshold(), card, image, device="cpu")
 
 
+def test_validation_scores_a_body_cropping_model_on_what_segment_gives_it(tmp_path):
+    """Validation Dice (the training curves, the steps-to-Dice ratio) of a model whose card
+    crops to the body is measured on the body, as its segmentations are: the table and the arm
+    outside the box do not count against it, as they never reach the user."""
+    from TransferSegLib.datasets import Case, LabelTable
+    from TransferSegLib.sampling import prepare_case
+    from TransferSegLib.training import validate
+
+    image, where = _ct_with_table_and_arm()
+    array = sitk.GetArrayFromImage(image)
+    reference = np.zeros(array.shape, np.uint8)
+    reference[:, slice(*where["trunk_y"]), slice(*where["trunk_x"])] = 1
+    reference &= (array > 0)  # the trunk's soft tissue, not the arm or the table
+    label = sitk.GetImageFromArray(reference)
+    label.CopyInformation(image)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(label, str(tmp_path / "ct_label.nii.gz"))
+    case = Case("ct", (tmp_path / "ct.nii.gz",), tmp_path / "ct_label.nii.gz")
+    table = LabelTable({1: "dense"})
+    card = threshold_card(image.GetSpacing())
+    for crop in (False, True):
+        card.inference = {"crop_body": True} if crop else {}
+        label = sitk.GetArrayFromImage(inference.segment(Threshold(), card, image,
+                                                         device="cpu").label) == 7
+        expected = 2 * (label & (reference == 1)).sum() / (label.sum() + reference.sum())
+        prepared = prepare_case(case, table, card, body_crop=crop)
+        scored = validate(Threshold(), [prepared], card, torch.device("cpu"), 0.25)["dense"]
+        assert scored == pytest.approx(expected, abs=1e-6)
+        assert (scored > 0.9) == crop  # uncropped, the table and the arm count (0.74)
+    assert all(n < m for n, m in zip(prepared.image.shape[2:], array.shape[1:], strict=True))
+
+
 def test_model_file_round_trip_gives_identical_segmentations(tmp_path):
     torch.manual_seed(0)
     model = networks.build_network("unet", 1, 3, channels=[4, 8, 16], strides=[2, 2],

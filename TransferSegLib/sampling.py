@@ -62,15 +62,18 @@ def channel_map(card: ModelCard, table: LabelTable, source: str,
 
 
 def prepare_case(case: Case, table: LabelTable, card: ModelCard,
-                 others_background: bool = False) -> PreparedCase:
+                 others_background: bool = False, body_crop: bool = False) -> PreparedCase:
     """Read ``case``, take it to the model's space and map its labels to output channels.
 
     ``others_background``: labels the model does not have count as background. Voxels of the
     table's ``ignore`` label get the target :data:`IGNORE`: no loss, no validation score.
-    Read in a short-lived child process where :func:`isolation.separate` (the training
-    process never loads SimpleITK).
+    ``body_crop``: a CT cut to the patient's body first (:func:`inference.body_box`), so a
+    model whose card crops to the body is validated on the very input ``segment`` gives it
+    (the windows over a few voxels more or less can change its answer); labels outside the
+    box, none in a CT of a body, are not scored. Read in a short-lived child process where
+    :func:`isolation.separate` (the training process never loads SimpleITK).
     """
-    arrays = isolation.call(_prepared_arrays, case, table, card, others_background,
+    arrays = isolation.call(_prepared_arrays, case, table, card, others_background, body_crop,
                             what=f"case {case.name} ({case.image})")
     foreground = {int(key.removeprefix("foreground_")): value
                   for key, value in arrays.items() if key.startswith("foreground_")}
@@ -79,13 +82,19 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
 
 
 def _prepared_arrays(case: Case, table: LabelTable, card: ModelCard,
-                     others_background: bool) -> dict[str, np.ndarray]:
+                     others_background: bool, body_crop: bool = False) -> dict[str, np.ndarray]:
     images, label = case.load(table)
     if len(images) != card.in_channels:
         raise InputError(
             f"Case {case.name} has {len(images)} image channel(s); the model takes "
             f"{card.in_channels}."
         )
+    if body_crop:
+        from TransferSegLib.inference import body_box
+
+        box = body_box(images[0])
+        if box is not None:
+            images, label = [image[box] for image in images], label[box]
     arrays, grid = [], None
     for channel, image in enumerate(images):
         array, grid = preprocess.to_model_space(image, card.spacing, card.normalisation,

@@ -557,8 +557,10 @@ def run_training(
                           len(cases), config.cache_gb * 2**30)
         # Validating on the training cases (fewer than 3): reuse their prepared arrays.
         index_of = {id(c): i for i, c in enumerate(cases)}
+        # A card that crops to the body is validated on the body, as segment runs it.
+        crop = bool(card.inference.get("crop_body"))
         validation = [cache[index_of[id(c)]] if id(c) in index_of else
-                      prepare_case(c.case, c.table, card_of(c), c.others_background)
+                      prepare_case(c.case, c.table, card_of(c), c.others_background, crop)
                       for c in val_cases]
         heads = ([c.head for c in cases], [c.head for c in val_cases]) if cards else None
         return train(plan, card, cache, validation, config, out_dir, events, resume,

@@ -139,6 +139,9 @@ def main() -> int:
                           "lr": target_config.lr or "each strategy's own",
                           "spatial_augmentation": target_config.spatial,
                           "patch": patch or "the training scan's extent (context_patch)",
+                          # validation curves on the input segment gives the model (its body
+                          # crop); runs validated on the whole scan are other curves
+                          "validation": "the held-out scan as segment reads it",
                           # the order a convolution sums in depends on them: runs of another
                           # count are other runs, never merged with these
                           "threads": args.threads or "the cores other programs leave idle"}
