@@ -109,8 +109,8 @@ def run_demo(out: Path, steps: int = 150, log: Callable[[str], None] = print,
         log(f"{row['strategy']:<14} {row['test_dice']:7.4f} "
             + " ".join(f"{row['labels'].get(n, float('nan')):8.4f}" for n in TARGET))
     log(verdict(rows))
-    log("(one seed on one held-out scan; `python bench/transfer.py` runs three seeds on two "
-        "targets, and bench/README.md has every result, the losing ones too)")
+    log("(one seed on one held-out scan; `python bench/transfer.py` runs several seeds on "
+        "more targets, and bench/README.md has every result, the losing ones too)")
     model, card = load_model(out / "study" / "runs" / f"{DEFAULT_STRATEGY}_n1_s0" /
                              "last.safetensors")
     image = volumes.read_volume(samples.require_sample("totalseg_dicom").image)
