@@ -69,7 +69,7 @@ def prepare_case(case: Case, table: LabelTable, card: ModelCard,
     table's ``ignore`` label get the target :data:`IGNORE`: no loss, no validation score.
     ``body_crop``: a CT cut to the patient's body first (:func:`inference.body_box`), so a
     model whose card crops to the body is validated on the very input ``segment`` gives it
-    (the windows over a few voxels more or less can change its answer); labels outside the
+    (windows moved by a few voxels can change its answer); labels outside the
     box, none in a CT of a body, are not scored. Read in a short-lived child process where
     :func:`isolation.separate` (the training process never loads SimpleITK).
     """
