@@ -353,6 +353,27 @@ def test_fine_tuning_from_a_base_trains_and_segments_with_the_context_patch(tmp_
     assert "crop_body" not in card.inference  # patches of it, not the whole scan
 
 
+def test_a_held_out_scan_validates_a_body_cropping_model_on_the_body(tmp_path, monkeypatch):
+    """run_training prepares the held-out validation scan of a card that crops to the body
+    cut to the body, as segment will read it; the training scans stay whole."""
+    from TransferSegLib.recipes import finetune
+
+    data = _scan_dataset(tmp_path / "data", (100, 80, 20), (3.0, 3.0, 3.0))
+    held = _scan_dataset(tmp_path / "held", (100, 80, 20), (3.0, 3.0, 3.0))
+    base_card = _card({0: "background", 1: "spleen"})
+    base = tmp_path / "base.safetensors"
+    checkpoint.save_model(base, networks.build_network(base_card.architecture, 1, 2,
+                                                       **base_card.arguments), base_card)
+    crops, prepare = [], training.prepare_case
+    monkeypatch.setattr(training, "prepare_case", lambda case, table, card, others=False,
+                        body_crop=False: (crops.append((case.image.parent, body_crop)),
+                                          prepare(case, table, card, others, body_crop))[1])
+    config = training.TrainConfig(steps=1, batch_size=1, val_every=1, checkpoint_every=1)
+    finetune(base, data, tmp_path / "run", "finetune", config, val_data=held)
+    assert {folder.name for folder, _ in crops} == {"data", "held"}
+    assert all(crop == (folder.name == "held") for folder, crop in crops)
+
+
 def test_one_default_strategy_for_the_command_line_and_the_jobs():
     from TransferSegLib import jobs
     from TransferSegLib.strategies import DEFAULT_STRATEGY, STRATEGIES

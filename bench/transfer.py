@@ -25,9 +25,9 @@ and ``bench/results/transfer-curves.png`` (validation Dice against step).
 
 ``--only`` runs some targets and merges them into the existing results file: a target's runs
 of a strategy, seed and fold not run now are kept if they were measured with the same settings
-(base, steps, rate, augmentation, patch, threads), so a strategy or a seed can be added to a target
-without running the rest again (``--strategies``: scratch, the control, is always among them;
-every run is seeded, so scratch's runs come out the same).
+(base, steps, rate, augmentation, patch, validation, threads), so a strategy or a seed can be
+added to a target without running the rest again (``--strategies``: scratch, the control, is
+always among them; every run is seeded, so scratch's runs come out the same).
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def main() -> int:
 def kept_runs(previous: dict, name: str, setting: dict, runs: list[dict]) -> list[dict]:
     """The runs of target ``name`` in the ``previous`` results that stay beside the new
     ``runs``: those of a strategy, seed and fold not run now, measured with the same base,
-    steps, rate, augmentation, patch and threads (``setting`` but its seeds); none otherwise."""
+    steps, rate, augmentation, patch, validation and threads (``setting`` but its seeds);
+    none otherwise."""
     before = previous.get("settings", {}).get(name, {})
     if {k: v for k, v in before.items() if k != "seeds"} != \
             {k: v for k, v in setting.items() if k != "seeds"}:
