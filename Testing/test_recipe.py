@@ -99,6 +99,33 @@ def test_base_groups_merge_parts_into_one_label_and_keep_hidden_ignored(tmp_path
     np.testing.assert_array_equal(merged == dataset.labels.ignore_value, np.isin(original, hidden))
 
 
+def test_base_v6_teaches_the_organs_and_hides_only_the_back_muscles(tmp_path):
+    """Recipe v6 (the back muscles' base) learns liver, spleen and stomach where a case draws
+    them, and still never sees the autochthon: its voxels are ignored, not background. The
+    card names what it hides."""
+    assert ctbase.VARIANTS["v6"].hidden == ("autochthon_left", "autochthon_right")
+    assert ctbase.VARIANTS[ctbase.VERSION].hidden == ctbase.HIDDEN
+    by_name = {csv.parent.name: datasets.discover(csv)
+               for csv in ctbase.datasets(tmp_path, "v6")}
+    abdomen = by_name["totalseg_ct_full"]
+    names = set(abdomen.labels.foreground.values())
+    assert {"liver", "spleen", "stomach"} <= names
+    assert not {"autochthon_left", "autochthon_right"} & names
+    assert {"liver", "spleen", "stomach"} <= abdomen.labelled()[0].annotated
+    sample = real_sample("totalseg_ct_full")
+    original = sitk.GetArrayFromImage(volumes.read_label(sample.label))
+    written = sitk.GetArrayFromImage(
+        volumes.read_label(tmp_path / "totalseg_ct_full" / "label.nii.gz"))
+    muscles = [v for v, n in sample.labels.items() if n.startswith("autochthon_")]
+    liver = next(v for v, n in sample.labels.items() if n == "liver")
+    np.testing.assert_array_equal(written == abdomen.labels.ignore_value,
+                                  np.isin(original, muscles))
+    np.testing.assert_array_equal(written == abdomen.labels.value("liver"), original == liver)
+    text = ctbase.description(version="v6")
+    assert "Not taught, so that they can be learnt by fine-tuning: autochthon_left, " \
+           "autochthon_right (ignored" in text and "--version v6" in text
+
+
 def test_base_v4_ignores_a_group_that_a_case_draws_only_in_part(tmp_path):
     """The thoracic crop draws T12 alone with more of the spine in view: in recipe v4 T12 is
     ignored there and "vertebrae" is not among the case's drawn structures, so no vertebra in
