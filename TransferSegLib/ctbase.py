@@ -17,10 +17,9 @@ Cases (``SOURCES``):
 ``HIDDEN`` structures (liver, spleen, stomach; the left and right autochthon, the deep back
 muscles) are not taught at all: their voxels carry the dataset's ``ignore`` label (no loss),
 and they are not among the base's labels. They are the new targets of the demo and of
-``bench/transfer.py``, learnt by fine-tuning from one annotated scan. Recipe v6 (measured, not
-shipped) hides only the autochthon (``Recipe.hidden``).
-Scans kept out of the base entirely, for testing: the DICOM CT (``totalseg_dicom``) and the
-pyradiomics lung CTs.
+``bench/transfer.py``, learnt by fine-tuning from one annotated scan (recipe v6, measured and
+not shipped, hides only the autochthon: ``Recipe.hidden``). Scans kept out of the base
+entirely, for testing: the DICOM CT (``totalseg_dicom``) and the pyradiomics lung CTs.
 
 ``python -m TransferSegLib.ctbase --out FOLDER`` (``make base``) trains it; the finished model
 is written only when the run completed every step (a cancelled or failed run never becomes a
@@ -82,7 +81,7 @@ VARIANTS = {
     "v3": Recipe(),
     "v4": Recipe(partial={"totalseg_thorax": ("vertebrae_T12",)}),
     "v5": Recipe(steps=6000, threads=1),
-    # v5 also taught liver, spleen and stomach, hiding only the back muscles: fine-tuned from
+    # v6 is v5 also teaching liver, spleen and stomach, hiding only the back muscles: tuned from
     # v5, muscle models were called in the held-out CT's liver and spleen, which v5 never
     # learnt. Measured, v6 came out a weaker base (Dice 0.26 on its own scans, v5 0.50) and the
     # default fine-tuned from it lost to scratch on the muscles (bench/README.md, "A base that
