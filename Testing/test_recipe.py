@@ -100,7 +100,7 @@ def test_base_groups_merge_parts_into_one_label_and_keep_hidden_ignored(tmp_path
 
 
 def test_base_v6_teaches_the_organs_and_hides_only_the_back_muscles(tmp_path):
-    """Recipe v6 (the back muscles' base) learns liver, spleen and stomach where a case draws
+    """Recipe v6 (measured, not shipped) learns liver, spleen and stomach where a case draws
     them, and still never sees the autochthon: its voxels are ignored, not background. The
     card names what it hides."""
     assert ctbase.VARIANTS["v6"].hidden == ("autochthon_left", "autochthon_right")
