@@ -63,12 +63,15 @@ class Recipe:
     not drawn in that case); ``steps``; ``threads``, the CPU threads of the run that made the
     shipped file (the order a convolution sums in depends on them, so another count gives
     other weights; None: the cores other programs leave idle); ``hidden``, the structures
-    it is never taught (new targets for fine-tuning)."""
+    it is never taught (new targets for fine-tuning); ``intensity_field``, whether its
+    augmentation includes the smooth intensity field (off in the recipes trained before the
+    trainer had it, so they make again the files they made)."""
 
     partial: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     steps: int = 3000
     threads: int | None = None
     hidden: tuple[str, ...] = HIDDEN
+    intensity_field: bool = False
 
 
 # Merged instead of ignored (v3), the rest of a group in view is taught as background: the
@@ -240,7 +243,8 @@ def train_base(out: Path, steps: int | None = None, resume: bool = False,
     data = datasets(out / "data", version)
     config = training.TrainConfig(steps=steps, batch_size=2, lr=LR, val_every=max(steps // 10, 1),
                                   checkpoint_every=max(steps // 20, 1), threads=threads,
-                                  spatial=True, seed=seed)
+                                  spatial=True, seed=seed,
+                                  intensity_field=VARIANTS[version].intensity_field)
     result = recipes.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,

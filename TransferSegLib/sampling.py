@@ -175,10 +175,11 @@ def sample_patch(
 
 
 @functools.lru_cache(maxsize=4)
-def _augmentations(mirror: bool, spatial: bool):
+def _augmentations(mirror: bool, spatial: bool, field: bool = False):
     from monai.transforms import (
         Compose,
         RandAffined,
+        RandBiasFieldd,
         RandFlipd,
         RandGaussianNoised,
         RandScaleIntensityd,
@@ -190,9 +191,13 @@ def _augmentations(mirror: bool, spatial: bool):
     affine = RandAffined(["image", "target"], prob=0.3, rotate_range=(0.26, 0.26, 0.26),
                          scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"),
                          padding_mode="border")
+    # A smooth multiplicative field over the patch: on a [0, 1] CT window, soft tissue moves by
+    # up to ~140 HU, differently from place to place, as contrast enhancement moves an organ.
+    bias = RandBiasFieldd("image", degree=3, coeff_range=(0.0, 0.05), prob=0.5)
     return Compose([
         *([affine] if spatial else []),
         *(flips if mirror else []),
+        *([bias] if field else []),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandGaussianNoised("image", prob=0.2, std=0.02),
@@ -200,14 +205,15 @@ def _augmentations(mirror: bool, spatial: bool):
 
 
 def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator,
-            mirror: bool = False, spatial: bool = False):
+            mirror: bool = False, spatial: bool = False, field: bool = False):
     """Intensity scale and shift, Gaussian noise; with ``spatial``, random rotation and
-    scaling; with ``mirror``, random flips on each axis (MONAI transforms).
+    scaling; with ``mirror``, random flips on each axis; with ``field``, a smooth random
+    intensity field (MONAI transforms).
 
     The transforms are reseeded from ``rng`` on every call, so a step's augmentation depends
     only on the step's seed (what makes resuming exact).
     """
-    transforms = _augmentations(mirror, spatial)
+    transforms = _augmentations(mirror, spatial, field)
     transforms.set_random_state(seed=int(rng.integers(2**31)))
     out = transforms({"image": image, "target": target[None]})
     return np.asarray(out["image"], np.float32), np.asarray(out["target"][0], np.int16)

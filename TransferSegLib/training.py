@@ -340,7 +340,8 @@ def train(
                 image, target = sample_patch(case, patch, rng,
                                              rng.random() < config.foreground_ratio)
                 if config.augment:
-                    image, target = augment(image, target, rng, config.mirror, config.spatial)
+                    image, target = augment(image, target, rng, config.mirror, config.spatial,
+                                            config.intensity_field)
                 images.append(image)
                 targets.append(target)
                 annotated.append(case.annotated)

@@ -138,6 +138,7 @@ def main() -> int:
                           "steps": target_config.steps, "seeds": seeds,
                           "lr": target_config.lr or "each strategy's own",
                           "spatial_augmentation": target_config.spatial,
+                          "intensity_field": target_config.intensity_field,
                           "patch": patch or "the training scan's extent (context_patch)",
                           # validation curves on the input segment gives the model (its body
                           # crop); runs validated on the whole scan are other curves
@@ -176,7 +177,7 @@ def main() -> int:
 def kept_runs(previous: dict, name: str, setting: dict, runs: list[dict]) -> list[dict]:
     """The runs of target ``name`` in the ``previous`` results that stay beside the new
     ``runs``: those of a strategy, seed and fold not run now, measured with the same base,
-    steps, rate, augmentation, patch, validation and threads (``setting`` but its seeds);
+    steps, rate, augmentations, patch, validation and threads (``setting`` but its seeds);
     none otherwise."""
     before = previous.get("settings", {}).get(name, {})
     if {k: v for k, v in before.items() if k != "seeds"} != \
