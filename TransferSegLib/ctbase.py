@@ -324,7 +324,9 @@ def report(out: Path, results: Path, plot: Path | None = None,
                    "partial": {name: list(labels)
                                for name, labels in VARIANTS[version].partial.items()},
                    "groups": {group: list(patterns) for group, patterns in GROUPS.items()},
-                   "augmentation": "intensity; rotation up to 15 degrees, scaling 0.85-1.15"},
+                   "augmentation": "intensity; " + ("smooth random intensity fields; " if
+                                                     VARIANTS[version].intensity_field else "")
+                   + "rotation up to 15 degrees, scaling 0.85-1.15"},
         # a resumed run logs one end event per part: its time is their sum
         "minutes": round(sum(e.get("seconds", 0) for e in events
                              if e["event"] in ("done", "cancelled")) / 60, 1),
@@ -407,6 +409,8 @@ def card_markdown(data: dict, entry: dict) -> str:
     its catalog ``entry``."""
     recipe, file = data["recipe"], entry["files"][0]
     version = recipe.get("version", VERSION)
+    field = (", smooth random intensity fields"
+             if VARIANTS.get(version, Recipe()).intensity_field else "")
     threads = data["hardware"].get("threads")
     trained = data["final_labels"]
     learnt = sorted(((v, k) for k, v in trained.items() if v >= 0.5), reverse=True)
@@ -444,7 +448,7 @@ def card_markdown(data: dict, entry: dict) -> str:
         f"- intensities: CT window {entry['normalisation'].get('window')} HU mapped to [0, 1]",
         f"- {recipe['steps']} steps of batch 2, AdamW lr {recipe['lr']:g} with polynomial decay, "
         "Dice + cross-entropy over the annotated structures of each case, intensity "
-        "augmentation, random rotation (up to 15 degrees) and scaling (0.85-1.15); "
+        f"augmentation{field}, random rotation (up to 15 degrees) and scaling (0.85-1.15); "
         f"{data['minutes']} minutes on {data['hardware']['cpu_cores']} CPU cores"
         + (f" with {threads} torch thread{'s' if threads > 1 else ''}" if threads else ""),
         f"- reproduce: {command(recipe['steps'], version, recipe.get('seed', 0), threads)} "
