@@ -409,8 +409,9 @@ def card_markdown(data: dict, entry: dict) -> str:
     its catalog ``entry``."""
     recipe, file = data["recipe"], entry["files"][0]
     version = recipe.get("version", VERSION)
+    # what the run's report recorded, not what the recipe says today
     field = (", smooth random intensity fields"
-             if VARIANTS.get(version, Recipe()).intensity_field else "")
+             if "intensity fields" in recipe.get("augmentation", "") else "")
     threads = data["hardware"].get("threads")
     trained = data["final_labels"]
     learnt = sorted(((v, k) for k, v in trained.items() if v >= 0.5), reverse=True)
