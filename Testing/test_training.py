@@ -106,6 +106,33 @@ def test_cancel_leaves_a_loadable_model_and_progress_log(tmp_path, base_model):
     assert events[0]["event"] == "start" and events[-1]["event"] == "cancelled"
 
 
+def test_the_trainer_augments_as_its_settings_say(tmp_path, base_model, monkeypatch):
+    """Every training patch goes through the augmentation the config names (the intensity
+    field, rotation and scaling, mirroring), and none when augmentation is off."""
+    data = organ_dataset(tmp_path / "data")
+    calls = []
+
+    def recording(image, target, rng, mirror=False, spatial=False, field=False):
+        calls.append((mirror, spatial, field))
+        return sampling.augment(image, target, rng, mirror, spatial, field)
+
+    monkeypatch.setattr(training, "augment", recording)
+    for name, overrides, expected in (
+        ("default", {}, (False, True, True)),
+        ("flat", {"intensity_field": False, "mirror": True}, (True, True, False)),
+        ("rigid", {"spatial": False}, (False, False, True)),
+    ):
+        calls.clear()
+        result = recipes.finetune(base_model, data, tmp_path / name, "vanilla",
+                                  quick(steps=2, val_every=2, **overrides))
+        assert result.status == "done"
+        assert calls == [expected] * 2, name
+    calls.clear()
+    recipes.finetune(base_model, data, tmp_path / "none", "vanilla",
+                     quick(steps=2, val_every=2, augment=False))
+    assert calls == []
+
+
 def test_short_training_beats_the_untrained_model_on_a_held_out_volume(tmp_path, base_model):
     """Liver and spleen learnt on one real CT, scored on another real CT (the DICOM case)."""
     from TransferSegLib import inference, metrics
