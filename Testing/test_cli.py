@@ -97,7 +97,7 @@ def test_segment_writes_a_named_segmentation_on_the_input_grid(tmp_path, capsys,
     code, out, err = run(capsys, "segment", "--model", str(model_file), "--image",
                          str(case.image), "--output", str(output), "--quiet")
     assert code == 0, err
-    assert "wrote" in out
+    assert "wrote" in out and " mL" in out  # what it found, structure by structure
     written = segmentations.read_segmentation(output)
     image = volumes.read_volume(case.image)
     volumes.check_same_grid(image, written.layers[0])

@@ -671,10 +671,11 @@ def test_the_panel_shows_what_a_job_costs():
     lines = monitor.update([{"event": "segmented", "case": "a", "path": "/a.seg.nrrd",
                              "seconds": 3.21, "gpu_peak_gb": 2.5},
                             {"event": "segmented", "case": "b", "path": "/b.seg.nrrd",
-                             "seconds": 1.0, "gpu_peak_gb": 1.5},
+                             "seconds": 1.0, "gpu_peak_gb": 1.5,
+                             "summary": "liver 4.0 mL; NOT FOUND: stomach"},
                             {"event": "done"}])
     assert lines[:2] == ["segmented a (3.2 s, GPU peak 2.5 GB)",
-                         "segmented b (1.0 s, GPU peak 1.5 GB)"]
+                         "segmented b (1.0 s, GPU peak 1.5 GB): liver 4.0 mL; NOT FOUND: stomach"]
     assert monitor.gpu_peak_gb == 2.5 and monitor.status == "done, GPU peak 2.5 GB"
     training = jobstate.JobMonitor("finetune")
     training.start(100)

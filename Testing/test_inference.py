@@ -31,6 +31,22 @@ def threshold_card(spacing, orientation="LPS", patch=(32, 32, 16)) -> checkpoint
     )
 
 
+def test_a_result_gives_each_structures_volume_and_names_those_found_nowhere():
+    array = np.zeros((10, 20, 20), np.uint8)
+    array[2:6, 5:15, 5:15] = 1  # 400 voxels of 2 x 2 x 2.5 mm = 4 mL
+    array[0, 0, 0] = 3  # one voxel: 0.01 mL
+    label = sitk.GetImageFromArray(array)
+    label.SetSpacing((2.0, 2.0, 2.5))
+    result = inference.SegmentationResult(label, {1: "liver", 2: "stomach", 3: "spleen"})
+    assert result.volumes_ml() == pytest.approx({"liver": 4.0, "stomach": 0.0, "spleen": 0.01})
+    text = inference.describe_volumes(result.volumes_ml())
+    assert text.startswith("liver 4.0 mL, spleen < 0.1 mL; NOT FOUND: stomach (if the scan "
+                           "shows it, draw it in Segment Editor")
+    assert "NOT FOUND" not in inference.describe_volumes({"liver": 4.0})
+    assert inference.describe_volumes({"liver": 0.0, "spleen": 0.0}).startswith(
+        "nothing found; NOT FOUND: liver, spleen (if the scan shows them")
+
+
 def test_segmentation_at_the_scan_spacing_is_exact_despite_reorientation():
     """totalseg_ct is stored with flipped x and y; the model works in LPS and must undo it."""
     image = volumes.read_volume(real_sample("totalseg_ct").image)

@@ -20,6 +20,7 @@ from conftest import make_image
 from TransferSegLib import (
     checkpoint,
     cli,
+    inference,
     jobrunner,
     jobs,
     networks,
@@ -292,6 +293,13 @@ def test_segment_and_evaluate_jobs_write_their_outputs(tmp_path, base_model):
     assert {s.name for s in segmentation.segments} <= set(LABELS.values())
     assert volumes.Geometry.of(segmentation.layers[0]) == volumes.Geometry.of(image)
     assert events[1]["labels"] == {"1": "ball", "2": "box"}
+    written, table = segmentation.to_label_map()
+    counts = np.bincount(sitk.GetArrayFromImage(written).ravel(), minlength=3)
+    voxel_ml = np.prod(written.GetSpacing()) / 1000
+    found = {name: counts[value] * voxel_ml for value, name in table.items() if value}
+    assert events[1]["volumes_ml"] == pytest.approx({"ball": found.get("ball", 0.0),
+                                                      "box": found.get("box", 0.0)})
+    assert events[1]["summary"] == inference.describe_volumes(events[1]["volumes_ml"])
 
     # Scoring the reference against itself: Dice 1 for both labels.
     path = jobs.write_job(tmp_path / "eval", "evaluate", labels=LABELS,

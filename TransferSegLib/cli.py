@@ -144,7 +144,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from TransferSegLib.inference import segment_file
+    from TransferSegLib.inference import describe_volumes, segment_file
 
     start = time.perf_counter()
     result = segment_file(
@@ -154,7 +154,7 @@ def _segment(args: argparse.Namespace) -> int:
         crop_body=args.body_crop,
     )
     print(f"wrote {args.output} ({len(result.labels)} labels) in "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{time.perf_counter() - start:.1f} s: {describe_volumes(result.volumes_ml())}")
     return 0
 
 

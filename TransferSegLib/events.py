@@ -138,7 +138,8 @@ def case(name: str, index: int, count: int, text: str) -> dict:
 
 
 def segmented(name: str, path: str, labels: Mapping, **fields) -> dict:
-    """One case of a segment job is written: its file, labels, seconds and memory peaks."""
+    """One case of a segment job is written: its file, labels, each label's volume in mL
+    (``volumes_ml``), what was found and what not (``summary``), seconds and memory peaks."""
     return {"event": "segmented", "case": name, "path": path, "labels": dict(labels), **fields}
 
 

@@ -57,6 +57,31 @@ class SegmentationResult:
     labels: dict[int, str]
     probabilities: np.ndarray | None = None
 
+    def volumes_ml(self) -> dict[str, float]:
+        """Each label's volume in mL, in the table's order (background left out); 0.0 for a
+        label the model found nowhere in the scan."""
+        counts = np.bincount(sitk.GetArrayViewFromImage(self.label).ravel().astype(np.int64),
+                             minlength=max(self.labels, default=0) + 1)
+        voxel_ml = float(np.prod(self.label.GetSpacing())) / 1000.0
+        return {name: float(counts[value]) * voxel_ml
+                for value, name in self.labels.items() if value != 0}
+
+
+def describe_volumes(volumes_ml: dict[str, float]) -> str:
+    """What a segmentation found, for a log line: each structure's volume, and the structures
+    found nowhere named apart, since a model fine-tuned on a scan or two can miss a structure
+    on a scan unlike them."""
+    found = [f"{name} {value:,.1f} mL" if value >= 0.1 else f"{name} < 0.1 mL"
+             for name, value in volumes_ml.items() if value > 0]
+    missing = [name for name, value in volumes_ml.items() if value <= 0]
+    text = ", ".join(found) if found else "nothing found"
+    if missing:
+        text += (f"; NOT FOUND: {', '.join(missing)} (if the scan shows "
+                 f"{'it' if len(missing) == 1 else 'them'}, draw "
+                 f"{'it' if len(missing) == 1 else 'them'} in Segment Editor and fine-tune "
+                 "again with this scan added)")
+    return text
+
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says that memory ran out (CPU, CUDA or Apple MPS)."""

@@ -194,7 +194,7 @@ def _case_files(job: Job, suffix: str) -> dict[str, Path]:
 
 def _run_segment(job: Job, emit: Emit) -> int:
     from TransferSegLib import resources
-    from TransferSegLib.inference import segment_file, select_device
+    from TransferSegLib.inference import describe_volumes, segment_file, select_device
 
     params, start = job.params, time.perf_counter()
     job.output.mkdir(parents=True, exist_ok=True)
@@ -210,8 +210,10 @@ def _run_segment(job: Job, emit: Emit) -> int:
                 overwrite=params["overwrite"], device=params["device"],
                 overlap=float(params["overlap"]), batch_size=params["batch_size"],
             )
+            found = result.volumes_ml()
             emit(ev.segmented(case.name, str(outputs[case.name]),
                               {str(v): n for v, n in result.labels.items()},
+                              volumes_ml=found, summary=describe_volumes(found),
                               seconds=round(time.perf_counter() - case_start, 2),
                               **resources.peak(device)))
     emit(ev.done(outputs=[str(p) for p in outputs.values()],

@@ -164,7 +164,8 @@ class JobMonitor:
             cost = [f"{event['seconds']:.1f} s"] if event.get("seconds") is not None else []
             if event.get("gpu_peak_gb") is not None:
                 cost.append(f"GPU peak {event['gpu_peak_gb']:.1f} GB")
-            return f"segmented {event['case']}" + (f" ({', '.join(cost)})" if cost else "")
+            line = f"segmented {event['case']}" + (f" ({', '.join(cost)})" if cost else "")
+            return line + (f": {event['summary']}" if event.get("summary") else "")
         if kind == "progress":  # a download: bytes so far of a total (None: unknown)
             self.step, self.steps = int(event.get("done") or 0), int(event.get("total") or 0)
             return None
