@@ -206,6 +206,7 @@ def test_intensity_field_varies_smoothly_over_the_patch_and_leaves_the_labels():
     # on by default for fine-tuning; the shipped base's recipe was trained without it
     assert training.TrainConfig().intensity_field
     assert not ctbase.VARIANTS[ctbase.VERSION].intensity_field
+    assert training.TrainConfig().prior_bias and not ctbase.VARIANTS[ctbase.VERSION].prior_bias
 
 
 def test_a_cancelled_or_unfinished_base_training_never_becomes_a_base(tmp_path, monkeypatch):

@@ -133,6 +133,20 @@ def test_the_trainer_augments_as_its_settings_say(tmp_path, base_model, monkeypa
     assert calls == []
 
 
+def test_the_trainer_starts_new_channels_at_their_share_unless_told_not_to(tmp_path,
+                                                                            base_model):
+    data = organ_dataset(tmp_path / "data")
+    messages = {}
+    for name, prior in (("prior", True), ("plain", False)):
+        recipes.finetune(base_model, data, tmp_path / name, "scratch",
+                         quick(steps=1, val_every=1, prior_bias=prior))
+        events = [json.loads(line) for line in open(tmp_path / name / "progress.jsonl")]
+        messages[name] = [e["message"] for e in events if e["event"] == "message"]
+    started = [m for m in messages["prior"] if "share of the training voxels" in m]
+    assert len(started) == 1 and "liver" in started[0] and "background" in started[0]
+    assert not any("share of the training voxels" in m for m in messages["plain"])
+
+
 def test_short_training_beats_the_untrained_model_on_a_held_out_volume(tmp_path, base_model):
     """Liver and spleen learnt on one real CT, scored on another real CT (the DICOM case)."""
     from TransferSegLib import inference, metrics

@@ -273,6 +273,55 @@ def test_new_labels_give_a_fresh_background_and_known_ones_keep_it():
     assert torch.equal(model.state_dict()[head + "weight"][0], old[head + "weight"][0])
 
 
+def test_new_label_channels_start_at_their_share_of_the_training_voxels():
+    """Fresh channels' output biases become the log of their share of the annotated voxels;
+    kept labels keep the base's bias; a case that does not annotate a channel is not counted
+    for it; a channel with no voxels keeps its start; and the new network predicts the rare
+    channel rarely from the first step."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    base, card = _base()
+    plan = transfer.prepare("discriminative", "unet", card.arguments, base, card, TARGET_LABELS,
+                            1, seed=0)
+    new_card = ModelCard(architecture="unet", in_channels=1, out_channels=4,
+                         labels=dict(TARGET_LABELS), spacing=[1.0] * 3, patch_size=[SIZE] * 3,
+                         normalisation={"kind": "none"}, arguments=card.arguments)
+    head = networks.head("unet", plan.model)
+    before = head.bias.detach().clone()
+    first = np.zeros((SIZE,) * 3, np.int16)  # background, kidney, pancreas, liver
+    first[:2] = 1
+    first[2:3] = 2
+    first[3:8] = 3
+    first[15] = -1  # padding: in no share
+    second = np.zeros((SIZE,) * 3, np.int16)  # draws no pancreas: its voxels are not counted
+    cases = [SimpleNamespace(target=first, annotated=np.ones(4, bool)),
+             SimpleNamespace(target=second, annotated=np.array([True, True, False, True]))]
+    shares = transfer.start_at_prior(plan, new_card, cases)
+    assert shares == pytest.approx({"background": (7 + 16) / 31, "pancreas": 1 / 15})
+    assert head.bias[0].item() == pytest.approx(np.log((7 + 16) / 31))
+    assert head.bias[2].item() == pytest.approx(np.log(1 / 15))
+    assert torch.equal(head.bias[[1, 3]], before[[1, 3]])  # kidney and liver: the base's
+
+    torch.manual_seed(0)
+    scratch = transfer.prepare("scratch", "unet", card.arguments, None, None, TARGET_LABELS, 1)
+    rare = np.zeros((SIZE,) * 3, np.int16)
+    rare[:4] = 1
+    rare[4, :2] = 2  # 32 of 4,096 voxels; no liver at all
+    start = networks.head("unet", scratch.model).bias.detach().clone()
+    shares = transfer.start_at_prior(scratch, new_card,
+                                     [SimpleNamespace(target=rare, annotated=np.ones(4, bool))])
+    assert set(shares) == {"background", "kidney", "pancreas"}
+    assert networks.head("unet", scratch.model).bias[3] == start[3]
+    with torch.no_grad():
+        scratch.model.eval()
+        mean = scratch.model(torch.randn(1, 1, SIZE, SIZE, SIZE)).softmax(1).mean((0, 2, 3, 4))
+    assert mean[2] < 0.05 and mean[2] < mean[1] < mean[0]  # liver, no voxels: its own start
+    unchanged = transfer.prepare("vanilla", "unet", card.arguments, base, card, BASE_LABELS, 1)
+    assert transfer.start_at_prior(unchanged, card, cases) == {}  # no new channel
+
+
 def test_head_surgery_with_the_same_labels_gives_the_same_model():
     base, card = _base()
     same = {0: "Background", 1: "Liver", 2: "spleen", 3: "KIDNEY"}  # names match ignoring case

@@ -64,14 +64,16 @@ class Recipe:
     shipped file (the order a convolution sums in depends on them, so another count gives
     other weights; None: the cores other programs leave idle); ``hidden``, the structures
     it is never taught (new targets for fine-tuning); ``intensity_field``, whether its
-    augmentation includes the smooth intensity field (off in the recipes trained before the
-    trainer had it, so they make again the files they made)."""
+    augmentation includes the smooth intensity field, and ``prior_bias``, whether its label
+    channels start at their share of the training voxels (both off in the recipes trained
+    before the trainer had them, so they make again the files they made)."""
 
     partial: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     steps: int = 3000
     threads: int | None = None
     hidden: tuple[str, ...] = HIDDEN
     intensity_field: bool = False
+    prior_bias: bool = False
 
 
 # Merged instead of ignored (v3), the rest of a group in view is taught as background: the
@@ -244,7 +246,8 @@ def train_base(out: Path, steps: int | None = None, resume: bool = False,
     config = training.TrainConfig(steps=steps, batch_size=2, lr=LR, val_every=max(steps // 10, 1),
                                   checkpoint_every=max(steps // 20, 1), threads=threads,
                                   spatial=True, seed=seed,
-                                  intensity_field=VARIANTS[version].intensity_field)
+                                  intensity_field=VARIANTS[version].intensity_field,
+                                  prior_bias=VARIANTS[version].prior_bias)
     result = recipes.pretrain(
         data, out / "run", config, architecture=ARCHITECTURE, arguments=ARGUMENTS,
         spacing=SPACING, patch_size=PATCH, modality="CT", hold_out=False,
@@ -326,7 +329,8 @@ def report(out: Path, results: Path, plot: Path | None = None,
                    "groups": {group: list(patterns) for group, patterns in GROUPS.items()},
                    "augmentation": "intensity; " + ("smooth random intensity fields; " if
                                                      VARIANTS[version].intensity_field else "")
-                   + "rotation up to 15 degrees, scaling 0.85-1.15"},
+                   + "rotation up to 15 degrees, scaling 0.85-1.15",
+                   **({"prior_bias": True} if VARIANTS[version].prior_bias else {})},
         # a resumed run logs one end event per part: its time is their sum
         "minutes": round(sum(e.get("seconds", 0) for e in events
                              if e["event"] in ("done", "cancelled")) / 60, 1),

@@ -266,8 +266,10 @@ def train(
     if device.type == "cpu":
         torch.set_num_threads(choose_threads(config.threads))
     resources.reset(device)
+    multi = isinstance(plan.model, MultiHeadNetwork)
+    shares = (transfer.start_at_prior(plan, card, train_cases)
+              if config.prior_bias and not resume and not multi else {})
     model = plan.model.to(device)
-    multi = isinstance(model, MultiHeadNetwork)
     if multi:
         if not cards or heads is None or len(cards) != len(model.heads):
             raise TransferSegError("A multi-head network needs one card per head; this is a bug.")
@@ -319,6 +321,9 @@ def train(
                   lr=config.lr, head_lr_factor=config.head_lr_factor, warmup=config.warmup,
                   steps=config.steps, from_step=meta["step"], cases=len(train_cases),
                   validation_cases=len(val_cases), report=plan.report))
+    if shares:
+        emit(ev.message("new label channels start at their share of the training voxels: "
+                        + ", ".join(f"{name} {share:.1%}" for name, share in shares.items())))
     warning = resources.memory_warning(card.metrics, card.patch_size, config.batch_size, device)
     if warning:
         emit(ev.message(warning))

@@ -29,6 +29,9 @@ change. Two mechanisms keep it so: :func:`set_train_mode` (call it instead of ``
 and a forward pre-hook on every frozen norm layer that switches it back to eval mode should
 anything (a plain ``model.train()``) switch it on. The hook is a no-op once unfrozen.
 
+Every strategy's freshly initialised label channels start at their share of the training
+voxels (:func:`start_at_prior`, which the trainer calls unless ``prior_bias`` is off).
+
 Head surgery and input adaptation are in :mod:`TransferSegLib.surgery`; multi-domain
 co-training (one head per dataset) in :mod:`TransferSegLib.multihead`.
 """
@@ -36,9 +39,11 @@ co-training (one head per dataset) in :mod:`TransferSegLib.multihead`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -377,3 +382,44 @@ def prepare(
         report="\n".join(lines),
     )
 
+
+def start_at_prior(plan, card: ModelCard,
+                   cases: Sequence[Any]) -> dict[str, float]:
+    """Set the output layer's bias of each freshly initialised label channel (every channel
+    of ``scratch``, the new labels of a transfer) to the log of its share of the training
+    voxels; returns those shares by label name (empty when nothing was set).
+
+    ``cases`` are :class:`~TransferSegLib.sampling.PreparedCase` (a list or a case cache).
+    A new channel otherwise starts about as likely as any other everywhere; the first steps
+    then push it down over the whole patch, and a channel whose structure the features do not
+    yet separate can stay below background for a long time. Started at its share it is not
+    pushed down on average, and its first gradients say where it is. The share of a channel is
+    counted over the cases that annotate it (at most 32 cases, spread over the list); a channel
+    with no voxels in them keeps the network's own start. Reads cases only; draws no random
+    numbers.
+    """
+    if plan.strategy == "scratch":
+        fresh = set(card.labels)
+    elif plan.head_report is not None:
+        fresh = {c for c, name in card.labels.items() if name in set(plan.head_report.new)}
+    else:
+        fresh = set()
+    head = networks.head(card.architecture, plan.model)
+    bias = getattr(head, "bias", None)
+    if not fresh or bias is None or bias.shape[0] != card.out_channels:
+        return {}
+    counts = np.zeros(card.out_channels)
+    totals = np.zeros(card.out_channels)
+    count = len(cases)
+    for index in sorted({round(i * (count - 1) / 31) for i in range(32)} if count > 32
+                        else range(count)):
+        case = cases[index]
+        target = case.target[case.target >= 0]
+        found = np.bincount(target.ravel(), minlength=card.out_channels)[:card.out_channels]
+        counts += np.where(case.annotated, found, 0)
+        totals += np.where(case.annotated, target.size, 0)
+    shares = {c: counts[c] / totals[c] for c in sorted(fresh) if counts[c] > 0}
+    with torch.no_grad():
+        for channel, share in shares.items():
+            bias[channel] = float(np.log(share))
+    return {card.labels[c]: float(share) for c, share in shares.items()}

@@ -139,6 +139,8 @@ def main() -> int:
                           "lr": target_config.lr or "each strategy's own",
                           "spatial_augmentation": target_config.spatial,
                           "intensity_field": target_config.intensity_field,
+                          # new label channels at their share of the training voxels
+                          "prior_bias": target_config.prior_bias,
                           "patch": patch or "the training scan's extent (context_patch)",
                           # validation curves on the input segment gives the model (its body
                           # crop); runs validated on the whole scan are other curves
