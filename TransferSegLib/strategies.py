@@ -15,9 +15,9 @@ DEFAULT_BASE = "transferseg-ct-base-v5"
 
 # The strategy used unless the user picks one (command line, jobs, Slicer module): Med3D's
 # recipe, every layer trained and the new head faster. From the shipped base (v5) with one
-# training CT it beat scratch at every seed of five on the back muscles (+0.33 mean Dice) and
-# at four of five on liver, spleen and stomach (+0.20): the strategy furthest ahead over both
-# (finetune: +0.08, +0.23; bench/README.md).
+# training CT it beat scratch at every seed of five on liver, spleen and stomach (+0.17 mean
+# Dice) and at three of five on the back muscles (+0.07): the strategy furthest ahead over
+# both (vanilla: +0.20, -0.06; finetune: +0.10, -0.06; bench/README.md).
 DEFAULT_STRATEGY = "discriminative"
 
 # Each strategy's own learning rate, the head's rate as a factor of it, and linear warm-up
