@@ -76,10 +76,9 @@ def describe_volumes(volumes_ml: dict[str, float]) -> str:
     missing = [name for name, value in volumes_ml.items() if value <= 0]
     text = ", ".join(found) if found else "nothing found"
     if missing:
-        text += (f"; NOT FOUND: {', '.join(missing)} (if the scan shows "
-                 f"{'it' if len(missing) == 1 else 'them'}, draw "
-                 f"{'it' if len(missing) == 1 else 'them'} in Segment Editor and fine-tune "
-                 "again with this scan added)")
+        them = "it" if len(missing) == 1 else "them"
+        text += (f"; NOT FOUND: {', '.join(missing)} (if the scan shows {them}, draw {them} "
+                 "in Segment Editor and fine-tune again with this scan added)")
     return text
 
 

@@ -401,7 +401,8 @@ def start_at_prior(plan, card: ModelCard,
     if plan.strategy == "scratch":
         fresh = set(card.labels)
     elif plan.head_report is not None:
-        fresh = {c for c, name in card.labels.items() if name in set(plan.head_report.new)}
+        new = set(plan.head_report.new)
+        fresh = {c for c, name in card.labels.items() if name in new}
     else:
         fresh = set()
     head = networks.head(card.architecture, plan.model)
