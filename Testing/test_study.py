@@ -103,3 +103,35 @@ def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
                                                             run("scratch", 1, 0.3, ("b",))]
     assert bench.kept_runs(previous, "t", {**setting, "base": "b3"}, new) == []
     assert bench.kept_runs(previous, "other", setting, new) == []
+
+
+def test_the_rate_benchmark_keeps_one_run_per_rate_and_seed_and_averages_over_seeds(tmp_path,
+                                                                                    monkeypatch):
+    """bench/rates.py: a run merged into the results replaces the run of the same target,
+    strategy, rate, head factor and seed, keeps the others, and the summary averages a rate's
+    seeds (never two rates, nor two head factors, together)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent / "bench"
+    monkeypatch.syspath_prepend(str(here))
+    spec = importlib.util.spec_from_file_location("rates_bench", here / "rates.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "rates.json")
+
+    def run(lr, seed, dice, factor=10.0):
+        return {"target": "ct_organs", "strategy": "discriminative", "lr": lr,
+                "head_lr_factor": factor, "seed": seed, "steps": 150, "threads": 1,
+                "test_dice": dice, "labels": {}, "curve": [[25, dice]]}
+
+    for row in (run(1e-3, 5, 0.5), run(1e-3, 6, 0.7), run(1e-2, 5, 0.9), run(1e-2, 5, 0.8, 3.0),
+                run(1e-3, 5, 0.6)):
+        bench.save(row)
+    saved = json.loads(bench.RESULTS.read_text(encoding="utf-8"))
+    assert len(saved["runs"]) == 4 and run(1e-3, 5, 0.6) in saved["runs"]
+    means = {(e["lr"], e["head_lr_factor"]): (e["seeds"], e["mean"]) for e in saved["summary"]}
+    assert means == {(1e-3, 10.0): ([5, 6], 0.65), (1e-2, 10.0): ([5], 0.9),
+                     (1e-2, 3.0): ([5], 0.8)}
+    assert (tmp_path / "rates.png").stat().st_size > 0

@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from TransferSegLib import __version__, ctbase, demo, samples, study, zoo  # noqa: E402
-from TransferSegLib.strategies import DEFAULT_STRATEGY  # noqa: E402
+from TransferSegLib.strategies import DEFAULT_STRATEGY, defaults  # noqa: E402
 from TransferSegLib.training import TrainConfig  # noqa: E402
 
 # the default set, as `transferseg study` runs it: the control, the product's default, the
@@ -137,6 +137,8 @@ def main() -> int:
         settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else base_name,
                           "steps": target_config.steps, "seeds": seeds,
                           "lr": target_config.lr or "each strategy's own",
+                          # what "own" meant: a strategy's rate, head factor and warm-up
+                          "rates": {s: defaults(s) for s in ORDER},
                           "spatial_augmentation": target_config.spatial,
                           "intensity_field": target_config.intensity_field,
                           # new label channels at their share of the training voxels
