@@ -82,7 +82,7 @@ def test_a_cancelled_run_ends_the_whole_study(tmp_path):
 def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
     """bench/transfer.py --only: a seed or strategy added to a target keeps the runs already
     measured with the same base and settings, replaces those run again, and keeps none
-    measured from another base."""
+    measured from another base, nor a strategy's runs at another rate than its own now."""
     import importlib.util
     from pathlib import Path
 
@@ -103,6 +103,16 @@ def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
                                                             run("scratch", 1, 0.3, ("b",))]
     assert bench.kept_runs(previous, "t", {**setting, "base": "b3"}, new) == []
     assert bench.kept_runs(previous, "other", setting, new) == []
+    # a strategy whose rate changed loses its old runs; the others keep theirs
+    rates = {"scratch": {"lr": 3e-3}, "vanilla": {"lr": 1e-3}}
+    previous["settings"]["t"]["rates"] = rates
+    previous["targets"]["t"]["runs"].append(run("vanilla", 0, 0.4))
+    now = {**setting, "rates": {**rates, "vanilla": {"lr": 3e-3}}}
+    assert bench.kept_runs(previous, "t", now, new) == [run("scratch", 0, 0.1),
+                                                        run("scratch", 1, 0.3, ("b",))]
+    assert run("vanilla", 0, 0.4) in bench.kept_runs(previous, "t", {**setting, "rates": rates},
+                                                      new)
+    assert bench.kept_runs(previous, "t", {**now, "steps": 300}, new) == []
 
 
 def test_the_rate_benchmark_keeps_one_run_per_rate_and_seed_and_averages_over_seeds(tmp_path,

@@ -97,10 +97,10 @@ def plot(rows: list[dict], path: Path) -> None:
                                         if r["target"] == name}):
             points = sorted((r["lr"], r["mean"]) for r in table if r["target"] == name
                             and r["strategy"] == strategy and r["head_lr_factor"] == factor)
-            head = "" if strategy == "scratch" else f", head {factor:g}x"
-            axis.plot(*zip(*points, strict=True), "o-" if factor == 10 or strategy == "scratch"
-                      else "s--", color=COLOURS.get(strategy, "black"),
-                      label=f"{strategy}{head}")
+            own = factor == defaults(strategy)["head_lr_factor"]
+            head = "" if factor == 1 and own else f", head {factor:g}x"
+            axis.plot(*zip(*points, strict=True), "o-" if own else "s--",
+                      color=COLOURS.get(strategy, "black"), label=f"{strategy}{head}")
         axis.set(xscale="log", xlabel="learning rate", ylabel="held-out Dice, mean of seeds",
                  title=name)
         axis.legend(fontsize=7)

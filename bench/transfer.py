@@ -25,7 +25,8 @@ and ``bench/results/transfer-curves.png`` (validation Dice against step).
 
 ``--only`` runs some targets and merges them into the existing results file: a target's runs
 of a strategy, seed and fold not run now are kept if they were measured with the same settings
-(base, steps, rate, augmentation, patch, validation, threads), so a strategy or a seed can be
+(base, steps, augmentation, patch, validation, threads) and at that strategy's rate of now (a
+strategy whose default rate changed loses its old runs), so a strategy or a seed can be
 added to a target without running the rest again (``--strategies``: scratch, the control, is
 always among them; every run is seeded, so scratch's runs come out the same).
 """
@@ -181,15 +182,17 @@ def main() -> int:
 def kept_runs(previous: dict, name: str, setting: dict, runs: list[dict]) -> list[dict]:
     """The runs of target ``name`` in the ``previous`` results that stay beside the new
     ``runs``: those of a strategy, seed and fold not run now, measured with the same base,
-    steps, rate, augmentations, patch, validation and threads (``setting`` but its seeds);
-    none otherwise."""
+    steps, augmentations, patch, validation and threads (``setting`` but its seeds), and at
+    their strategy's rate of now (``setting["rates"]``); none otherwise."""
     before = previous.get("settings", {}).get(name, {})
-    if {k: v for k, v in before.items() if k != "seeds"} != \
-            {k: v for k, v in setting.items() if k != "seeds"}:
+    if {k: v for k, v in before.items() if k not in ("seeds", "rates")} != \
+            {k: v for k, v in setting.items() if k not in ("seeds", "rates")}:
         return []
+    rates_then, rates_now = before.get("rates", {}), setting.get("rates", {})
     done = {(r["strategy"], r["seed"], tuple(r["cases"])) for r in runs}
     return [r for r in previous.get("targets", {}).get(name, {}).get("runs", [])
-            if (r["strategy"], r["seed"], tuple(r["cases"])) not in done]
+            if (r["strategy"], r["seed"], tuple(r["cases"])) not in done
+            and rates_then.get(r["strategy"]) == rates_now.get(r["strategy"])]
 
 
 def records(rows: list[dict]) -> list[dict]:
