@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,28 +34,27 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from transfer import COLOURS, targets  # noqa: E402
+from transfer import COLOURS, run_config, targets  # noqa: E402
 
 from TransferSegLib import ctbase, datasets, study, zoo  # noqa: E402
 from TransferSegLib.recipes import finetune  # noqa: E402
 from TransferSegLib.strategies import STRATEGIES, defaults  # noqa: E402
-from TransferSegLib.training import TrainConfig  # noqa: E402
 
 RESULTS = HERE / "results" / "rates.json"
 
 
 def run(target: str, strategy: str, lr: float, head_lr_factor: float, seed: int,
-        steps: int, threads: int | None, work: Path) -> dict:
-    """One run as ``bench/transfer.py`` makes it, at ``lr`` and ``head_lr_factor``."""
-    train, test = targets(work / "data")[target][0]
+        steps: int, threads: int | None, fold: tuple[Path, Path], work: Path) -> dict:
+    """One run as ``bench/transfer.py`` makes it, at ``lr`` and ``head_lr_factor``, on
+    ``fold`` (training dataset, held-out dataset)."""
+    train, test = fold
     pool, test_set = datasets.discover(train), datasets.discover(test)
     names = [n for n in pool.labels.foreground.values() if n in test_set.labels.names.values()]
     folder = work / f"{target}_{strategy}_{lr:g}_h{head_lr_factor:g}_s{seed}"
     test_csv = study._cases_csv(test_set.labelled(), test_set.labels, folder / "test")
     train_csv = study._cases_csv(pool.labelled()[:1], pool.labels, folder / "train")
-    config = TrainConfig(steps=steps, batch_size=2, val_every=max(steps // 6, 1),
-                         checkpoint_every=steps, threads=threads, seed=seed, patience=0,
-                         lr=lr, head_lr_factor=head_lr_factor)
+    config = replace(run_config(steps, threads), seed=seed, patience=0, lr=lr,
+                     head_lr_factor=head_lr_factor)
     result = finetune(zoo.fetch(ctbase.MODEL_ID), train_csv, folder / "run", strategy, config,
                       val_data=test_csv, labels=names, overwrite=True)
     scores = study.test_dice(folder / "run" / "last.safetensors", test_set.labelled(),
@@ -146,6 +146,7 @@ def main() -> int:
     factor = (args.head_lr_factor if args.head_lr_factor is not None
               else defaults(args.strategy)["head_lr_factor"])
     work = Path(args.work or tempfile.mkdtemp(prefix="transferseg-rates-"))
+    fold = targets(work / "data")[args.target][0]
     for lr in rates:
         for seed in [int(s) for s in args.seeds.split(",")]:
             rows = json.loads(RESULTS.read_text(encoding="utf-8"))["runs"] \
@@ -156,7 +157,7 @@ def main() -> int:
             if any(key(r) == key(wanted) for r in rows):
                 continue
             row = run(args.target, args.strategy, lr, factor, seed, args.steps, args.threads,
-                      work)
+                      fold, work)
             print(f"{args.target} {args.strategy} lr {lr:g} head {factor:g}x seed {seed}: "
                   f"held-out Dice {row['test_dice']:.4f}", flush=True)
             save(row)

@@ -78,6 +78,12 @@ def targets(work: Path) -> dict[str, list[tuple[Path, Path]]]:
     return folds
 
 
+def run_config(steps: int, threads: int | None) -> TrainConfig:
+    """The training settings of a CT target's run (``lr`` None: each strategy's own)."""
+    return TrainConfig(steps=steps, batch_size=2, val_every=max(steps // 6, 1),
+                       checkpoint_every=steps, threads=threads)
+
+
 PUBLISHED = {"brain_tumour_hdbet": ("hd-bet-v1-fold0", [48, 48, 48])}
 
 
@@ -115,8 +121,7 @@ def main() -> int:
     if unknown or "scratch" not in strategies:
         parser.error(f"--strategies: scratch and some of {', '.join(ORDER)}, not {unknown}")
     # lr None: every strategy at its own default rate (scratch at its best, the fair control)
-    config = TrainConfig(steps=args.steps, batch_size=2, val_every=max(args.steps // 6, 1),
-                         checkpoint_every=args.steps, threads=args.threads)
+    config = run_config(args.steps, args.threads)
     out = HERE / "results" / (f"{args.name}-quick.json" if args.quick else f"{args.name}.json")
     results, settings, started = {}, {}, time.time()
     for name, folds in targets(work / "data").items():
