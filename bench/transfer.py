@@ -226,9 +226,10 @@ def kept_runs(previous: dict, name: str, setting: dict, runs: list[dict]) -> lis
     ``runs``: those of a strategy, seed and fold not run now, measured with the same base,
     steps, augmentations, patch, validation and threads (``setting`` but its seeds), and at
     their strategy's rate of now (``setting["rates"]``); none otherwise."""
+    # settings written before the N = 2 targets name no training size: theirs was one scan
     before = {"n_train": 1, **previous.get("settings", {}).get(name, {})}
     if {k: v for k, v in before.items() if k not in ("seeds", "rates")} != \
-            {k: v for k, v in setting.items() if k not in ("seeds", "rates")}:
+            {k: v for k, v in {"n_train": 1, **setting}.items() if k not in ("seeds", "rates")}:
         return []
     rates_then, rates_now = before.get("rates", {}), setting.get("rates", {})
     done = {(r["strategy"], r["seed"], tuple(r["cases"])) for r in runs}
