@@ -274,7 +274,7 @@ def plot(results: dict, path: Path) -> None:
     names = list(results)
     shown = [s for s in ORDER if any(s in results[n]["mean"] for n in names)]
     width = 0.8 / len(shown)
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.1 * len(names)), 4.4))
     for i, strategy in enumerate(shown):
         values = [results[n]["mean"].get(strategy, {}).get("test_dice", np.nan) for n in names]
         spread = [results[n]["mean"].get(strategy, {}).get("sd", 0.0) for n in names]
@@ -283,9 +283,9 @@ def plot(results: dict, path: Path) -> None:
                         yerr=spread, capsize=2, color=COLOURS[strategy])
         axis.bar_label(bars, fmt="%.2f", fontsize=7)
     axis.set_xticks(np.arange(len(names)), names, rotation=15, fontsize=8)
-    axis.set(ylabel="held-out Dice",
+    axis.set(ylabel="held-out Dice", ylim=(0, 1.1),
              title="One or two training volumes (_n2): transfer vs scratch")
-    axis.legend()
+    axis.legend(ncol=len(shown), loc="upper center", fontsize=8)
     figure.tight_layout()
     tmp = path.with_suffix(".partial.png")
     figure.savefig(tmp, dpi=100)
@@ -302,8 +302,13 @@ def curves(results: dict, path: Path) -> None:
     names = [n for n in results if any(r.get("curve") for r in results[n]["runs"])]
     if not names:
         return
-    figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
-    for axis, name in zip(axes[0], names, strict=True):
+    columns = min(len(names), 4)
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows),
+                                squeeze=False)
+    for axis in axes.flat[len(names):]:
+        axis.set_visible(False)
+    for axis, name in zip(axes.flat, names, strict=False):
         for run in results[name]["runs"]:
             if run.get("curve"):
                 axis.plot(*zip(*run["curve"], strict=True), color=COLOURS[run["strategy"]],
