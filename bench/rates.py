@@ -5,8 +5,9 @@ control's with them: every strategy gets its own best rate. Each run is a ``benc
 run of one CT target (the same training scan, held-out scan, base, 150 steps, augmentation,
 patch and validation), at one rate and head factor, scored by its final model. The seeds
 default to 5, 6 and 7, others than the seeds ``bench/transfer.py`` reports (0-4), so a rate
-is chosen on runs that are not the ones quoted. (The held-out scan is the same: the pinned
-samples hold no second labelled patient for these targets.)
+is chosen on runs that are not the ones quoted. (The held-out scan is the same, the DICOM CT;
+the third patient's CT, ``bench/transfer.py``'s ``*_test3`` targets, took no part in the
+choice.)
 
     python bench/rates.py --target ct_back_muscles --strategy scratch --rates 1e-3,3e-3,1e-2
     python bench/rates.py --target ct_organs --strategy discriminative --rates 1e-2 \
