@@ -84,6 +84,12 @@ class ModelCard:
             # Default: a label map holds the channel index of each voxel's label.
             self.label_values = {name: index for index, name in self.labels.items()}
 
+    def written_labels(self) -> dict[int, str]:
+        """Output channel -> name of the labels a segmentation holds: not the background,
+        nor labels the model only learns beside them (value 0, :mod:`TransferSegLib.context`)."""
+        return {channel: name for channel, name in sorted(self.labels.items())
+                if channel and self.label_values.get(name, channel)}
+
     def to_json(self) -> str:
         """The card as JSON text; raises :class:`ModelFileError` naming the first bad field."""
         checked = _validated(asdict(self), "the model card")
@@ -176,7 +182,8 @@ def _label_values(value: Any) -> dict[str, int]:
                for k, v in value.items()):
         raise ValueError(f"must map each label name to a voxel value 0..{MAX_LABEL_VALUE} "
                          "(what a label map or a Slicer segmentation stores)")
-    if len(set(value.values())) != len(value):
+    written = [v for v in value.values() if v]  # 0: written as background (context labels)
+    if len(set(written)) != len(written):
         raise ValueError("gives two labels the same voxel value")
     return dict(value)
 

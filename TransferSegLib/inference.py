@@ -146,6 +146,23 @@ def argmax_channels(scores: Iterable[np.ndarray], count: int) -> np.ndarray:
     return best
 
 
+def predict_prepared(model: torch.nn.Module, card, image: np.ndarray,
+                     device: torch.device, overlap: float) -> np.ndarray:
+    """Labels (channel indices) of an image already in the model's space (C, Z, Y, X), as
+    validation and :mod:`TransferSegLib.context` need them: padded as the card says."""
+    from TransferSegLib.stitching import predict_labels
+    from TransferSegLib.tiling import predict_logits_valid
+
+    patch = tuple(int(v) for v in reversed(card.patch_size))
+    valid_output = networks.output_size(card.architecture, card.arguments, patch)
+    if valid_output:
+        logits = predict_logits_valid(model, image, patch, valid_output, device=device,
+                                      out_channels=card.out_channels)
+        return argmax_channels(logits.numpy(), card.out_channels)
+    windows = Windows(patch, overlap, padding=card.inference.get("padding", "constant"))
+    return predict_labels(model, image, windows, device=device, out_channels=card.out_channels)
+
+
 def segment(
     model: torch.nn.Module,
     card,

@@ -70,6 +70,8 @@ class SegmentationLoss(nn.Module):
         partial: how classes missing from ``annotated`` are handled, "exclude" or "marginal".
         class_weights: C non-negative weights, one per channel (background first), for the CE
             voxels and the Dice (sample, class) pairs; None weighs all equally.
+        dice_exclude: channels left out of the Dice term (they stay in the cross-entropy),
+            e.g. a base's labels kept beside the new ones (:mod:`TransferSegLib.context`).
 
     ``forward(logits, target, annotated=None)`` returns a float32 scalar.
     """
@@ -83,6 +85,7 @@ class SegmentationLoss(nn.Module):
         smooth: float = 1e-5,
         partial: str = "exclude",
         class_weights: Sequence[float] | None = None,
+        dice_exclude: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if partial not in PARTIAL_MODES:
@@ -109,6 +112,7 @@ class SegmentationLoss(nn.Module):
                 )
             # Not persistent: the weights are a training setting, not part of a model file.
             self.register_buffer("class_weights", weights, persistent=False)
+        self.dice_exclude = sorted({int(c) for c in dice_exclude})
 
     def extra_repr(self) -> str:
         return (
@@ -185,6 +189,7 @@ class SegmentationLoss(nn.Module):
             dice_loss = 1 - (2 * intersection + self.smooth) / (denominator + self.smooth)
             pair_weight = annotated.float() * weights
             pair_weight[:, 0] = 0  # background is not in the Dice term
+            pair_weight[:, [k for k in self.dice_exclude if k < c]] = 0
             dice = (dice_loss * pair_weight).sum() / pair_weight.sum().clamp(
                 min=torch.finfo(torch.float32).tiny
             )

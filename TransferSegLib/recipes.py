@@ -52,7 +52,7 @@ def finetune(
     ``terminology`` (label name -> Slicer ``TerminologyEntry``) goes into the new model's card
     beside the base's entries for the labels they share.
     """
-    from TransferSegLib import datasets, transfer
+    from TransferSegLib import context, datasets, transfer
     from TransferSegLib.checkpoint import load_model
     from TransferSegLib.strategies import STRATEGIES
 
@@ -78,7 +78,6 @@ def finetune(
     if unknown:
         raise InputError(f"Labels {unknown} are not in dataset {where}; it has "
                          f"{list(dataset.labels.foreground.values())}.")
-    target = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
     if labels:  # a chosen subset: the dataset's other labels become background
         for item in (*cases, *val_cases):
             item.others_background = True
@@ -90,8 +89,19 @@ def finetune(
         raise InputError(f"Strategy {strategy!r} needs a base model (--base MODEL).")
     in_channels = len(dataset.channels) or len(cases[0].case.images)
     spacing = median_spacing(cases[:5])
+    extra = (context.extra_labels(base_card, names)
+             if config.base_labels != "drop" and strategy != "scratch" else [])
+    target = {0: "background", **{i + 1: n for i, n in enumerate([*names, *extra])}}
     card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
                         cases, spacing, strategy, base, config)
+    if extra and context.unusable(base_card, card):
+        events(ev.message(f"the base's other labels are dropped: "
+                          f"{context.unusable(base_card, card)}, so it cannot label the scans"))
+        extra, target = [], {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+        card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
+                            cases, spacing, strategy, base, config)
+    if extra:
+        card = _with_base_labels(card, extra, config.base_labels)
     if patch_size is not None:
         card = replace(card, patch_size=_checked_patch(card, patch_size))
     elif base_card is not None:
@@ -127,6 +137,15 @@ def finetune(
         freeze_depth=config.freeze_depth if strategy in ("finetune", "two-stage") else None,
         seed=config.seed,
     )
+    if extra:
+        channel_of = {name: channel for channel, name in card.labels.items()}
+        plan.context = context.BaseContext(
+            base_model, base_card,
+            {c: channel_of[name] for c, name in base_card.labels.items() if name in extra},
+            config.device, config.val_overlap)
+        shown = "written as background" if config.base_labels == "context" else "segmented too"
+        events(ev.message(f"the base's {len(extra)} other labels are kept, learnt from its own "
+                          f"predictions on the training scans ({shown})"))
     if val_data is None and len(val_cases) and val_cases[0] is cases[0]:
         events(ev.message("fewer than 3 labelled cases: validation uses the training cases"))
     return run_training(plan, card, cases, val_cases, config, out_dir, events, resume, overwrite,
@@ -259,6 +278,17 @@ def _target_card(base_card, target, dataset, in_channels, architecture, argument
     data.update(lineage=lineage, training_cases=[c.case.name for c in cases],
                 inference={**data.get("inference", {}), "padding": "edge"})
     return ModelCard(**data)
+
+
+def _with_base_labels(card: ModelCard, extra: Sequence[str], mode: str) -> ModelCard:
+    """``card`` with the base's ``extra`` labels written as background (``context``) or as
+    values of their own above the user's (``keep``), and the mode in its lineage."""
+    values = dict(card.label_values)
+    top = max((v for n, v in values.items() if n not in extra), default=0)
+    for index, name in enumerate(extra):
+        values[name] = 0 if mode == "context" else top + 1 + index
+    lineage = [*card.lineage[:-1], {**card.lineage[-1], "base_labels": mode}]
+    return replace(card, label_values=values, lineage=lineage)
 
 
 def pretrain(

@@ -53,6 +53,12 @@ class TrainConfig:
     # at its share of the training voxels, every organ passed 0.5 by step 50 (bench/README.md).
     prior_bias: bool = _setting(True, "start for new label channels at their share of the "
                                 "training voxels (their output bias)")
+    # A model fine-tuned on one scan names what it never saw after what it resembles: the
+    # heart of a chest above an abdominal training scan became liver (bench/README.md).
+    base_labels: str = _setting(
+        "drop", "the base's other labels: drop them, or learn them from the base's own "
+        "predictions on the training scans as context (written as background) or keep "
+        "(segmented too)", choices=("drop", "context", "keep"), transfer=True)
     seed: int = _setting(0, "seed of patches, augmentation and new weights")
     device: str = _setting("auto", "auto (CUDA > MPS > CPU), cpu, cuda")
     amp: bool = _setting(True, "mixed precision (CUDA only)", cli=False)
@@ -80,6 +86,9 @@ class TrainConfig:
                                  f"{minimum}, not {value!r}.")
         if self.optimizer not in ("adamw", "sgd"):
             raise InputError(f"Unknown optimiser {self.optimizer!r}; use adamw or sgd.")
+        if self.base_labels not in ("drop", "context", "keep"):
+            raise InputError(f"Unknown --base-labels {self.base_labels!r}; use drop, context "
+                             "or keep.")
         if not 0 <= self.foreground_ratio <= 1:
             raise InputError("The foreground ratio must lie between 0 and 1.")
         if self.lr is not None and not self.lr > 0:

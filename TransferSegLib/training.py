@@ -203,23 +203,11 @@ def make_optimizer(param_groups: list[dict], config: TrainConfig) -> torch.optim
 def validate(model: torch.nn.Module, cases: Sequence[PreparedCase], card: ModelCard,
              device: torch.device, overlap: float) -> dict[str, float]:
     """Mean Dice per label name over ``cases`` (each label only where it is annotated)."""
-    from TransferSegLib import networks
-    from TransferSegLib.inference import argmax_channels
-    from TransferSegLib.stitching import predict_labels
-    from TransferSegLib.tiling import Windows, predict_logits_valid
+    from TransferSegLib.inference import predict_prepared
 
-    patch = tuple(int(v) for v in reversed(card.patch_size))
-    valid_output = networks.output_size(card.architecture, card.arguments, patch)
     sums: dict[int, list[float]] = {}
     for case in cases:
-        if valid_output:
-            logits = predict_logits_valid(model, case.image, patch, valid_output, device=device,
-                                          out_channels=card.out_channels)
-            prediction = argmax_channels(logits.numpy(), card.out_channels)
-        else:  # as segment pads a scan thinner than a patch (the card says how)
-            windows = Windows(patch, overlap, padding=card.inference.get("padding", "constant"))
-            prediction = predict_labels(model, case.image, windows, device=device,
-                                        out_channels=card.out_channels)
+        prediction = predict_prepared(model, card, case.image, device, overlap)
         scored = case.target != IGNORE  # ignored voxels count neither way
         for channel in range(1, card.out_channels):
             if not case.annotated[channel]:
@@ -280,7 +268,7 @@ def train(
     if device.type in CHANNELS_LAST_DEVICES:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(plan.param_groups, config)
-    loss_fn = SegmentationLoss()
+    loss_fn = SegmentationLoss(dice_exclude=plan.context.new_channels if plan.context else ())
     state_path, log_path = out_dir / "state.safetensors", out_dir / "progress.jsonl"
     patch = tuple(int(v) for v in reversed(card.patch_size))
     # Valid-convolution networks predict only the centre of a patch: the target is cropped.
@@ -558,16 +546,26 @@ def run_training(
         def card_of(item: LabelledCase) -> ModelCard:
             return cards[item.head] if cards else card
 
-        cache = CaseCache(lambda i: prepare_case(cases[i].case, cases[i].table,
-                                                 card_of(cases[i]), cases[i].others_background),
-                          len(cases), config.cache_gb * 2**30)
+        context = getattr(plan, "context", None)  # the base labels the training cases
+
+        def load(i: int):
+            case = prepare_case(cases[i].case, cases[i].table, card_of(cases[i]),
+                                cases[i].others_background)
+            return context(case) if context else case
+
+        cache = CaseCache(load, len(cases), config.cache_gb * 2**30)
         # Validating on the training cases (fewer than 3): reuse their prepared arrays.
         index_of = {id(c): i for i, c in enumerate(cases)}
         # A card that crops to the body is validated on the body, as segment runs it.
         crop = bool(card.inference.get("crop_body"))
-        validation = [cache[index_of[id(c)]] if id(c) in index_of else
-                      prepare_case(c.case, c.table, card_of(c), c.others_background, crop)
-                      for c in val_cases]
+        validation = []
+        for c in val_cases:
+            if id(c) not in index_of:
+                validation.append(prepare_case(c.case, c.table, card_of(c),
+                                               c.others_background, crop))
+            else:  # scored on the user's labels only, not on the base's kept ones
+                reused = cache[index_of[id(c)]]
+                validation.append(context.scored(reused) if context else reused)
         heads = ([c.head for c in cases], [c.head for c in val_cases]) if cards else None
         return train(plan, card, cache, validation, config, out_dir, events, resume,
                      cancel_file, cards=cards, heads=heads)

@@ -99,6 +99,8 @@ class TransferPlan:
     channel_report: ChannelReport | None = None
     report: str = ""
     stage: int = 1  # two-stage: 2 after unfreeze_all
+    # The base's own labels kept as outputs, learnt from its predictions (context.BaseContext).
+    context: Any = None
 
     def lineage(self) -> dict[str, Any]:
         """A JSON-ready entry for the new model card's ``lineage``."""

@@ -483,7 +483,7 @@ def register(path: str | os.PathLike, model_id: str | None = None,
     record = {
         "id": model_id, "kind": "fine-tuned", "path": str(path),
         "title": title or card.title or model_id, "modality": card.modality, "anatomy": "",
-        "task": ", ".join(name for index, name in sorted(card.labels.items()) if index),
+        "task": ", ".join(card.written_labels().values()),
         "labels": {str(k): v for k, v in card.labels.items()}, "licence": "",
         "base": lineage.get("base", ""), "strategy": lineage.get("strategy", ""),
         "training_cases": list(card.training_cases), "dice": dice, "unverified": [],

@@ -139,7 +139,7 @@ def output_names(model_path) -> dict:
 
     card = read_card(model_path)
     return {card.label_values.get(name, channel): name
-            for channel, name in card.labels.items() if channel}
+            for channel, name in card.written_labels().items()}
 
 
 def read_output(path, names) -> tuple:
