@@ -151,7 +151,7 @@ def _segment(args: argparse.Namespace) -> int:
         args.model, args.image, args.output, overwrite=args.overwrite,
         probabilities_output=args.probabilities, device=args.device, overlap=args.overlap,
         batch_size=args.batch_size, progress=not args.quiet, mirror=args.mirror,
-        crop_body=args.body_crop,
+        crop_body=args.body_crop, largest_component=False if args.all_pieces else None,
     )
     print(f"wrote {args.output} ({len(result.labels)} labels) in "
           f"{time.perf_counter() - start:.1f} s: {describe_volumes(result.volumes_ml())}")
@@ -442,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CT: segment only the patient's body (table, arms apart from the "
                           "trunk and air left out); default: as the model card says (on for "
                           "models fine-tuned by TransferSeg)")
+    seg.add_argument("--all-pieces", action="store_true",
+                     help="keep every piece of each label (default: a label that was one piece "
+                          "in every training scan keeps only its largest, as the model card says)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(run=_segment)

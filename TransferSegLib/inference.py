@@ -146,6 +146,31 @@ def argmax_channels(scores: Iterable[np.ndarray], count: int) -> np.ndarray:
     return best
 
 
+def keep_largest(labels: np.ndarray, channels: Iterable[int]) -> np.ndarray:
+    """``labels`` (channel indices) with each of ``channels`` cut to its largest connected
+    piece (26-connected); the other pieces become background. In place; returns it."""
+    from scipy import ndimage
+
+    for channel in channels:
+        mask = labels == channel
+        if not mask.any():
+            continue
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(mask))
+        pieces, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+        if count > 1:
+            largest = 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
+            inner = labels[box]
+            inner[(pieces > 0) & (pieces != largest)] = 0
+    return labels
+
+
+def largest_channels(card) -> list[int]:
+    """The channels ``card.inference["largest_component"]`` names (labels that were one
+    piece in every training scan: :func:`TransferSegLib.recipes.one_piece_labels`)."""
+    names = set(card.inference.get("largest_component", ()))
+    return [channel for channel, name in card.labels.items() if channel and name in names]
+
+
 def predict_prepared(model: torch.nn.Module, card, image: np.ndarray,
                      device: torch.device, overlap: float) -> np.ndarray:
     """Labels (channel indices) of an image already in the model's space (C, Z, Y, X), as
@@ -158,9 +183,12 @@ def predict_prepared(model: torch.nn.Module, card, image: np.ndarray,
     if valid_output:
         logits = predict_logits_valid(model, image, patch, valid_output, device=device,
                                       out_channels=card.out_channels)
-        return argmax_channels(logits.numpy(), card.out_channels)
-    windows = Windows(patch, overlap, padding=card.inference.get("padding", "constant"))
-    return predict_labels(model, image, windows, device=device, out_channels=card.out_channels)
+        labels = argmax_channels(logits.numpy(), card.out_channels)
+    else:
+        windows = Windows(patch, overlap, padding=card.inference.get("padding", "constant"))
+        labels = predict_labels(model, image, windows, device=device,
+                                out_channels=card.out_channels)
+    return keep_largest(labels, largest_channels(card))
 
 
 def segment(
@@ -175,6 +203,7 @@ def segment(
     progress: bool = False,
     mirror: bool | None = None,
     crop_body: bool | None = None,
+    largest_component: bool | None = None,
 ) -> SegmentationResult:
     """Segment ``images`` (one scan, or one per input channel on a shared grid) with a model.
 
@@ -185,6 +214,8 @@ def segment(
     on or off (default: as the card says). A CT card with ``inference.crop_body`` (a model
     fine-tuned on whole training scans, which learnt their framing) segments the patient's
     body (:func:`body_box`) and gives background outside it; ``crop_body`` overrides the card.
+    The labels a card names in ``inference.largest_component`` keep only their largest piece
+    (:func:`keep_largest`); ``largest_component=False`` keeps every piece.
     """
     images = [images] if isinstance(images, sitk.Image) else list(images)
     check_options(overlap, batch_size)
@@ -195,7 +226,7 @@ def segment(
         )
     options = {"device": device, "overlap": overlap, "batch_size": batch_size,
                "keep_probabilities": keep_probabilities, "progress": progress, "mirror": mirror,
-               "crop_body": False}
+               "crop_body": False, "largest_component": largest_component}
     if card.inference.get("crop_body") if crop_body is None else crop_body:
         if preprocess.channel_recipe(card.normalisation or {"kind": "none"}, 0).get(
                 "kind") != "ct":
@@ -323,6 +354,8 @@ def segment(
         on_input = probabilities if keep_probabilities else None
         del probabilities
     del logits
+    if largest_component is not False:
+        keep_largest(best, largest_channels(card))
     label_of_channel = np.array(
         [int(card.label_values.get(card.labels[c], c)) for c in range(card.out_channels)]
     )
@@ -435,12 +468,13 @@ def segment_file(
     progress: bool = False,
     mirror: bool | None = None,
     crop_body: bool | None = None,
+    largest_component: bool | None = None,
 ) -> SegmentationResult:
     """Segment image file(s) with the model file and write the label map (atomically).
 
     A ``.seg.nrrd`` output keeps the model's label names and colours; other formats write a
     label map. Existing outputs are refused unless ``overwrite`` (checked before any work).
-    ``mirror`` and ``crop_body`` as in :func:`segment`.
+    ``mirror``, ``crop_body`` and ``largest_component`` as in :func:`segment`.
     """
     from TransferSegLib.checkpoint import load_model
 
@@ -458,7 +492,7 @@ def segment_file(
     model, card = load_model(model_path, device="cpu")
     result = segment(model, card, images, device=device, overlap=overlap, batch_size=batch_size,
                      keep_probabilities=probabilities_output is not None, progress=progress,
-                     mirror=mirror, crop_body=crop_body)
+                     mirror=mirror, crop_body=crop_body, largest_component=largest_component)
     segmentation = segmentations.Segmentation.from_label_map(result.label, result.labels,
                                                        card.terminology)
     segmentations.write_segmentation(segmentation, output, overwrite=overwrite)

@@ -154,9 +154,9 @@ class SegmentationLoss(nn.Module):
             x = logits.float()
             valid = target != IGNORE
             index = target.clamp(min=0).unsqueeze(1)  # ignored voxels point at 0, masked below
-            onehot = torch.zeros_like(x).scatter_(1, index, 1.0) * valid.unsqueeze(1)
 
-            present = onehot.sum(dim=spatial) > 0
+            present = torch.stack([torch.bincount(t[v], minlength=c)[:c] > 0
+                                   for t, v in zip(target, valid, strict=True)])
             stray = present & ~annotated
             if torch.any(stray):
                 sample, cls = (int(i) for i in stray.nonzero()[0])
@@ -166,7 +166,6 @@ class SegmentationLoss(nn.Module):
                 )
 
             log_q = self._log_distribution(x, ann)
-            q = log_q.exp() * ann * valid.unsqueeze(1)
 
             weights = self.class_weights
             if weights is None:
@@ -184,12 +183,19 @@ class SegmentationLoss(nn.Module):
                 min=torch.finfo(torch.float32).tiny
             )
 
+            # The Dice term, over the foreground channels it covers only (background is never
+            # in it: it would dominate it; nor are the dice_exclude channels).
+            excluded = set(self.dice_exclude)
+            channels = torch.tensor([k for k in range(1, c) if k not in excluded],
+                                    dtype=torch.long, device=x.device)
+            shape = (1, len(channels)) + (1,) * len(spatial)
+            scored = valid.unsqueeze(1)
+            q = log_q.index_select(1, channels).exp() * ann[:, channels] * scored
+            onehot = (index == channels.view(shape)) & scored
             intersection = (q * onehot).sum(dim=spatial)
             denominator = q.sum(dim=spatial) + onehot.sum(dim=spatial)
             dice_loss = 1 - (2 * intersection + self.smooth) / (denominator + self.smooth)
-            pair_weight = annotated.float() * weights
-            pair_weight[:, 0] = 0  # background is not in the Dice term
-            pair_weight[:, [k for k in self.dice_exclude if k < c]] = 0
+            pair_weight = annotated[:, channels].float() * weights[channels]
             dice = (dice_loss * pair_weight).sum() / pair_weight.sum().clamp(
                 min=torch.finfo(torch.float32).tiny
             )

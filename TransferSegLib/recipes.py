@@ -117,6 +117,12 @@ def finetune(
             # otherwise (a wider field of view, the table, the arms) is segmented inside the
             # patient's body only (inference.body_box; bench/README.md, "Framing").
             card = replace(card, inference={**card.inference, "crop_body": True})
+    if config.largest_component:
+        single = one_piece_labels(cases, names)
+        if single:
+            card = replace(card, inference={**card.inference, "largest_component": single})
+            events(ev.message(f"{', '.join(single)}: one piece in every training scan, so "
+                              "segmentations keep only the largest piece of each"))
     if terminology:
         card = replace(card, terminology={**card.terminology, **{
             name: entry for name, entry in terminology.items()
@@ -193,6 +199,43 @@ def context_patch(card: ModelCard, cases: Sequence[LabelledCase]) -> list[int] |
             return base
         patch[axis] -= divisor
     return patch
+
+
+def one_piece_labels(cases: Sequence[LabelledCase], names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that are one connected piece (26-connected) in every training case
+    that draws them (at least one does; at most 8 cases are read).
+
+    Why: a model trained on one scan of the abdomen finds the liver in a scan of the chest and
+    neck too, in the heart and the shoulders, as pieces apart from the organ (bench/README.md,
+    "One piece"). An organ drawn as one piece in every training scan is one piece in a new
+    scan; a label drawn in several pieces somewhere (lesions, vertebrae) keeps all of its own.
+    """
+    from TransferSegLib import isolation
+
+    found: dict[str, list[int]] = {name: [] for name in names}
+    for item in cases[:8]:
+        drawn = item.case.annotated if item.case.annotated is not None else set(names)
+        values = {name: item.table.value(name) for name in names
+                  if name in drawn and name in item.table.names.values()}
+        if values:
+            pieces = isolation.call(_pieces, item.case.label, list(values.values()),
+                                    what=f"the label map {item.case.label}")["pieces"]
+            for name, count in zip(values, pieces, strict=True):
+                if count:
+                    found[name].append(int(count))
+    return [name for name in names if found[name] and all(c == 1 for c in found[name])]
+
+
+def _pieces(path: Path, values: Sequence[int]) -> dict[str, np.ndarray]:
+    """How many 26-connected pieces each label value has in the label map ``path``."""
+    from scipy import ndimage
+
+    from TransferSegLib.isolation import sitk
+    from TransferSegLib.volumes import read_label
+
+    array = sitk.GetArrayFromImage(read_label(path))  # a copy: a view dies with its image
+    return {"pieces": np.array([ndimage.label(array == value, np.ones((3, 3, 3), bool))[1]
+                                for value in values], np.int64)}
 
 
 def _model_sizes(paths: Sequence[Path], spacing: Sequence[float], orientation: str

@@ -53,6 +53,11 @@ class TrainConfig:
     # at its share of the training voxels, every organ passed 0.5 by step 50 (bench/README.md).
     prior_bias: bool = _setting(True, "start for new label channels at their share of the "
                                 "training voxels (their output bias)")
+    # One abdominal training scan: on a scan of the chest and neck too, the liver was also
+    # found in the heart and the shoulders, apart from the organ (bench/README.md).
+    largest_component: bool = _setting(
+        True, "segmentations keep only the largest piece of each label that is one piece in "
+        "every training scan")
     # A model fine-tuned on one scan names what it never saw after what it resembles: the
     # heart of a chest above an abdominal training scan became liver (bench/README.md).
     base_labels: str = _setting(
