@@ -186,6 +186,9 @@ def main() -> int:
                           "intensity_field": target_config.intensity_field,
                           # new label channels at their share of the training voxels
                           "prior_bias": target_config.prior_bias,
+                          # a label one piece in every training scan keeps its largest piece
+                          "largest_component": target_config.largest_component,
+                          "base_labels": target_config.base_labels,
                           "patch": patch or "the training scan's extent (context_patch)",
                           # validation curves on the input segment gives the model (its body
                           # crop); runs validated on the whole scan are other curves
