@@ -15,11 +15,11 @@ DEFAULT_BASE = "transferseg-ct-base-v5"
 
 # The strategy used unless the user picks one (command line, jobs, Slicer module): Med3D's
 # recipe, every layer trained and the new head faster. From the shipped base (v5) with one
-# training CT it beat scratch by +0.19 mean Dice on liver, spleen and stomach and +0.11 on the
-# back muscles, five seeds each (vanilla: +0.23, +0.11; finetune: +0.12, -0.02), and it led
+# training CT it beat scratch by +0.21 mean Dice on liver, spleen and stomach and +0.10 on the
+# back muscles, five seeds each (vanilla: +0.25, +0.10; finetune: +0.16, -0.00), and it led
 # vanilla on the seeds the rates were chosen on (bench/README.md, bench/rates.py). On a third
-# patient's CT, framed unlike the training CT and used for no choice, the gains were smaller:
-# +0.02 and +0.05 (finetune +0.06, +0.08; bench/README.md, "A third patient").
+# patient's CT, framed unlike the training CT and used for no choice, the gains were small:
+# +0.02 and +0.03 (vanilla +0.06, -0.04; finetune +0.03, -0.04; bench/README.md, "One piece").
 DEFAULT_STRATEGY = "discriminative"
 
 # Each strategy's own learning rate, the head's rate as a factor of it, and linear warm-up
