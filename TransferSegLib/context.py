@@ -9,7 +9,7 @@ says there (its own predictions, where the annotation says background), they sta
 competition for every voxel: a voxel the base calls heart has a channel that says so. This is
 learning without forgetting (Li and Hoiem, 2017) with the base's hard labels as the targets.
 
-Modes (:data:`MODES`):
+Modes (:data:`~TransferSegLib.settings.BASE_LABEL_MODES`):
 
 ``drop``
     the base's other labels are dropped by head surgery, as before.
@@ -35,8 +35,6 @@ import torch
 from TransferSegLib.checkpoint import ModelCard
 from TransferSegLib.names import normalised
 from TransferSegLib.sampling import PreparedCase
-
-MODES = ("drop", "context", "keep")
 
 
 def extra_labels(base_card: ModelCard, names: Sequence[str]) -> list[str]:

@@ -112,7 +112,7 @@ class SegmentationLoss(nn.Module):
                 )
             # Not persistent: the weights are a training setting, not part of a model file.
             self.register_buffer("class_weights", weights, persistent=False)
-        self.dice_exclude = sorted({int(c) for c in dice_exclude})
+        self.dice_exclude = frozenset(int(c) for c in dice_exclude)
 
     def extra_repr(self) -> str:
         return (
@@ -185,8 +185,7 @@ class SegmentationLoss(nn.Module):
 
             # The Dice term, over the foreground channels it covers only (background is never
             # in it: it would dominate it; nor are the dice_exclude channels).
-            excluded = set(self.dice_exclude)
-            channels = torch.tensor([k for k in range(1, c) if k not in excluded],
+            channels = torch.tensor([k for k in range(1, c) if k not in self.dice_exclude],
                                     dtype=torch.long, device=x.device)
             shape = (1, len(channels)) + (1,) * len(spatial)
             scored = valid.unsqueeze(1)

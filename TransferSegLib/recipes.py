@@ -94,9 +94,10 @@ def finetune(
     target = {0: "background", **{i + 1: n for i, n in enumerate([*names, *extra])}}
     card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
                         cases, spacing, strategy, base, config)
-    if extra and context.unusable(base_card, card):
-        events(ev.message(f"the base's other labels are dropped: "
-                          f"{context.unusable(base_card, card)}, so it cannot label the scans"))
+    why_not = context.unusable(base_card, card) if extra else ""
+    if why_not:
+        events(ev.message(f"the base's other labels are dropped: {why_not}, so it cannot "
+                          "label the scans"))
         extra, target = [], {0: "background", **{i + 1: n for i, n in enumerate(names)}}
         card = _target_card(base_card, target, dataset, in_channels, architecture, arguments,
                             cases, spacing, strategy, base, config)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 
 from TransferSegLib.errors import InputError
 
+# What fine-tuning does with the base's labels the new model does not learn (context.py).
+BASE_LABEL_MODES = ("drop", "context", "keep")
+
 
 def _setting(default, help: str, cli: bool = True, **extra):
     return field(default=default, metadata={"help": help, "cli": cli, **extra})
@@ -63,7 +66,7 @@ class TrainConfig:
     base_labels: str = _setting(
         "drop", "the base's other labels: drop them, or learn them from the base's own "
         "predictions on the training scans as context (written as background) or keep "
-        "(segmented too)", choices=("drop", "context", "keep"), transfer=True)
+        "(segmented too)", choices=BASE_LABEL_MODES, transfer=True)
     seed: int = _setting(0, "seed of patches, augmentation and new weights")
     device: str = _setting("auto", "auto (CUDA > MPS > CPU), cpu, cuda")
     amp: bool = _setting(True, "mixed precision (CUDA only)", cli=False)
@@ -91,7 +94,7 @@ class TrainConfig:
                                  f"{minimum}, not {value!r}.")
         if self.optimizer not in ("adamw", "sgd"):
             raise InputError(f"Unknown optimiser {self.optimizer!r}; use adamw or sgd.")
-        if self.base_labels not in ("drop", "context", "keep"):
+        if self.base_labels not in BASE_LABEL_MODES:
             raise InputError(f"Unknown --base-labels {self.base_labels!r}; use drop, context "
                              "or keep.")
         if not 0 <= self.foreground_ratio <= 1:

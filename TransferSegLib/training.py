@@ -546,7 +546,7 @@ def run_training(
         def card_of(item: LabelledCase) -> ModelCard:
             return cards[item.head] if cards else card
 
-        context = getattr(plan, "context", None)  # the base labels the training cases
+        context = plan.context  # the base labels the training cases' background, or None
 
         def load(i: int):
             case = prepare_case(cases[i].case, cases[i].table, card_of(cases[i]),
